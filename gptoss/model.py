@@ -1,0 +1,326 @@
+"""The gpt-oss network in PyTorch, device-agnostic, float32 or bfloat16.
+
+Module and attribute names equal the HF checkpoint's tensor names (minus the `model.` prefix), so the
+loader maps names one to one. Attention and the MoE are split into pieces the engine (paged attention)
+and the expert-parallel layer (dispatch between ranks) reuse without subclassing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptoss import mxfp4
+from gptoss.config import ModelConfig, yarn_concentration
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Always in float32, whatever the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """YaRN inverse frequencies [head_dim / 2], float64 math for the table."""
+    d = config.head_dim
+    base, factor, ctx = config.rope_theta, config.rope_scaling_factor, config.rope_original_context
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+    # The ramp bounds stay unrounded: flooring/ceiling them was a real bug in two serving engines.
+    def bound(beta: float) -> float:
+        return d / 2 * math.log(ctx / (beta * 2 * math.pi)) / math.log(base)
+
+    low, high = bound(config.rope_beta_fast), bound(config.rope_beta_slow)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    mask = 1 - ramp
+    return (1 / (factor * freq)) * (1 - mask) + (1 / freq) * mask
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split (NeoX) RoPE with YaRN; cos and sin both carry the concentration 0.1*ln(factor)+1."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.register_buffer("inv_freq", yarn_inv_freq(config).float().to(device), persistent=False)
+        self.concentration = yarn_concentration(config.rope_scaling_factor)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, head_dim / 2] in float32."""
+        angles = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+        return torch.cos(angles) * self.concentration, torch.sin(angles) * self.concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; cos, sin [T, head_dim / 2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, S] bool: causal, and with a window query i sees keys j with i - window < j <= i."""
+    diff = q_positions[:, None] - k_positions[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    return allowed
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager attention with sinks and GQA.
+
+    q [T, Hq, D]; k, v [S, Hkv, D]; sinks [Hq]; mask [T, S] bool -> [T, Hq * D].
+    The sink is an extra softmax column per head that is dropped afterwards: it only adds exp(sink)
+    to the denominator.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(t, hkv, hq // hkv, d).float()
+    scores = torch.einsum("tgqd,sgd->gqts", qg, k.float()) * scale  # [Hkv, Q/KV, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink_col = sinks.float().view(hkv, hq // hkv, 1, 1).expand(hkv, hq // hkv, t, 1)
+    probs = torch.softmax(torch.cat((scores, sink_col), dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("gqts,sgd->tgqd", probs, v.float())
+    return out.reshape(t, hq * d).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype=None, device=None):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = 1.0 / math.sqrt(d)
+        kw = dict(dtype=dtype, device=device)
+        self.q_proj = nn.Linear(h, config.q_size, bias=True, **kw)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=True, **kw)
+        self.v_proj = nn.Linear(h, config.kv_size, bias=True, **kw)
+        self.o_proj = nn.Linear(config.q_size, h, bias=True, **kw)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads, **kw), requires_grad=False)
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] (normed) -> q [T, Hq, D], k, v [T, Hkv, D] with RoPE applied to q and k."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: LayerKV | None = None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, cos, sin)
+        k_positions = positions
+        if cache is not None:
+            k, v, k_positions = cache.append(k, v, positions)
+        mask = attention_mask(positions, k_positions, self.window)
+        return self.o_proj(sink_attention(q, k, v, self.sinks, mask, self.scale))
+
+
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """h [N, 2I] with gate and linear parts INTERLEAVED (gate at even, linear at odd columns)."""
+    glu, lin = h[..., 0::2], h[..., 1::2]
+    glu = glu.clamp(max=limit)
+    lin = lin.clamp(min=-limit, max=limit)
+    return glu * torch.sigmoid(alpha * glu) * (lin + 1)  # the extra bias of 1 on the linear part
+
+
+class Experts(nn.Module):
+    """A set of experts (all, or one EP rank's share) in checkpoint orientation (`[E, out, in]`).
+
+    packed=True keeps MXFP4 blocks and scales (4.25 bits/weight) and dequantizes an expert's weights
+    when it runs; packed=False holds them dequantized in the model dtype.
+    """
+
+    PROJECTIONS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None, packed: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
+        self.packed, self.dtype = packed, dtype
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        e, h, i = len(self.expert_ids), config.hidden_size, config.intermediate_size
+        self.register_buffer("global_to_local", self.global_to_local_table(config).to(device), persistent=False)
+        shapes = {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
+        for name, (ne, out_f, in_f) in shapes.items():
+            if packed:
+                g = in_f // mxfp4.BLOCK_SIZE
+                self.register_buffer(f"{name}_blocks", torch.zeros(ne, out_f, g, 16, dtype=torch.uint8, device=device))
+                self.register_buffer(f"{name}_scales", torch.zeros(ne, out_f, g, dtype=torch.uint8, device=device))
+            else:
+                self.register_buffer(name, torch.zeros(ne, out_f, in_f, dtype=dtype, device=device))
+            self.register_buffer(f"{name}_bias", torch.zeros(ne, out_f, dtype=dtype, device=device))
+
+    def global_to_local_table(self, config: ModelConfig) -> torch.Tensor:
+        """[num_local_experts] long: global expert id -> index here, -1 where not held."""
+        table = torch.full((config.num_local_experts,), -1, dtype=torch.long)
+        table[self.expert_ids] = torch.arange(len(self.expert_ids))
+        return table
+
+    def weight(self, name: str, local: int) -> torch.Tensor:
+        """The [out, in] weight of projection `name` of local expert `local`, in the model dtype."""
+        if self.packed:
+            return mxfp4.dequantize(getattr(self, f"{name}_blocks")[local], getattr(self, f"{name}_scales")[local],
+                                    self.dtype)
+        return getattr(self, name)[local]
+
+    def run_expert(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> [N, H] through local expert `local`."""
+        h = F.linear(x, self.weight("gate_up_proj", local), self.gate_up_proj_bias[local])
+        a = clamped_swiglu(h, self.alpha, self.limit)
+        return F.linear(a, self.weight("down_proj", local), self.down_proj_bias[local])
+
+    def run_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [N, H] sorted by local expert, counts[e] rows for local expert e -> [N, H]."""
+        out = torch.empty_like(x)
+        start = 0
+        for local, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.run_expert(local, x[start:start + n])
+            start += n
+        return out
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; topk_ids [T, k] global expert ids, all held here; topk_weights [T, k] -> [T, H]."""
+        t, k = topk_ids.shape
+        local_ids = self.global_to_local[topk_ids.flatten()]  # [T * k]
+        if t and int(local_ids.min()) < 0:
+            missing = sorted(set(topk_ids.flatten()[local_ids < 0].tolist()))
+            raise RuntimeError(f"experts {missing} are not held by this model (it holds {self.expert_ids}); "
+                               "run it inside an expert-parallel group")
+        order = torch.argsort(local_ids, stable=True)
+        token_of_row = order // k
+        counts = torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist()
+        y = self.run_grouped(x[token_of_row], counts)  # [T * k, H] in expert order
+        y = y.float() * topk_weights.flatten()[order, None].float()
+        out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of_row, y)
+        return out.to(x.dtype)
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts, dtype=dtype, device=device),
+                                 requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> topk_ids [T, k] (sorted by logit), topk_weights [T, k] float32 (softmax over the k)."""
+        logits = F.linear(x, self.weight, self.bias)
+        values, ids = torch.topk(logits, self.top_k, dim=-1, sorted=True)
+        return ids, torch.softmax(values.float(), dim=-1)
+
+
+class MoE(nn.Module):
+    """Router + experts. The expert-parallel layer replaces `experts_forward` with dispatch/combine."""
+
+    def __init__(self, config: ModelConfig, expert_ids=None, packed=False, dtype=None, device=None):
+        super().__init__()
+        self.router = Router(config, dtype=dtype, device=device)
+        self.experts = Experts(config, expert_ids, packed=packed, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = self.router(x)
+        return self.experts(x, topk_ids, topk_weights)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, expert_ids=None, packed=False, dtype=None, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, layer, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MoE(config, expert_ids, packed, dtype, device)
+
+    def forward(self, x, cos, sin, positions, cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class LayerKV:
+    """A growing, contiguous K/V cache of one layer for one sequence (the reference path's cache;
+    the engine has its own paged cache)."""
+
+    k: torch.Tensor | None = None  # [S, Hkv, D]
+    v: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # [S]
+
+    def append(self, k, v, positions):
+        if self.k is None:
+            self.k, self.v, self.positions = k, v, positions
+        else:
+            self.k = torch.cat((self.k, k))
+            self.v = torch.cat((self.v, v))
+            self.positions = torch.cat((self.positions, positions))
+        return self.k, self.v, self.positions
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerKV] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if not self.layers or self.layers[0].k is None else self.layers[0].k.shape[0]
+
+
+class Transformer(nn.Module):
+    """gpt-oss. `model(token_ids [T])` -> float32 logits [T, vocab] for a sequence from position 0."""
+
+    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None, packed: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            Block(config, i, expert_ids, packed, dtype, device) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.lm_head.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(config, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def finish_load(self, device: torch.device) -> None:
+        """Rebuilds the buffers derived from the config (not in checkpoints) on `device`, after a
+        load that built the model on the meta device."""
+        self.rotary = RotaryEmbedding(self.config, device)
+        for block in self.layers:
+            experts = block.mlp.experts
+            experts.global_to_local = experts.global_to_local_table(self.config).to(device)
+
+    def new_cache(self) -> KVCache:
+        return KVCache([LayerKV() for _ in self.layers])
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """token_ids [T] -> logits [T, vocab] float32. With `cache`, the tokens continue the cached ones."""
+        if token_ids.dim() != 1:
+            raise ValueError(f"token_ids must be 1-D [T], got shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.to(self.device)
+        start = cache.num_tokens if cache is not None else 0
+        positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
+        cos, sin = self.rotary.cos_sin(positions)
+        x = self.embed_tokens(token_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, positions, cache.layers[i] if cache is not None else None)
+        return self.lm_head(self.norm(x)).float()
