@@ -1,0 +1,69 @@
+"""Our forward pass against Hugging Face transformers' GptOssForCausalLM (eager attention, float32),
+both loading the same MXFP4 checkpoint written by our writer."""
+
+import warnings
+
+import pytest
+import torch
+
+import gptoss
+
+transformers = pytest.importorskip("transformers")
+
+TINY = gptoss.get_preset("tiny")
+CONFIGS = {
+    # GQA 2, two layers, the real window of 128: 200 tokens cross it.
+    "tiny-gqa2": (TINY, 200),
+    # GQA 4, three layers (odd count), a short window crossed many times.
+    "gqa4-window16": (TINY.replace(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                                   sliding_window=16, num_local_experts=6, num_experts_per_tok=2), 90),
+    # No grouping (GQA 1), wider experts than the hidden size, head_dim 64 as in the release.
+    "gqa1-head64": (TINY.replace(num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                 intermediate_size=96, sliding_window=32), 70),
+}
+
+
+def load_hf(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.GptOssForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS), ids=list(CONFIGS))
+def test_logits_match_transformers_at_every_position(name, tmp_path):
+    config, length = CONFIGS[name]
+    path = gptoss.write_random_checkpoint(tmp_path, config, seed=3)
+    ours = gptoss.load_model(path, dtype=torch.float32)
+    theirs = load_hf(path)
+    ids = torch.randint(0, config.vocab_size, (length,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(ids[None]).logits[0].float()
+    got = ours(ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-4, f"max |diff| / max |logit| = {rel:.2e}"
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_packed_experts_compute_the_same_logits(tiny_checkpoint, tiny_model):
+    packed = gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True)
+    ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(packed(ids), tiny_model(ids))
+
+
+def test_bfloat16_model_tracks_float32(tiny_checkpoint, tiny_model):
+    bf16 = gptoss.load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    ids = torch.randint(0, 201088, (64,), generator=torch.Generator().manual_seed(4))
+    want, got = tiny_model(ids), bf16(ids)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert ((got - want).abs().mean() / want.abs().mean()).item() < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.8
+
+
+def test_activations_stay_in_a_realistic_range(tiny_model):
+    ids = torch.randint(0, 201088, (32,), generator=torch.Generator().manual_seed(5))
+    logits = tiny_model(ids)
+    assert 0.5 < logits.std().item() < 10
+    probs = torch.softmax(logits, -1)
+    assert (probs.amax(-1) < 0.99).all()  # not collapsed onto one token
