@@ -125,7 +125,9 @@ def quicktok_vocab_to_tiktoken(data: bytes) -> bytes:
     tokens = [token for token in rank_to_token if token is not None]
     if offset != len(data) or len(tokens) != num_tokens:
         raise VocabularyError("malformed quicktok vocabulary: trailing bytes or missing ranks")
-    return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for rank, token in enumerate(tokens))
+    return b"".join(
+        base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for rank, token in enumerate(tokens)
+    )
 
 
 def materialize_o200k_vocab(quicktok_vocab: Path, dest_dir: Path) -> Path:
@@ -135,13 +137,15 @@ def materialize_o200k_vocab(quicktok_vocab: Path, dest_dir: Path) -> Path:
     workers never see a partial file.
     """
     data = quicktok_vocab_to_tiktoken(quicktok_vocab.read_bytes())
-    _check_sha256(data, f"o200k_base.tiktoken built from {quicktok_vocab}", "is quicktok-v1 a known version?")
+    source = f"o200k_base.tiktoken built from {quicktok_vocab}"
+    _check_sha256(data, source, "is this a known quicktok-v1 version?")
     dest = dest_dir / O200K_BASE_FILE_NAME
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{O200K_BASE_FILE_NAME}.", dir=dest_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; other users' workers read the cache too
         os.replace(tmp_name, dest)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
