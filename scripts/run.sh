@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >&2
-exec .venv/bin/gptoss-serve generate "${@:---prompt=What is the capital of France?}"
+exec .venv/bin/gptoss-serve generate "$@"

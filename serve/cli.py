@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="chat with the model from the command line")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the embedded random tiny model)")
-    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--prompt", default="What is the capital of France?", help="the user message")
     p.add_argument("--system", help="system (developer) instructions")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--max-tokens", type=int, default=64)
