@@ -51,7 +51,7 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: i
                  else f"model--{k:05d}-of-{len(groups):05d}.safetensors")
         tensors = dict(_named_tensors(group, config, seed, layout))
         save_file(tensors, out / fname, metadata={"format": "pt"})
-        for name, t in tensors.items():
+        for name in tensors:
             weight_map[name] = fname
             dtypes[name] = "FP4" if name.endswith(".blocks") else "UE8" if name.endswith(".scales") else "BF16"
     if layout == "hf":
