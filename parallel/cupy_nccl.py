@@ -1,0 +1,393 @@
+"""The cupy_nccl backend: NCCL reached through CuPy, on torch's current CUDA stream.
+
+CuPy is imported only when this backend is constructed (or `make_nccl_unique_id` is called): CPU installs
+never import it.
+
+The variable all-to-all is one NCCL group: `ncclGroupStart`, one `ncclSend` and one `ncclRecv` per peer
+with a non-zero count, `ncclGroupEnd`; the rank's own share is a local device copy. Rows travel as bytes,
+so any dtype (bf16 included) goes through unchanged.
+
+Timeouts. CuPy's NCCL wrapper only makes blocking communicators (no `ncclCommInitRankConfig`), so:
+- init runs in a helper thread that the constructor waits for up to `timeout_s`; then a one-byte
+  all-to-all with every peer makes NCCL set up all its connections inside that deadline, so later host
+  calls (`ncclGroupEnd`) do not wait on peers: after init a missing peer only stalls kernels on the GPU;
+- every operation is registered with a watchdog thread before its first NCCL call, with a deadline and a
+  CUDA event recorded after it. Past the deadline (or on an asynchronous NCCL error) the watchdog calls
+  `ncclCommAbort`, which ends the stalled kernels, so the stream and any host wait on it move on; the
+  communicator is then broken and its next call (every host-blocking one checks right after its wait)
+  raises `CommunicatorTimeout`;
+- the send and receive buffers of an operation stay referenced by its watchdog entry until its event has
+  completed, whatever the caller does with them.
+NCCL cannot tell which peer is missing: the error names the operation and the peers it waits on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from parallel.comm import Communicator, CommunicatorError, CommunicatorTimeout, resolve_cuda_device
+
+NCCL_UNIQUE_ID_BYTES = 128
+# If the host thread sits in an NCCL call longer than this when the watchdog must abort, abort anyway.
+_ABORT_LOCK_WAIT_S = 1.0
+
+
+def make_nccl_unique_id() -> bytes:
+    """The bootstrap id of a new NCCL group (128 bytes). Call it on rank 0's process, which must stay alive
+    until every rank has joined (NCCL's bootstrap root listens in the calling process)."""
+    from cupy.cuda import nccl
+
+    return bytes(b & 0xFF for b in nccl.get_unique_id())
+
+
+def _cupy_unique_id(unique_id: bytes) -> tuple[int, ...]:
+    # ncclUniqueId is char[128]; CuPy hands it over as a tuple of signed chars.
+    return tuple(b - 256 if b > 127 else b for b in unique_id)
+
+
+@dataclass(frozen=True)
+class PeerTransfer:
+    peer: int
+    offset_bytes: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class AllToAllPlan:
+    """The NCCL calls of one variable all-to-all: no zero-size transfer, no transfer to self."""
+
+    sends: tuple[PeerTransfer, ...]
+    recvs: tuple[PeerTransfer, ...]
+    local: tuple[int, int, int] | None  # (send offset rows, recv offset rows, rows) copied on the device
+
+    @property
+    def peers(self) -> list[int]:
+        return sorted({t.peer for t in (*self.sends, *self.recvs)})
+
+
+def plan_all_to_all(rank: int, send_counts: Sequence[int], recv_counts: Sequence[int], row_nbytes: int) -> AllToAllPlan:
+    """Byte offsets and sizes of each peer's share in the send and receive buffers."""
+    sends, recvs = [], []
+    send_offset, recv_offset, local = 0, 0, None
+    for peer, (n_send, n_recv) in enumerate(zip(send_counts, recv_counts, strict=True)):
+        if peer == rank:
+            if n_send != n_recv:
+                raise ValueError(f"rank {rank} sends itself {n_send} rows but expects {n_recv}")
+            if n_send:
+                local = (send_offset, recv_offset, n_send)
+        else:
+            if n_send and row_nbytes:
+                sends.append(PeerTransfer(peer, send_offset * row_nbytes, n_send * row_nbytes))
+            if n_recv and row_nbytes:
+                recvs.append(PeerTransfer(peer, recv_offset * row_nbytes, n_recv * row_nbytes))
+        send_offset += n_send
+        recv_offset += n_recv
+    return AllToAllPlan(tuple(sends), tuple(recvs), local)
+
+
+class StreamOps(Protocol):
+    """What the backend needs from the device: the stream NCCL runs on and events on it."""
+
+    # True: work enqueued later on the stream runs after NCCL's (CUDA). False: the tensors' later users
+    # are not stream-ordered (CPU tensors under a fake NCCL), so each all-to-all waits for its data.
+    stream_ordered: bool
+
+    def bind_thread(self) -> None: ...  # make the rank's device current in the calling thread
+
+    def stream(self) -> int: ...  # the raw handle of the stream to enqueue on
+
+    def record_event(self) -> Any: ...  # an event with query() -> bool and synchronize()
+
+
+class TorchCudaStreams:
+    """torch's current CUDA stream of `device`."""
+
+    stream_ordered = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def bind_thread(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def record_event(self) -> torch.cuda.Event:
+        # blocking=True: a host wait on it sleeps instead of spinning a core.
+        event = torch.cuda.Event(blocking=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+@dataclass
+class _Pending:
+    op: str
+    peers: list[int]
+    deadline: float
+    event: Any = None  # None while the host is still enqueuing
+    buffers: tuple = field(default=(), repr=False)
+
+
+class _Watchdog:
+    """Aborts the communicator when the oldest pending operation passes its deadline."""
+
+    def __init__(self, comm: CupyNcclCommunicator, poll_s: float):
+        self._comm, self._poll_s = comm, poll_s
+        self._pending: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"nccl-watchdog-rank{comm.rank}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5 * self._poll_s + _ABORT_LOCK_WAIT_S)
+
+    def begin(self, op: str, peers: list[int]) -> _Pending:
+        entry = _Pending(op, peers, time.monotonic() + self._comm.timeout_s)
+        with self._lock:
+            self._pending.append(entry)
+        return entry
+
+    def end(self, entry: _Pending, event: Any, buffers: tuple) -> None:
+        with self._lock:
+            entry.event, entry.buffers = event, buffers
+
+    def _loop(self) -> None:
+        self._comm._streams.bind_thread()
+        while not self._stop.wait(self._poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        if self._comm.broken:
+            return
+        with self._lock:
+            # Operations complete in stream order: drop the finished ones from the front.
+            while self._pending and self._pending[0].event is not None and self._pending[0].event.query():
+                self._pending.popleft()
+            head = self._pending[0] if self._pending else None
+        if head is not None and time.monotonic() > head.deadline:
+            stage = "still being enqueued" if head.event is None else "enqueued"
+            self._comm._fail(CommunicatorTimeout(
+                f"rank {self._comm.rank}: {head.op} did not complete within {self._comm.timeout_s} s ({stage}); "
+                f"it exchanges with ranks {head.peers}, at least one of which never arrived (NCCL cannot tell "
+                "which); the communicator was aborted", rank=self._comm.rank, op=head.op))
+            return
+        self._comm._check_async_error()
+
+
+class CupyNcclCommunicator(Communicator):
+    """One rank of an NCCL group, through CuPy.
+
+    Args:
+        rank, world_size: this rank and G.
+        unique_id: the 128 bytes from `make_nccl_unique_id()` on rank 0's process.
+        timeout_s: deadline of init and of every collective.
+        device: the rank's GPU (default: the current CUDA device).
+        stream_ops: where NCCL work is enqueued (default torch's current stream on `device`; tests pass a
+            fake together with a fake `cupy.cuda.nccl`).
+    Raises:
+        CommunicatorTimeout: not every rank joined within `timeout_s`.
+    """
+
+    backend = "cupy_nccl"
+
+    def __init__(self, rank: int, world_size: int, unique_id: bytes, timeout_s: float = 60.0,
+                 device: str | torch.device | None = None, *, stream_ops: StreamOps | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
+            raise ValueError(f"unique_id must be {NCCL_UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        from cupy.cuda import nccl  # only when this backend is chosen
+
+        self._nccl = nccl
+        self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        if stream_ops is None:
+            self.device = resolve_cuda_device(device)
+            stream_ops = TorchCudaStreams(self.device)
+        else:
+            self.device = torch.device(device if device is not None else "cpu")
+        self._streams = stream_ops
+        self._seq = 0
+        self._error: CommunicatorError | None = None
+        self._nccl_lock = threading.Lock()  # host-side NCCL calls vs the watchdog's abort
+        self._comm = self._init_comm(_cupy_unique_id(unique_id))
+        self._watchdog = _Watchdog(self, poll_s=min(0.05, self.timeout_s / 20))
+        self._watchdog.start()
+        # Every pair connects now, inside the init deadline, not in some later ncclGroupEnd.
+        ones = [1] * world_size
+        try:
+            warm = self.all_to_all(torch.zeros(world_size, dtype=torch.uint8, device=self.device), ones, ones,
+                                   label="connection warm-up")
+            self._wait(warm, "init (connection warm-up)")
+        except CommunicatorError:
+            self._watchdog.stop()
+            raise
+
+    def _init_comm(self, unique_id: tuple[int, ...]) -> Any:
+        result: dict[str, Any] = {}
+
+        def init() -> None:
+            try:
+                self._streams.bind_thread()
+                result["comm"] = self._nccl.NcclCommunicator(self.world_size, unique_id, self.rank)
+            except Exception as e:  # handed to the constructor's thread
+                result["error"] = e
+
+        thread = threading.Thread(target=init, name=f"nccl-init-rank{self.rank}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            # The init thread stays blocked in NCCL's bootstrap (nothing can cancel it): this process
+            # should be retired with its group.
+            raise CommunicatorTimeout(f"rank {self.rank}: the NCCL group of {self.world_size} ranks did not form "
+                                      f"within {self.timeout_s} s (some rank never joined)", rank=self.rank, op="init")
+        if "error" in result:
+            raise CommunicatorError(f"rank {self.rank}: NCCL init failed: {result['error']}", rank=self.rank,
+                                    op="init") from result["error"]
+        return result["comm"]
+
+    # --- failure handling (the watchdog thread calls these too) -----------------------------------
+
+    def _fail(self, error: CommunicatorError) -> None:
+        """Records the first error and aborts the NCCL communicator, which ends its stalled kernels."""
+        got_lock = self._nccl_lock.acquire(timeout=_ABORT_LOCK_WAIT_S)
+        try:
+            self._fail_locked(error)
+        finally:
+            if got_lock:
+                self._nccl_lock.release()
+
+    def _fail_locked(self, error: CommunicatorError) -> None:
+        # The pending operations keep their buffers: a stalled kernel may touch them until it sees the abort.
+        if self._error is None:
+            self._error = error
+            self._comm.abort()
+
+    def _check_async_error(self) -> None:
+        if self._error is not None:
+            return
+        try:
+            self._comm.check_async_error()
+        except self._nccl.NcclError as e:
+            self._fail(CommunicatorError(f"rank {self.rank}: NCCL reported an asynchronous error: {e}",
+                                         rank=self.rank, op="async"))
+
+    @property
+    def broken(self) -> bool:
+        return self._error is not None
+
+    def _raise_if_broken(self, op: str) -> None:
+        if self._error is not None:
+            raise type(self._error)(f"rank {self.rank}: {op}: the communicator is broken: {self._error}",
+                                    rank=self.rank, op=op, missing_ranks=self._error.missing_ranks)
+
+    def _next_op(self, name: str, label: str = "") -> str:
+        op = f"{name} #{self._seq}" + (f" ({label})" if label else "")
+        self._seq += 1
+        self._raise_if_broken(op)
+        return op
+
+    def _enqueue(self, op: str, peers: list[int], buffers: tuple, enqueue: Callable[[int], None]) -> None:
+        """Runs the host-side NCCL calls of one operation under the watchdog's deadline."""
+        entry = self._watchdog.begin(op, peers)
+        with self._nccl_lock:
+            self._raise_if_broken(op)  # the watchdog may have aborted since _next_op
+            try:
+                enqueue(self._streams.stream())
+            except self._nccl.NcclError as e:
+                self._fail_locked(CommunicatorError(f"rank {self.rank}: {op} failed: {e}", rank=self.rank, op=op))
+                raise self._error from e
+            self._watchdog.end(entry, self._streams.record_event(), buffers)
+
+    def _wait(self, result: torch.Tensor, op: str) -> torch.Tensor:
+        """Blocks the host until the work enqueued so far is done (or aborted); raises if it failed."""
+        self._streams.record_event().synchronize()
+        self._raise_if_broken(op)
+        return result
+
+    # --- collectives -----------------------------------------------------------------------------
+
+    def all_to_all(self, send: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], *,
+                   label: str = "") -> torch.Tensor:
+        self._check_all_to_all_args(send, send_counts, recv_counts)
+        op = self._next_op("all_to_all", label)
+        send = send.contiguous()
+        recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
+        plan = plan_all_to_all(self.rank, send_counts, recv_counts, math.prod(send.shape[1:]) * send.element_size())
+        if plan.sends or plan.recvs:
+            nccl, comm, send_ptr, recv_ptr = self._nccl, self._comm, send.data_ptr(), recv.data_ptr()
+
+            def enqueue(stream: int) -> None:
+                nccl.groupStart()
+                try:
+                    for t in plan.sends:
+                        comm.send(send_ptr + t.offset_bytes, t.nbytes, nccl.NCCL_UINT8, t.peer, stream)
+                    for t in plan.recvs:
+                        comm.recv(recv_ptr + t.offset_bytes, t.nbytes, nccl.NCCL_UINT8, t.peer, stream)
+                finally:
+                    nccl.groupEnd()
+
+            self._enqueue(op, plan.peers, (send, recv), enqueue)
+        if plan.local is not None:
+            src, dst, n = plan.local
+            recv[dst:dst + n].copy_(send[src:src + n])
+        return recv if self._streams.stream_ordered else self._wait(recv, op)
+
+    def exchange_counts(self, counts: torch.Tensor, *, label: str = "") -> tuple[list[list[int]], list[list[int]]]:
+        if counts.dim() != 2 or counts.shape[0] != self.world_size:
+            raise ValueError(f"counts must be [world_size={self.world_size}, C], got {tuple(counts.shape)}")
+        ones = [1] * self.world_size
+        received = self.all_to_all(counts.contiguous(), ones, ones, label=label)
+        both = self._wait(torch.stack((counts, received)), f"exchange_counts ({label})").tolist()
+        return both[0], both[1]
+
+    def _collective(self, name: str, mine: torch.Tensor, out: torch.Tensor, call: Callable[[int], None]) -> None:
+        op = self._next_op(name)
+        self._enqueue(op, [r for r in range(self.world_size) if r != self.rank], (mine, out), call)
+        self._wait(out, op)
+
+    def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        mine = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        out = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=self.device)
+        self._collective("all_gather", mine, out, lambda stream: self._comm.allGather(
+            mine.data_ptr(), out.data_ptr(), mine.numel(), self._nccl.NCCL_INT64, stream))
+        return out.view(self.world_size, -1).tolist()
+
+    def all_reduce_ints(self, values: Sequence[int], op: str = "sum") -> list[int]:
+        self._check_reduce_op(op)
+        return self._all_reduce(values, op, f"all_reduce ({op})")
+
+    def _all_reduce(self, values: Sequence[int], op: str, name: str) -> list[int]:
+        nccl = self._nccl
+        nccl_op = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}[op]
+        mine = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        out = torch.empty_like(mine)
+        self._collective(name, mine, out, lambda stream: self._comm.allReduce(
+            mine.data_ptr(), out.data_ptr(), mine.numel(), nccl.NCCL_INT64, nccl_op, stream))
+        return out.tolist()
+
+    def barrier(self) -> None:
+        self._all_reduce([0], "sum", "barrier")
+
+    def close(self) -> None:
+        self._watchdog.stop()
+        with self._nccl_lock:
+            if self._error is None:
+                self._error = CommunicatorError(f"rank {self.rank}: the communicator was closed", rank=self.rank,
+                                                op="close")
+                self._comm.destroy()
