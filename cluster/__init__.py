@@ -1,0 +1,11 @@
+"""cluster: where and when ranks run. An `EPGroup` reserves G bundles in a Ray placement group, starts
+one `RankActor` per bundle (each hosting an engine), connects them with a communicator, and steps them in
+lockstep; the group is the unit of failure and restart."""
+
+from cluster.config import GroupConfig
+from cluster.errors import ClusterError, GroupDrainingError, GroupFailedError, PlacementError
+from cluster.group import EPGroup, GroupHealth, GroupStats
+from cluster.rank import LoadProgress, RankStats
+
+__all__ = ["ClusterError", "EPGroup", "GroupConfig", "GroupDrainingError", "GroupFailedError", "GroupHealth",
+           "GroupStats", "LoadProgress", "PlacementError", "RankStats"]

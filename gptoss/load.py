@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               experts: list[int] | None = None, packed_experts: bool = False) -> Transformer:
+               experts: list[int] | None = None, packed_experts: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> Transformer:
     """Loads a gpt-oss checkpoint (HF release layout or OpenAI `original/` layout).
 
     Args:
@@ -32,6 +34,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
             experts' bytes are never read.
         packed_experts: keep expert weights MXFP4-packed (4.25 bits/weight, dequantized per use)
             instead of dequantizing them at load.
+        progress: called as progress(tensors_done, tensors_total) while loading (long loads show it).
     Returns:
         the model in eval mode; `model(token_ids [T])` -> float32 logits [T, vocab].
     Raises:
@@ -46,7 +49,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(config, expert_ids, packed=packed_experts, dtype=dtype, device="meta")
-    for name in reader.expected:
+    total = len(reader.expected)
+    for done, name in enumerate(reader.expected, start=1):
+        if progress is not None:
+            progress(done - 1, total)
         is_expert = ".mlp.experts." in name
         tensor = reader.get(name, expert_ids if is_expert else None)
         if is_expert and name.endswith("_blocks") and not packed_experts:
@@ -58,6 +64,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         if tensor.dtype != torch.uint8:
             tensor = tensor.to(dtype)
         _assign(model, name, tensor.to(device))
+    if progress is not None:
+        progress(total, total)
     model.finish_load(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors never loaded: {leftover[:5]}"

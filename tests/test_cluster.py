@@ -1,0 +1,215 @@
+"""EP groups on a simulated two-node Ray cluster (fake GPUs, CPU compute, gloo on loopback)."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+import gptoss
+from cluster import EPGroup, GroupConfig, GroupDrainingError, GroupFailedError, PlacementError
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+
+ENGINE = EngineConfig(num_kv_blocks=96, max_num_seqs=8, max_num_batched_tokens=128, block_size=8)
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+# Prompts of mixed lengths; a window of 16 on the sliding layers so they are crossed.
+MODEL = gptoss.get_preset("tiny").replace(sliding_window=16)
+
+
+def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 199998, (int(torch.randint(3, 40, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return gptoss.write_random_checkpoint(tmp_path_factory.mktemp("cluster"), MODEL, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """A bare engine in this process: the ground truth for the groups' greedy outputs."""
+    engine = Engine(gptoss.load_model(checkpoint, dtype=torch.float32), ENGINE)
+
+    def run(prompts, sampling=GREEDY):
+        return [list(c.token_ids) for c in engine.generate(prompts, sampling)]
+
+    return run
+
+
+def group_config(checkpoint, num_ranks, **kw) -> GroupConfig:
+    return GroupConfig(checkpoint=str(checkpoint), num_ranks=num_ranks, dtype="float32", engine=ENGINE,
+                       collective_timeout_s=5.0, placement_timeout_s=20.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def group4(ray_cluster, event_loop_thread, checkpoint):
+    group = EPGroup(group_config(checkpoint, 4, name="g4"))
+    event_loop_thread(group.start())
+    yield group
+    event_loop_thread(group.shutdown())
+
+
+async def collect(group, request_id, prompt, sampling=GREEDY):
+    tokens, last = [], None
+    async for out in group.generate(request_id, prompt, sampling):
+        tokens += out.new_token_ids
+        last = out
+    return tokens, last
+
+
+async def collect_all(group, prompts, prefix, sampling=GREEDY):
+    results = await asyncio.gather(*(collect(group, f"{prefix}{i}", p, sampling) for i, p in enumerate(prompts)))
+    return [tokens for tokens, _ in results], [last for _, last in results]
+
+
+def rank_stats(run, group):
+    return run(group.stats()).ranks
+
+
+def test_four_ranks_across_two_nodes_give_the_single_engine_outputs(group4, event_loop_thread, reference):
+    run = event_loop_thread
+    prompts = make_prompts(10)
+    before = [r.engine.num_scheduled_tokens for r in rank_stats(run, group4)]
+    got, lasts = run(collect_all(group4, prompts, "spread"))
+    assert got == reference(prompts)
+    assert all(last.finish_reason == "length" and last.num_output_tokens == 6 for last in lasts)
+    # Requests went to every rank, and the ranks live on both nodes.
+    after = [r.engine.num_scheduled_tokens for r in rank_stats(run, group4)]
+    assert all(a > b for a, b in zip(after, before, strict=True))
+    nodes = {ray.get(r.where.remote())[0] for r in group4._ranks}
+    assert len(nodes) == 2
+    stats = run(group4.stats())
+    assert stats.num_open_streams == 0 and stats.token_delivery_p50_ms > 0
+    assert sum(map(sum, stats.expert_token_counts)) > 0
+
+
+def test_work_on_one_rank_only_keeps_the_others_in_lockstep(group4, event_loop_thread, reference):
+    run = event_loop_thread
+    before = rank_stats(run, group4)
+    prompts = make_prompts(3, seed=1)
+    got = [run(collect(group4, f"alone{i}", p))[0] for i, p in enumerate(prompts)]  # one at a time
+    assert got == reference(prompts)
+    after = rank_stats(run, group4)
+    busy = [a.engine.num_scheduled_tokens - b.engine.num_scheduled_tokens for a, b in zip(after, before, strict=True)]
+    idle_ranks = [r for r, n in enumerate(busy) if n == 0]
+    assert idle_ranks, f"expected some ranks without work, tokens per rank {busy}"
+    for r in idle_ranks:  # they stepped with zero tokens, as many times as the busy ranks
+        assert after[r].num_empty_steps > before[r].num_empty_steps
+        assert after[r].num_steps - before[r].num_steps == after[0].num_steps - before[0].num_steps
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+
+def test_an_idle_group_uses_almost_no_cpu(group4, event_loop_thread):
+    pids = [ray.get(r.where.remote())[1] for r in group4._ranks]
+    time.sleep(1.0)  # let the idle backoff settle
+    start = [process_cpu_s(p) for p in pids]
+    wall = 3.0
+    time.sleep(wall)
+    used = [process_cpu_s(p) - s for p, s in zip(pids, start, strict=True)]
+    # A spinning rank would use ~1 s per second; an idle one re-agrees a few times a second.
+    assert max(used) < 0.1 * wall, f"CPU seconds per rank over {wall} s idle: {used}"
+
+
+def test_a_bad_request_is_rejected_and_others_finish(group4, event_loop_thread, reference):
+    async def both():
+        good = asyncio.create_task(collect(group4, "good", [1, 2, 3, 4]))
+        with pytest.raises(InvalidRequestError, match="prompt_token_ids") as info:
+            await collect(group4, "bad", [1, 999_999])
+        return info.value.param, (await good)[0]
+
+    param, tokens = event_loop_thread(both())
+    assert param == "prompt_token_ids"
+    assert tokens == reference([[1, 2, 3, 4]])[0]
+
+
+def test_leaving_a_stream_early_aborts_the_request(group4, event_loop_thread):
+    async def leave_early():
+        agen = group4.generate("leaver", [5, 6, 7], SamplingParams(max_tokens=500, temperature=0.0))
+        await agen.__anext__()
+        await agen.aclose()
+        for _ in range(200):  # the abort reaches the rank within a few steps
+            stats = await group4.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                return stats
+            await asyncio.sleep(0.05)
+        return stats
+
+    stats = event_loop_thread(leave_early())
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+
+
+def test_unsatisfiable_placement_names_the_missing_resources(ray_cluster, event_loop_thread, checkpoint):
+    group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=8, device="cuda", placement_timeout_s=2.0))
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"missing \{'GPU': 2\.0\}"):
+        event_loop_thread(group.start())
+    assert time.monotonic() - start < 30
+    assert group.health().state == "failed"
+
+
+def test_killing_a_rank_fails_every_request_of_the_group_and_restart_recovers(
+        ray_cluster, event_loop_thread, checkpoint, reference):
+    run = event_loop_thread
+    group = EPGroup(group_config(checkpoint, 2, name="g2-kill"))
+    run(group.start())
+    try:
+        long = SamplingParams(max_tokens=500, temperature=0.0)
+
+        async def kill_mid_generation():
+            started = asyncio.Event()
+
+            async def consume(i):
+                async for _ in group.generate(f"doomed{i}", [10 + i, 11, 12], long):
+                    started.set()
+
+            tasks = [asyncio.create_task(consume(i)) for i in range(4)]
+            await started.wait()
+            ray.kill(group._ranks[1], no_restart=True)
+            t0 = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
+            return results, time.monotonic() - t0
+
+        results, _ = run(kill_mid_generation())
+        assert all(isinstance(r, GroupFailedError) for r in results), results
+        health = group.health()
+        assert health.state == "failed" and "rank" in health.error
+        with pytest.raises(GroupFailedError, match="restart it"):
+            run(collect(group, "after", [1, 2]))
+
+        run(group.restart())
+        assert group.health().ok
+        prompts = make_prompts(3, seed=2)
+        assert run(collect_all(group, prompts, "reborn"))[0] == reference(prompts)
+    finally:
+        run(group.shutdown())
+
+
+def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_loop_thread, checkpoint):
+    run = event_loop_thread
+    group = EPGroup(group_config(checkpoint, 1, name="g1-drain"))
+    run(group.start())
+
+    async def drain_while_busy():
+        task = asyncio.create_task(collect(group, "inflight", [3, 4, 5], SamplingParams(max_tokens=20, temperature=0)))
+        await asyncio.sleep(0)
+        drain = asyncio.create_task(group.drain(timeout_s=60))
+        await asyncio.sleep(0.01)
+        with pytest.raises(GroupDrainingError):
+            await collect(group, "late", [1])
+        await drain
+        return await task
+
+    tokens, last = run(drain_while_busy())
+    assert len(tokens) == 20 and last.finish_reason == "length"
+    assert group.health().state == "stopped"
