@@ -21,7 +21,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import GroupConfig
 from cluster.errors import GroupDrainingError, GroupFailedError
 from cluster.placement import Reservation, rank_bundle, reserve
-from cluster.rank import LoadProgress, RankActor, RankFailure, RankLoad, RankOutput, RankStats, RequestRejected
+from cluster.rank import (
+    LoadProgress,
+    RankActor,
+    RankFailure,
+    RankLoad,
+    RankOutput,
+    RankStats,
+    RequestRejected,
+)
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams

@@ -6,8 +6,12 @@ import logging
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, \
-    remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 
 from cluster.errors import PlacementError
 
