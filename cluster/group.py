@@ -69,6 +69,7 @@ class GroupStats:
 @dataclass
 class _Stream:
     rank: int
+    generation: int  # which start() of the group the request ran in
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
 
@@ -88,6 +89,7 @@ class EPGroup:
         self._streams: dict[str, _Stream] = {}
         self._num_open_per_rank: list[int] = []
         self._rank_load: list[RankLoad] = []
+        self._generation = 0
         self._delivered: deque[tuple[float, int]] = deque()
         self._latencies_ms: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
 
@@ -128,6 +130,8 @@ class EPGroup:
                 raise GroupFailedError(f"{cfg.name}: start failed: {e}") from e
             raise
         self.device = devices[0]
+        self._generation += 1
+        self._streams = {}
         self._num_open_per_rank = [0] * cfg.num_ranks
         self._rank_load = [RankLoad(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
         self._pumps = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
@@ -234,7 +238,7 @@ class EPGroup:
             raise InvalidRequestError("request_id", f"request_id must be unique among running requests, "
                                                     f"got {request_id!r} twice")
         rank = self._pick_rank()
-        stream = self._streams[request_id] = _Stream(rank)
+        stream = self._streams[request_id] = _Stream(rank, self._generation)
         self._num_open_per_rank[rank] += 1
         try:
             for other, handle in enumerate(self._ranks):
@@ -255,9 +259,10 @@ class EPGroup:
                 if stream.finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
-            self._num_open_per_rank[rank] -= 1
-            if not stream.finished and self.state in ("healthy", "draining"):
+            if stream.generation == self._generation:  # not a leftover of a group since restarted
+                self._streams.pop(request_id, None)
+                self._num_open_per_rank[rank] -= 1
+            if not stream.finished and stream.generation == self._generation and self.state in ("healthy", "draining"):
                 self._ranks[rank].abort.remote(request_id)
 
     async def abort(self, request_id: str) -> None:
