@@ -18,6 +18,24 @@ from gptoss import mxfp4
 from gptoss.config import ModelConfig, yarn_concentration
 
 
+def _find_onednn_linear():
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`. float32 on CPU goes through oneDNN, which uses the CPU's widest vector unit where
+    MKL's sgemm may not: about 2x faster on AVX-512 AMD CPUs at MoE and unembedding shapes."""
+    if _ONEDNN_LINEAR is not None and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None, device=None):
         super().__init__()
@@ -178,9 +196,9 @@ class Experts(nn.Module):
 
     def run_expert(self, local: int, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H] through local expert `local`."""
-        h = F.linear(x, self.weight("gate_up_proj", local), self.gate_up_proj_bias[local])
+        h = linear(x, self.weight("gate_up_proj", local), self.gate_up_proj_bias[local])
         a = clamped_swiglu(h, self.alpha, self.limit)
-        return F.linear(a, self.weight("down_proj", local), self.down_proj_bias[local])
+        return linear(a, self.weight("down_proj", local), self.down_proj_bias[local])
 
     def run_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, H] sorted by local expert, counts[e] rows for local expert e -> [N, H]."""

@@ -2,11 +2,18 @@
 
 Each row draws its noise from its own generator, so a seeded request samples the same tokens whatever
 else shares its batch.
+
+At vocabulary width (201088) a full sort costs ~7 ms per row on a CPU core, so top-k and top-p only
+sort the largest candidates (falling back to a full sort for a row whose nucleus is wider), and a row
+draws one uniform number (inverse CDF) rather than one exponential per vocabulary entry.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Largest-probability candidates that top-p sorts first; rows whose nucleus is wider sort everything.
+TOP_P_CANDIDATES = 1024
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
@@ -16,20 +23,41 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None = None, top_p
     logits [B, V] (already divided by the temperature); each parameter [B].
     """
     if top_k is not None and bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, (k - 1).long()[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = _filter_top_k(logits, top_k)
     if min_p is not None and bool((min_p > 0).any()):
         probs = torch.softmax(logits, dim=-1)
         limit = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
         logits = logits.masked_fill(probs < limit, float("-inf"))
     if top_p is not None and bool((top_p < 1).any()):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already cover top_p; the first always stays.
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _filter_top_p(logits, top_p)
+    return logits
+
+
+def _filter_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    rows = (top_k > 0).nonzero().flatten()
+    k = top_k[rows].clamp(max=logits.shape[-1]).long()
+    # The k-th largest value per row, from a partial sort of the largest max(k).
+    kth = logits[rows].topk(int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
+    return logits
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    rows = (top_p < 1).nonzero().flatten()
+    sub, p = logits[rows], top_p[rows][:, None]
+    probs = torch.softmax(sub, dim=-1)
+    num_candidates = min(TOP_P_CANDIDATES, sub.shape[-1])
+    top_probs, top_ids = probs.topk(num_candidates, dim=-1)  # sorted, descending
+    wide = top_probs.sum(dim=-1) < p[:, 0]  # the nucleus reaches past the candidates: sort the row
+    if bool(wide.any()):
+        top_probs, top_ids = probs.sort(dim=-1, descending=True)
+    # Drop a token when the tokens before it already cover top_p; the first always stays.
+    cum = top_probs.cumsum(dim=-1)
+    keep_sorted = (cum - top_probs) < p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_ids, keep_sorted)
+    logits = logits.clone()
+    logits[rows] = sub.masked_fill(~keep, float("-inf"))
     return logits
 
 
@@ -37,19 +65,31 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, generators: list[tor
            top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
            min_p: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B]. temperature 0 is greedy (argmax) for that row."""
-    greedy = logits.argmax(dim=-1)
     random_rows = (temperature > 0).nonzero().flatten().tolist()
+    if len(random_rows) < logits.shape[0]:
+        out = logits.argmax(dim=-1)
+    else:
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if not random_rows:
-        return greedy
+        return out
     rows = torch.tensor(random_rows, device=logits.device)
     scaled = logits[rows] / temperature[rows, None]
     scaled = filter_logits(scaled, *(p[rows] if p is not None else None for p in (top_k, top_p, min_p)))
     probs = torch.softmax(scaled, dim=-1)
-    # Gumbel-style race with exponential noise: argmax(p / E) is a sample from p.
-    noise = torch.stack([
-        torch.empty(logits.shape[-1], device="cpu").exponential_(generator=generators[r]) for r in random_rows
-    ]).to(logits.device)
-    picked = (probs / noise).argmax(dim=-1)
-    out = greedy.clone()
-    out[rows] = picked
+    # Inverse CDF: one uniform number per row, from the row's own generator.
+    uniform = torch.stack([torch.rand((), generator=generators[r]) for r in random_rows]).to(logits.device)
+    out[rows] = _draw(probs, uniform)
     return out
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs [R, V], uniform [R] in [0, 1) -> [R]: the first token whose cumulative probability
+    exceeds uniform * total (a token with no mass is never picked)."""
+    cdf = probs.cumsum(dim=-1)  # accumulated in double on CPU
+    picked = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    # Rounding can put the target at the very end: step back to the last token with mass.
+    stray = (probs.gather(-1, picked[:, None])[:, 0] == 0).nonzero().flatten()
+    if len(stray):
+        last = probs.shape[-1] - 1 - (probs[stray] > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+        picked[stray] = last
+    return picked

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -42,25 +43,44 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine import Engine, EngineConfig
     from gptoss import load_model
-    from gptoss.generate import generate_tokens
-    from gptoss.harmony import ChatMessage, StreamingParser, render_prompt
-    from gptoss.tokenizer import decode
 
+    lines = read_batch_file(args.batch_file) if args.batch_file else None  # a bad file fails before loading
     checkpoint = args.checkpoint or default_checkpoint_dir()
     if not args.checkpoint:
         print(f"(no --checkpoint: using the embedded default model, random weights, at {checkpoint})",
               file=sys.stderr)
     model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+    engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_mib << 20))
+    if lines is not None:
+        return _generate_batch(engine, args, lines)
+    return _generate_one(engine, args)
+
+
+def _sampling(args: argparse.Namespace, **overrides):
+    from engine import SamplingParams
+
+    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed)
+    return SamplingParams(**(fields | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def _generate_one(engine, args: argparse.Namespace) -> int:
+    """One chat turn, streamed through the engine into the harmony parser."""
+    from gptoss.harmony import ChatMessage, StreamingParser, render_prompt
+    from gptoss.tokenizer import decode
+
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
     prompt_ids = render_prompt(messages, reasoning_effort=args.reasoning_effort)
+    engine.add_request("cli", prompt_ids, _sampling(args))
     parser = StreamingParser()
     start = time.perf_counter()
     completion_ids: list[int] = []
-    for token in generate_tokens(model, prompt_ids, args.max_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed):
-        parser.feed(token)
-        completion_ids.append(token)
+    while engine.has_work():
+        for out in engine.step():
+            parser.feed(out.new_token_ids)
+            completion_ids.extend(out.new_token_ids)
     parser.finish()
     num_tokens = len(completion_ids)
     elapsed = time.perf_counter() - start
@@ -77,6 +97,129 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n{len(prompt_ids)} prompt tokens, {num_tokens} generated in {elapsed:.2f} s "
           f"({num_tokens / elapsed:.1f} tokens/s){note}", file=sys.stderr)
     return 0
+
+
+def _generate_batch(engine, args: argparse.Namespace, lines: list[BatchLine]) -> int:
+    """Every prompt of a JSONL file at once through the engine; one JSON result per line on stdout (in
+    input order) and the throughput on stderr."""
+    import json
+
+    from gptoss.harmony import ChatMessage, parse_completion, render_prompt
+    from gptoss.tokenizer import decode
+
+    ids = []
+    for line in lines:
+        if line.prompt_token_ids is not None:
+            prompt_ids = line.prompt_token_ids
+        else:
+            messages = ([ChatMessage("system", line.system)] if line.system else []) + [ChatMessage("user", line.prompt)]
+            prompt_ids = render_prompt(messages, reasoning_effort=line.reasoning_effort or args.reasoning_effort)
+        try:
+            sampling = _sampling(args, max_tokens=line.max_tokens, temperature=line.temperature, top_p=line.top_p,
+                                 top_k=line.top_k, seed=line.seed)
+            engine.add_request(line.id, prompt_ids, sampling)
+        except ValueError as e:
+            raise ValueError(f"{args.batch_file} line {line.line_number} (id {line.id!r}): {e}") from None
+        ids.append(line.id)
+    start = time.perf_counter()
+    completion_ids: dict[str, list[int]] = {rid: [] for rid in ids}
+    finished = {}
+    while engine.has_work():
+        for out in engine.step():
+            completion_ids[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finished[out.request_id] = out
+    elapsed = time.perf_counter() - start
+    for rid in ids:
+        tokens, out = completion_ids[rid], finished[rid]
+        parsed = parse_completion(tokens)
+        record = {"id": rid, "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                  "completion_tokens": len(tokens), "cached_tokens": out.num_cached_tokens,
+                  "text": parsed.final if parsed.final or parsed.tool_calls else decode(tokens), "token_ids": tokens}
+        if parsed.tool_calls:
+            record["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
+        if args.show_analysis:
+            record["analysis"] = parsed.analysis
+        print(json.dumps(record, ensure_ascii=False))
+    stats = engine.get_stats()
+    num_prompt = sum(o.num_prompt_tokens for o in finished.values())
+    num_generated = sum(len(t) for t in completion_ids.values())
+    print(f"\n{len(ids)} prompts ({num_prompt} prompt tokens, {stats.prefix_cache_hit_tokens} from the prefix cache), "
+          f"{num_generated} tokens generated in {elapsed:.2f} s: {num_generated / elapsed:.1f} tokens/s, "
+          f"{(num_prompt + num_generated) / elapsed:.1f} tokens/s with the prompts; {stats.num_steps} engine steps, "
+          f"{stats.mean_tokens_per_step:.1f} tokens/step, {stats.num_preemptions} preemptions", file=sys.stderr)
+    return 0
+
+
+class BatchLine(NamedTuple):
+    line_number: int
+    id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    system: str | None
+    reasoning_effort: str | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+
+
+def read_batch_file(path: str) -> list[BatchLine]:
+    """Reads a JSONL batch: one object per line with either `prompt` (a user message, rendered with
+    harmony) or `prompt_token_ids` (already rendered), and optionally `id`, `system`,
+    `reasoning_effort`, `max_tokens`, `temperature`, `top_p`, `top_k`, `seed` (defaults: the flags).
+
+    Raises:
+        ValueError naming the line and the field; FileNotFoundError.
+    """
+    import json
+
+    from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+    class Line(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        id: str | None = None
+        prompt: str | None = None
+        prompt_token_ids: list[int] | None = None
+        system: str | None = None
+        reasoning_effort: Literal["low", "medium", "high"] | None = None
+        max_tokens: int | None = None
+        temperature: float | None = None
+        top_p: float | None = None
+        top_k: int | None = None
+        seed: int | None = None
+
+        @model_validator(mode="after")
+        def one_prompt(self):
+            if (self.prompt is None) == (self.prompt_token_ids is None):
+                raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
+            return self
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--batch-file: no such file {path}") from None
+    lines: list[BatchLine] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = Line.model_validate(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number}: not valid JSON ({e})") from None
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"{path} line {number}: {problems}") from None
+        rid = line.id if line.id is not None else f"line-{number}"
+        if rid in seen:
+            raise ValueError(f"{path} line {number}: id {rid!r} is used by an earlier line")
+        seen.add(rid)
+        lines.append(BatchLine(number, rid, **line.model_dump(exclude={"id"})))
+    if not lines:
+        raise ValueError(f"{path}: no prompts (one JSON object per line)")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
+    p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    p.add_argument("--batch-file", metavar="PROMPTS_JSONL",
+                   help="run every prompt of this JSONL file concurrently (one object per line: `prompt` or "
+                        "`prompt_token_ids`, optional `id`, `system`, `reasoning_effort`, `max_tokens`, "
+                        "`temperature`, `top_p`, `top_k`, `seed`); print one JSON result per line and the throughput")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests in one step")
+    p.add_argument("--kv-cache-mib", type=int, default=1024, help="engine: KV cache budget")
     p.set_defaults(func=cmd_generate)
     return parser
 

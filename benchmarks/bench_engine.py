@@ -1,0 +1,260 @@
+"""Engine throughput against Hugging Face transformers `generate` on the same checkpoint, same greedy
+decoding, in the same process and run: 1, 8 and 32 concurrent prompts of mixed lengths.
+
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--json] [--concurrency 1 8 32] [--repeats 2]
+
+Both sides generate exactly `--max-tokens` tokens per prompt (no stop token). Each measurement is the
+best of `--repeats` runs, the two sides alternating, so that load from other processes on a shared
+machine hits both alike; a warm-up run of each side comes first and is not counted. transformers runs
+in float32 with eager attention (the only implementation with sinks on CPU) and its eager experts loop
+(its fastest experts implementation on CPU here; `--hf-experts` picks another), left padding, KV cache.
+
+Besides tokens/s it prints whether the greedy tokens are identical, the engine's time outside the
+model forward per step (scheduling, inputs, sampling, outputs), latency percentiles, peak RSS, and the
+KV-cache bytes per token next to the spec's minimum. With `--json` the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import gptoss  # noqa: E402
+from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+PAD_ID = 199999  # <|endoftext|>, the checkpoint's pad_token_id
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen).tolist()
+    return [torch.randint(0, 199998, (length,), generator=gen).tolist() for length in lengths]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# --- the two sides -------------------------------------------------------------------------------
+
+
+def load_transformers(checkpoint: str, experts_implementation: str):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        model = transformers.GptOssForCausalLM.from_pretrained(
+            checkpoint, dtype=torch.float32, attn_implementation="eager",
+            experts_implementation=experts_implementation,
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    wrong = {p.dtype for p in model.parameters()} - {torch.float32}
+    assert not wrong, f"transformers loaded {wrong} weights"
+    return model
+
+
+def run_transformers(model, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD_ID] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, num_beams=1, use_cache=True,
+                             pad_token_id=PAD_ID)
+    elapsed = time.perf_counter() - start
+    return elapsed, out[:, longest:].tolist()
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], dict]:
+    params = SamplingParams.greedy(max_tokens=max_tokens, stop_token_ids=())
+    before = engine.get_stats()
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    first_token_s: list[float] = []
+    last_seen: dict[int, float] = {}
+    gaps: list[float] = []
+    peak_blocks = peak_context = 0
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            i = int(out.request_id)
+            tokens[i].extend(out.new_token_ids)
+            if i in last_seen:
+                gaps.append(now - last_seen[i])
+            else:
+                first_token_s.append(now - start)
+            last_seen[i] = now
+        used = engine.kv.num_used_blocks
+        if used > peak_blocks:
+            peak_blocks = used
+            peak_context = sum(r.num_computed_tokens for r in engine.scheduler.running)
+    elapsed = time.perf_counter() - start
+    after = engine.get_stats()
+    steps = after.num_steps - before.num_steps
+    step_s = after.step_time_s - before.step_time_s
+    forward_s = after.forward_time_s - before.forward_time_s
+    figures = {
+        "steps": steps,
+        "overhead_ms_per_step": (step_s - forward_s) / steps * 1e3,
+        "overhead_fraction": 1 - forward_s / step_s,
+        "ttft_p50_ms": percentile(first_token_s, 50) * 1e3,
+        "ttft_p90_ms": percentile(first_token_s, 90) * 1e3,
+        "itl_p50_ms": percentile(gaps, 50) * 1e3,
+        "itl_p99_ms": percentile(gaps, 99) * 1e3,
+        "peak_kv_bytes_per_token": peak_blocks * engine.kv_block_bytes / max(1, peak_context),
+    }
+    return elapsed, tokens, figures
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(config: gptoss.ModelConfig, dtype_bytes: int) -> dict:
+    per_layer = 2 * config.kv_size * dtype_bytes  # K and V
+    num_full = sum(1 for i in range(config.num_hidden_layers) if not config.is_sliding(i))
+    return {"all_layers": per_layer * config.num_hidden_layers, "full_layers_only": per_layer * num_full}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="default: a random `small` checkpoint written once to the cache")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64, help="generated tokens per prompt")
+    parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side and concurrency (best counts)")
+    parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm", "batched_mm"],
+                        help="transformers' experts implementation")
+    parser.add_argument("--quick", action="store_true", help="32 tokens per prompt, one timed run: ~1 minute")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
+    args = parser.parse_args()
+    if args.quick:
+        args.max_tokens, args.repeats = 32, 1
+
+    from gptoss.tokenizer import read_vocab_env
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = str(read_vocab_env().cache_dir.parent / "models" / "small-seed0")
+        if not Path(checkpoint, "config.json").exists():
+            print(f"writing a random `small` checkpoint to {checkpoint} ...", file=sys.stderr)
+            gptoss.write_random_checkpoint(checkpoint, "small", seed=0)
+    config = gptoss.load_config(checkpoint)
+    engine_config = EngineConfig(max_num_seqs=max(64, max(args.concurrency)), max_num_batched_tokens=2048,
+                                 kv_cache_bytes=1 << 30, enable_prefix_caching=False)
+    print(f"# bench_engine  rev {git_revision()}  {platform.machine()} {platform.processor() or ''} "
+          f"{os.cpu_count()} cores  torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"# checkpoint {checkpoint}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, {config.num_attention_heads} q / "
+          f"{config.num_key_value_heads} kv heads of {config.head_dim}, vocab {config.vocab_size}; float32, greedy")
+    print(f"# prompts of {args.prompt_lengths[0]}..{args.prompt_lengths[1]} tokens, {args.max_tokens} generated "
+          f"each; best of {args.repeats} after a warm-up; engine: {engine_config}")
+
+    rss0 = rss_bytes()
+    model = gptoss.load_model(checkpoint, dtype=torch.float32)
+    engine = Engine(model, engine_config)
+    rss_engine = rss_bytes() - rss0
+    hf = load_transformers(checkpoint, args.hf_experts)
+    rss_hf = rss_bytes() - rss0 - rss_engine
+
+    warm = make_prompts(4, 8, 32, seed=99)
+    run_transformers(hf, warm, 4)
+    run_engine(engine, warm, 4)
+
+    rows = []
+    for n in args.concurrency:
+        prompts = make_prompts(n, *args.prompt_lengths, seed=n)
+        best_hf = best_ours = float("inf")
+        for _ in range(args.repeats):
+            t_hf, hf_tokens = run_transformers(hf, prompts, args.max_tokens)
+            t_ours, our_tokens, figures = run_engine(engine, prompts, args.max_tokens)
+            if t_ours < best_ours:
+                best_ours, best_figures = t_ours, figures
+            best_hf = min(best_hf, t_hf)
+        num_tokens = n * args.max_tokens
+        mismatched = sum(a != b for a, b in zip(hf_tokens, our_tokens, strict=True))
+        rows.append({"concurrency": n, "prompt_tokens": sum(len(p) for p in prompts),
+                     "generated_tokens": num_tokens,
+                     "transformers_tokens_per_s": num_tokens / best_hf, "engine_tokens_per_s": num_tokens / best_ours,
+                     "ratio": best_hf / best_ours, "identical_tokens": mismatched == 0,
+                     "mismatched_sequences": mismatched, **best_figures})
+
+    print()
+    print(f"{'concurrent':>10} {'prompt tok':>10} {'transformers tok/s':>19} {'engine tok/s':>13} {'ratio':>7} "
+          f"{'identical':>10} {'overhead/step':>14} {'overhead':>9} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    for r in rows:
+        same = "yes" if r["identical_tokens"] else f"no ({r['mismatched_sequences']})"
+        print(f"{r['concurrency']:>10} {r['prompt_tokens']:>10} {r['transformers_tokens_per_s']:>19.1f} "
+              f"{r['engine_tokens_per_s']:>13.1f} {r['ratio']:>6.2f}x {same:>10} "
+              f"{r['overhead_ms_per_step']:>11.2f} ms {r['overhead_fraction']:>8.1%} {r['ttft_p50_ms']:>6.0f} ms "
+              f"{r['itl_p50_ms']:>5.1f} ms {r['itl_p99_ms']:>5.1f} ms")
+
+    kv_fp32, kv_bf16 = kv_bytes_per_token(config, 4), kv_bytes_per_token(config, 2)
+    # A decoding sequence's sliding layers hold the blocks of its last `window` tokens (+1 for misalignment).
+    sliding_cap = -(-config.sliding_window // engine_config.block_size) + 1
+    peak = max(r["peak_kv_bytes_per_token"] for r in rows)
+    print()
+    print(f"# KV cache per token at long context: engine {kv_fp32['full_layers_only']} B (float32; full-attention "
+          f"layers only; a decoding sequence's sliding layers hold at most {sliding_cap} blocks = "
+          f"{sliding_cap * engine.kv_block_bytes // 1024} KiB)")
+    print(f"#   spec minimum {kv_fp32['full_layers_only']} B in float32 / {kv_bf16['full_layers_only']} B in bfloat16 "
+          f"(only full-attention layers grow); every layer keeping all tokens: {kv_fp32['all_layers']} B in float32")
+    print(f"#   measured at the peak of these short runs (windows not yet full, partly filled blocks): {peak:.0f} B")
+    gpt120 = kv_bytes_per_token(gptoss.get_preset("gpt-oss-120b"), 2)
+    print(f"#   gpt-oss-120b in bfloat16: {gpt120['full_layers_only'] // 1024} KiB/token instead of "
+          f"{gpt120['all_layers'] // 1024} KiB")
+    print(f"# peak RSS {rss_bytes() / 2**20:.0f} MiB (engine model + KV pool {rss_engine / 2**20:.0f} MiB, "
+          f"transformers model {rss_hf / 2**20:.0f} MiB)")
+
+    by_n = {r["concurrency"]: r for r in rows}
+    if args.json:
+        print(json.dumps({
+            "benchmark": "bench_engine", "git": git_revision(), "checkpoint": checkpoint,
+            "max_tokens": args.max_tokens, "repeats": args.repeats, "hf_experts": args.hf_experts,
+            "ratio_at_1": by_n[1]["ratio"] if 1 in by_n else None,
+            "ratio_at_32": by_n[32]["ratio"] if 32 in by_n else None,
+            "identical_tokens": all(r["identical_tokens"] for r in rows),
+            "overhead_fraction_at_32": by_n[32]["overhead_fraction"] if 32 in by_n else None,
+            "kv_bytes_per_token": kv_fp32["full_layers_only"], "kv_bytes_per_token_spec_min": kv_fp32["full_layers_only"],
+            "kv_bytes_per_token_all_layers": kv_fp32["all_layers"], "peak_rss_bytes": rss_bytes(),
+            "median_ratio": statistics.median(r["ratio"] for r in rows), "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

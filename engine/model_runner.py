@@ -1,0 +1,114 @@
+"""`ModelRunner`: one step of the model over the paged KV cache.
+
+The model's own modules do the math (norms, projections, RoPE, the MoE, which an expert-parallel MoE
+may have replaced); the runner feeds them the step's tokens as one flat batch [T] and swaps the
+reference attention for `paged_attention`. Index tensors are built once per step and KV group, then
+shared by all the layers of the group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
+from engine.kv_cache_manager import KVCacheGroup
+from engine.scheduler import SchedulerOutput
+from gptoss.config import ModelConfig
+from gptoss.model import Transformer, apply_rotary, linear
+
+
+def kv_block_bytes(config: ModelConfig, groups: tuple[KVCacheGroup, ...], block_size: int,
+                   dtype: torch.dtype) -> int:
+    """Bytes of one block: K and V of block_size tokens in as many layers as the largest group has
+    (a block serves one group at a time; groups share the pool)."""
+    num_slots = max(len(g.layer_ids) for g in groups)
+    return num_slots * 2 * config.kv_size * block_size * torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: tuple[AttentionMetadata, ...]  # per KV group
+    sample_rows: torch.Tensor  # [num_sampled]: rows whose logits are sampled
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, groups: tuple[KVCacheGroup, ...], num_blocks: int, block_size: int):
+        config = model.config
+        self.model, self.groups, self.block_size = model, groups, block_size
+        self.device = model.device
+        group_of_layer = {layer: gi for gi, g in enumerate(groups) for layer in g.layer_ids}
+        slot_of_layer = {layer: si for g in groups for si, layer in enumerate(g.layer_ids)}
+        self.group_of_layer = [group_of_layer[i] for i in range(config.num_hidden_layers)]
+        num_slots = max(len(g.layer_ids) for g in groups)
+        # Layer slot s of every group shares one tensor; a block id belongs to one group at a time.
+        self.kv_cache = torch.zeros(num_slots, 2, config.num_key_value_heads, num_blocks, block_size,
+                                    config.head_dim, dtype=model.dtype, device=self.device)
+        self.layer_kv = [(self.kv_cache[slot_of_layer[i], 0], self.kv_cache[slot_of_layer[i], 1])
+                         for i in range(config.num_hidden_layers)]
+        self.last_forward_s = 0.0
+
+    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Computes the step's tokens into the cache; returns float32 logits [num_sampled, vocab] of
+        the requests with `sample` set, in batch order. Runs every layer even for an empty batch
+        (an expert-parallel MoE needs every rank in every layer's all-to-all)."""
+        inputs = self.prepare(batch)
+        start = time.perf_counter()
+        logits = self.forward(inputs)
+        self.last_forward_s = time.perf_counter() - start
+        return logits
+
+    def prepare(self, batch: SchedulerOutput) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        request_of_token: list[int] = []
+        sample_rows: list[int] = []
+        for i, item in enumerate(batch.requests):
+            input_ids.extend(item.token_ids)
+            n = len(item.token_ids)
+            positions.extend(range(item.start_position, item.start_position + n))
+            request_of_token.extend([i] * n)
+            if item.sample:
+                sample_rows.append(len(input_ids) - 1)
+        positions_t = torch.tensor(positions, dtype=torch.long)
+        request_of_token_t = torch.tensor(request_of_token, dtype=torch.long)
+        starts = [item.start_position for item in batch.requests]
+        lens = [len(item.token_ids) for item in batch.requests]
+        metadata = tuple(
+            build_attention_metadata(starts, lens, batch.num_decodes, [item.block_offsets[gi] for item in batch.requests],
+                                     [item.block_ids[gi] for item in batch.requests], self.block_size, group.window,
+                                     positions_t, self.device, request_of_token_t)
+            for gi, group in enumerate(self.groups))
+        dev = self.device
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long).to(dev), positions_t.to(dev), metadata,
+                          torch.tensor(sample_rows, dtype=torch.long).to(dev))
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        model = self.model
+        x = model.embed_tokens(inputs.input_ids)  # [T, H]
+        cos, sin = model.rotary.cos_sin(inputs.positions)
+        for i, block in enumerate(model.layers):
+            meta = inputs.metadata[self.group_of_layer[i]]
+            x = x + self._attention(block.self_attn, block.input_layernorm(x), cos, sin, *self.layer_kv[i], meta)
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        hidden = model.norm(x[inputs.sample_rows])  # only the rows that are sampled need logits
+        return linear(hidden, model.lm_head.weight).float()
+
+    @staticmethod
+    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's attention block (`attn`, a gptoss Attention) over the paged cache; x [T, H] normed."""
+        t = x.shape[0]
+        if t == 0:
+            return torch.zeros_like(x)
+        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(t, attn.num_heads, attn.head_dim)
+        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(t, attn.num_kv_heads, attn.head_dim)
+        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(t, attn.num_kv_heads, attn.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, attn.sinks, attn.scale, meta)
+        return linear(out, attn.o_proj.weight, attn.o_proj.bias)

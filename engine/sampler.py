@@ -1,0 +1,93 @@
+"""`Sampler`: one token per sampled request from the step's logits, with the request's own rules.
+
+Built on the batched primitives of `gptoss.sampling` (temperature, top-k, top-p, min-p, per-row
+generators); adds penalties, logprobs and the all-greedy fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprobs
+from engine.request import Request
+from gptoss.sampling import sample
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B], the first maximum of each row. On the CPU through NumPy, whose argmax
+    is several times faster than torch's at vocabulary width (~1.5 vs ~5 ms for 32 x 201088)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per request, in order
+    logprobs: list[TokenLogprobs | None] | None  # None when no request asked for logprobs
+
+
+class Sampler:
+    def __init__(self, seed: int):
+        # Noise of sampled requests without a seed of their own: the engine's runs are reproducible.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [B, V] float32, row i for requests[i] -> the sampled tokens (and logprobs)."""
+        if not requests:
+            return SamplerOutput([], None)
+        logprob_rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
+        # Logprobs describe the model's distribution, before penalties and sampling rules.
+        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+        if any(r.output_token_counts for r in requests):
+            logits = self._apply_penalties(logits.clone(), requests)
+        if all(r.sampling.is_greedy for r in requests):
+            tokens = argmax_rows(logits)
+        else:
+            tokens = self._sample(logits, requests)
+        token_ids = tokens.tolist()
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = [None] * len(requests)
+            chosen = raw_logprobs.gather(1, tokens[logprob_rows, None])[:, 0].tolist()
+            most = max(requests[i].sampling.logprobs for i in logprob_rows)
+            top_values, top_ids = raw_logprobs.topk(most, dim=-1) if most else (None, None)
+            for j, i in enumerate(logprob_rows):
+                n = requests[i].sampling.logprobs
+                logprobs[i] = TokenLogprobs(
+                    token_id=token_ids[i], logprob=chosen[j],
+                    top_token_ids=tuple(top_ids[j, :n].tolist()) if n else (),
+                    top_logprobs=tuple(top_values[j, :n].tolist()) if n else ())
+        return SamplerOutput(token_ids, logprobs)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logit -= presence * [count > 0] + frequency * count, over each request's generated tokens."""
+        rows, token_ids, amounts = [], [], []
+        for row, request in enumerate(requests):
+            counts = request.output_token_counts
+            if not counts:
+                continue
+            s = request.sampling
+            rows.append(torch.full((len(counts),), row, dtype=torch.long))
+            token_ids.append(torch.tensor(list(counts), dtype=torch.long))
+            amounts.append(torch.tensor(list(counts.values()), dtype=torch.float32) * s.frequency_penalty
+                           + s.presence_penalty)
+        index = (torch.cat(rows).to(logits.device), torch.cat(token_ids).to(logits.device))
+        logits.index_put_(index, -torch.cat(amounts).to(logits.device), accumulate=True)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling for r in requests]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=logits.device)
+
+        top_k = column([p.top_k for p in params], torch.long) if any(p.top_k for p in params) else None
+        top_p = column([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else None
+        min_p = column([p.min_p for p in params], torch.float32) if any(p.min_p for p in params) else None
+        generators = [r.generator or self.generator for r in requests]
+        return sample(logits, column([p.temperature for p in params], torch.float32), generators,
+                      top_k=top_k, top_p=top_p, min_p=min_p)
