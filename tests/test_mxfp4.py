@@ -33,7 +33,7 @@ def test_quantize_then_dequantize_is_within_the_format_error_bound(magnitude):
     y = mxfp4.dequantize(blocks, scales, torch.float32)
     # Per block scale 2^s with max|x| <= 6 * 2^s; the gap between neighbouring codes is 0.5 up to 2,
     # 1 up to 4 and 2 up to 6 (times 2^s), so the nearest code is within max(2^s / 4, |x| / 4).
-    step = torch.ldexp(torch.ones(()), scales.int() - 127).repeat_interleave(32, dim=-1)
+    step = torch.ldexp(torch.ones(scales.shape), scales.int() - 127).repeat_interleave(32, dim=-1)
     bound = torch.maximum(step / 4, x.abs() / 4)
     assert ((x - y).abs() <= bound + 1e-12).all()
     assert (x.abs().view(16, 8, 8, 32).amax(-1) <= 6 * step[..., ::32] + 1e-12).all()
