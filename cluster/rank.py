@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 # An idle group re-agrees whether anyone has work with a backoff up to this; a new request wakes
 # every rank at once (`wake`), so the backoff costs no latency, only idle CPU when it is short.
 _MAX_IDLE_WAIT_S = 0.2
-_STATS_PERIOD_S = 0.1  # how stale `stats` may be; the engine thread takes the snapshots
+_STATS_PERIOD_S = 0.1
+_GIL_SWITCH_INTERVAL_S = 0.0005  # how stale `stats` may be; the engine thread takes the snapshots
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class RankActor:
         self.rank, self.config = rank, config
         self.world_size = config.num_ranks
         torch.set_num_threads(max(1, int(config.num_cpus_per_rank)))
+        # The engine thread holds the GIL through the Python parts of a step; a shorter switch interval
+        # (default 5 ms) lets the event loop thread hand out a step's outputs without waiting that long.
+        sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = None
         self.communicator = None
