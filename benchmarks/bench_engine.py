@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -33,21 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import checkpoint_or_default, git_revision  # noqa: E402
+
 import gptoss  # noqa: E402
 from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 PAD_ID = 199999  # <|endoftext|>, the checkpoint's pad_token_id
 
 
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def rss_bytes() -> int:
@@ -166,14 +158,7 @@ def main() -> int:
     if args.quick:
         args.max_tokens, args.repeats = 32, 1
 
-    from gptoss.tokenizer import read_vocab_env
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = str(read_vocab_env().cache_dir.parent / "models" / "small-seed0")
-        if not Path(checkpoint, "config.json").exists():
-            print(f"writing a random `small` checkpoint to {checkpoint} ...", file=sys.stderr)
-            gptoss.write_random_checkpoint(checkpoint, "small", seed=0)
+    checkpoint = checkpoint_or_default(args.checkpoint)
     config = gptoss.load_config(checkpoint)
     engine_config = EngineConfig(max_num_seqs=max(64, max(args.concurrency)), max_num_batched_tokens=2048,
                                  kv_cache_bytes=1 << 30, enable_prefix_caching=False)

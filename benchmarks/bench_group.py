@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from bench_common import checkpoint_or_default, git_revision  # noqa: E402
 
 import gptoss  # noqa: E402
 from cluster import EPGroup, GroupConfig  # noqa: E402
@@ -75,12 +75,6 @@ async def bench_group(group: EPGroup, prompts, sampling, tag: str) -> dict:
             "tokens": tokens}
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -92,14 +86,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
-    from gptoss.tokenizer import read_vocab_env
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = str(read_vocab_env().cache_dir.parent / "models" / "small-seed0")
-        if not Path(checkpoint, "config.json").exists():
-            print(f"writing a random `small` checkpoint to {checkpoint} ...", file=sys.stderr)
-            gptoss.write_random_checkpoint(checkpoint, "small", seed=0)
+    checkpoint = checkpoint_or_default(args.checkpoint)
     cores = os.cpu_count() or 1
     engine_config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, kv_cache_bytes=1 << 30)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())

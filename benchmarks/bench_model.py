@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import checkpoint_or_default, git_revision  # noqa: E402
+
 MODES = {
     # name: (engine, dtype, packed experts)
     "ours-float32": ("ours", "float32", False),
@@ -78,12 +80,6 @@ def measure(checkpoint: str, mode: str, lengths: list[int], repeats: int) -> dic
     return out
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -101,14 +97,7 @@ def main() -> int:
         return 0
 
     import gptoss
-    from gptoss.tokenizer import read_vocab_env
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = str(read_vocab_env().cache_dir.parent / "models" / "small-seed0")
-        if not Path(checkpoint, "config.json").exists():
-            print(f"writing a random `small` checkpoint to {checkpoint} ...", file=sys.stderr)
-            gptoss.write_random_checkpoint(checkpoint, "small", seed=0)
+    checkpoint = checkpoint_or_default(args.checkpoint)
     config = gptoss.load_config(checkpoint)
     num_expert_weights = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * \
         config.intermediate_size

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, HarmonyError, load_harmony_encoding
 
+from gptoss import env
+
 logger = logging.getLogger(__name__)
 
 O200K_BASE_FILE_NAME = "o200k_base.tiktoken"
@@ -65,12 +67,7 @@ class VocabEnv:
 
 
 def read_vocab_env() -> VocabEnv:
-    encodings_base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    cache_root = os.environ.get("GPTOSS_CACHE_DIR") or str(Path.home() / ".cache" / "gptoss-serve")
-    return VocabEnv(
-        encodings_base=Path(encodings_base) if encodings_base else None,
-        cache_dir=Path(cache_root).expanduser() / "tiktoken",
-    )
+    return VocabEnv(encodings_base=env.tiktoken_encodings_base(), cache_dir=env.cache_root() / "tiktoken")
 
 
 def verify_vocab_file(path: Path) -> None:

@@ -4,7 +4,10 @@ benchmarks and the embedded default model (no model hub is reachable from CI).""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gptoss import mxfp4
+from gptoss import env, mxfp4
 from gptoss.checkpoint import HF_INDEX, expected_shapes, hf_name, original_name
 from gptoss.config import ModelConfig, get_preset
+
+logger = logging.getLogger(__name__)
 
 _SHARD_BYTES = 2 << 30
 
@@ -64,6 +69,22 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: i
         (out / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2))
         (out / "dtypes.json").write_text(json.dumps(dict(sorted(dtypes.items())), indent=2))
     return out
+
+
+def cached_random_checkpoint(preset: str, seed: int = 0) -> Path:
+    """A random checkpoint of `preset` under $GPTOSS_CACHE_DIR/models, written once (atomically, so
+    concurrent first users do not see half a checkpoint): the embedded default model and the
+    benchmarks' default."""
+    path = env.cache_root() / "models" / f"{preset}-seed{seed}"
+    if not (path / "config.json").exists():
+        logger.info("writing a random %s checkpoint (seed %d) to %s", preset, seed, path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        write_random_checkpoint(tmp, preset, seed=seed)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _nbytes(config: ModelConfig, name: str) -> int:

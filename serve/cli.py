@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,17 +18,9 @@ DEFAULT_PRESET = "tiny"
 def default_checkpoint_dir() -> Path:
     """The embedded default model: a random-weight `tiny` checkpoint in the release layout, written
     once under $GPTOSS_CACHE_DIR (no model hub is needed to try the system)."""
-    from gptoss.tokenizer import read_vocab_env
+    from gptoss.writer import cached_random_checkpoint
 
-    path = read_vocab_env().cache_dir.parent / "models" / f"{DEFAULT_PRESET}-seed0"
-    if not (path / "config.json").exists():
-        from gptoss import write_random_checkpoint
-
-        logging.info("writing the embedded default model (%s preset, random weights) to %s", DEFAULT_PRESET, path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        write_random_checkpoint(tmp, DEFAULT_PRESET, seed=0)
-        tmp.rename(path)
-    return path
+    return cached_random_checkpoint(DEFAULT_PRESET, seed=0)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -1,0 +1,29 @@
+"""What every benchmark prints the same way: the git revision and the default checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_revision() -> str:
+    """Short HEAD revision, "+dirty" when tracked files have uncommitted changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def checkpoint_or_default(checkpoint: str | None) -> str:
+    """`checkpoint`, or a random `small` checkpoint (the CPU benchmark shape) written once to the cache."""
+    if checkpoint is not None:
+        return checkpoint
+    from gptoss.writer import cached_random_checkpoint
+
+    return str(cached_random_checkpoint("small", seed=0))

@@ -1,0 +1,17 @@
+"""The environment variables the gptoss package reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$GPTOSS_CACHE_DIR, default ~/.cache/gptoss-serve: the vocabulary copy and cached random checkpoints."""
+    return Path(os.environ.get("GPTOSS_CACHE_DIR") or Path.home() / ".cache" / "gptoss-serve").expanduser()
+
+
+def tiktoken_encodings_base() -> Path | None:
+    """$TIKTOKEN_ENCODINGS_BASE: a folder holding o200k_base.tiktoken (read by openai-harmony too)."""
+    value = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    return Path(value) if value else None
