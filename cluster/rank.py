@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 # every rank at once (`wake`), so the backoff costs no latency, only idle CPU when it is short.
 _MAX_IDLE_WAIT_S = 0.2
 _STATS_PERIOD_S = 0.1
-_GIL_SWITCH_INTERVAL_S = 0.0005  # how stale `stats` may be; the engine thread takes the snapshots
+_GIL_SWITCH_INTERVAL_S = 0.0005
+_RATE_WINDOW_S = 10.0  # how stale `stats` may be; the engine thread takes the snapshots
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,15 @@ class LoadProgress:
 
 @dataclass(frozen=True)
 class RankStats:
+    """A rank's figures; engine figures are a snapshot at most ~0.1 s old (taken by the engine thread)."""
+
     rank: int
     engine: EngineStats
     expert_token_counts: tuple[tuple[int, ...], ...]  # [layers][experts] tokens routed from this rank
     num_steps: int
     num_empty_steps: int  # steps taken with no work of its own, to keep the group in lockstep
+    num_output_tokens: int  # sampled on this rank since start
+    output_tokens_per_s: float  # over the last few seconds
     loop_alive: bool
 
 
@@ -117,6 +122,8 @@ class RankActor:
         self._engine_stats: EngineStats | None = None  # snapshot by the engine thread, which owns the engine
         self._engine_stats_at = 0.0
         self._last_load: RankLoad | None = None
+        self._num_output_tokens = 0
+        self._token_history: deque[tuple[float, int]] = deque()  # (monotonic time, tokens so far) per snapshot
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -207,13 +214,19 @@ class RankActor:
         counts = ()
         if self.expert_load is not None:
             counts = tuple(tuple(row) for row in self.expert_load.get_counts().tolist())
+        history = self._token_history
+        rate = (history[-1][1] - history[0][1]) / (history[-1][0] - history[0][0]) if len(history) > 1 else 0.0
         return RankStats(self.rank, self._engine_stats, counts, self._num_steps, self._num_empty_steps,
-                         self._thread is not None and self._thread.is_alive())
+                         self._num_output_tokens, rate, self._thread is not None and self._thread.is_alive())
 
     def stop(self) -> None:
         """Ends the loop on every rank together (the stop is agreed like the step decision)."""
         self._stop = True
         self._wake.set()
+
+    def held_expert_ids(self) -> list[int]:
+        """Global ids of the experts this rank holds (the same in every layer)."""
+        return list(self.engine.model.layers[0].mlp.experts.expert_ids)
 
     def where(self) -> tuple[str, int]:
         """(Ray node id, process id) of this rank."""
@@ -253,7 +266,10 @@ class RankActor:
 
     def _snapshot_stats(self) -> None:
         stats = self._engine_stats = self.engine.get_stats()
-        self._engine_stats_at = time.monotonic()
+        now = self._engine_stats_at = time.monotonic()
+        self._token_history.append((now, self._num_output_tokens))
+        while now - self._token_history[0][0] > _RATE_WINDOW_S:
+            self._token_history.popleft()
         load = RankLoad(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
         if load != self._last_load:  # an idle rank sends nothing
             self._last_load = load
@@ -277,6 +293,7 @@ class RankActor:
                     self._num_steps += 1
                     self._num_empty_steps += not has_work
                     if outputs:
+                        self._num_output_tokens += sum(len(o.new_token_ids) for o in outputs)
                         now = time.time()
                         self._publish([RankOutput(o, self.rank, now) for o in outputs])
                     idle_wait_s = 0.001

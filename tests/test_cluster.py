@@ -88,6 +88,15 @@ def test_four_ranks_across_two_nodes_give_the_single_engine_outputs(group4, even
     stats = run(group4.stats())
     assert stats.num_open_streams == 0 and stats.token_delivery_p50_ms > 0
     assert sum(map(sum, stats.expert_token_counts)) > 0
+    assert sum(r.num_output_tokens for r in stats.ranks) >= 60 and stats.output_tokens_per_s > 0
+
+
+def test_start_up_reported_every_rank_loading_its_share(group4):
+    progress = ray.get([r.progress.remote() for r in group4._ranks])
+    assert [p.stage for p in progress] == ["ready"] * 4
+    assert all(p.tensors_done == p.tensors_total > 0 for p in progress)
+    # Each rank holds only its quarter of the 8 experts, contiguously.
+    assert ray.get([r.held_expert_ids.remote() for r in group4._ranks]) == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_work_on_one_rank_only_keeps_the_others_in_lockstep(group4, event_loop_thread, reference):
