@@ -5,8 +5,8 @@ identity experts so only the movement is timed) and, in the same loop, the bare 
 rows with the same split sizes (the dispatch and combine exchanges alone). Figures:
 - time per layer (p50 / p90 over iterations of the slowest rank; warm-up excluded), of which the time
   inside the dispatcher's three exchanges (counts, dispatch, combine; CPU only: on GPU they return at
-  once), and the cost ratio dispatcher / bare exchange (target <= 1.5 from 64 tokens per rank up; below
-  that the extra exchange of counts dominates);
+  once) and inside the counts exchange alone, and the cost ratio dispatcher / bare exchange (target <= 1.5
+  from 64 tokens per rank up; below that the extra exchange of counts dominates);
 - bytes each rank sends to other ranks next to the minimum: one activation row per token per destination
   rank, each way. "act" counts the activation rows, "wire" adds the routing metadata carried in each row
   (k local ids + k weights) and the counts exchange.
@@ -160,6 +160,7 @@ def run_group(args, world_size: int) -> list[dict]:
         disp = [max(ts) for ts in zip(*(r["dispatch_s"] for r in per_rank), strict=True)]
         bare = [max(ts) for ts in zip(*(r["bare_s"] for r in per_rank), strict=True)]
         exchange = [max(ts) for ts in zip(*(r["exchange_s"] for r in per_rank), strict=True)]
+        counts = [max(ts) for ts in zip(*(r["counts_s"] for r in per_rank), strict=True)]
         act = sum(r["act_bytes"] for r in per_rank)
         wire = sum(r["wire_bytes"] for r in per_rank)
         minimum = sum(r["min_bytes"] for r in per_rank)
@@ -167,7 +168,7 @@ def run_group(args, world_size: int) -> list[dict]:
         merged.append(dict(
             world_size=world_size, dtype=first["dtype"], tokens_per_rank=first["tokens_per_rank"],
             dispatch_p50_ms=1e3 * p50, dispatch_p90_ms=1e3 * percentile(disp, 0.9),
-            in_exchange_p50_ms=1e3 * statistics.median(exchange),
+            in_exchange_p50_ms=1e3 * statistics.median(exchange), in_counts_p50_ms=1e3 * statistics.median(counts),
             bare_p50_ms=1e3 * statistics.median(bare), bare_p90_ms=1e3 * percentile(bare, 0.9),
             cost_ratio=p50 / statistics.median(bare),
             tokens_per_s=world_size * first["tokens_per_rank"] / p50,
@@ -218,14 +219,17 @@ def measure(comm, dispatcher: TokenDispatcher, dtype: torch.dtype, tokens: int, 
 
     # Time spent inside the communicator during the dispatcher's runs (its 3 exchanges: counts, dispatch,
     # combine); the rest is local work. Only meaningful where exchanges block the host (CPU).
-    bare_all_to_all, in_exchange_s = comm.all_to_all, [0.0]
+    bare_all_to_all, in_exchange_s, in_counts_s = comm.all_to_all, [0.0], [0.0]
 
     def timed_all_to_all(*args, **kwargs):
         start = time.perf_counter()
         try:
             return bare_all_to_all(*args, **kwargs)
         finally:
-            in_exchange_s[0] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            in_exchange_s[0] += elapsed
+            if kwargs.get("label", "").endswith("counts"):
+                in_counts_s[0] += elapsed
 
     def run_dispatcher():
         comm.all_to_all = timed_all_to_all
@@ -245,13 +249,13 @@ def measure(comm, dispatcher: TokenDispatcher, dtype: torch.dtype, tokens: int, 
         bare_all_to_all(dispatch_rows, handle.send_counts, handle.recv_counts)
         bare_all_to_all(combine_rows, handle.recv_counts, handle.send_counts)
 
-    dispatch_s, bare_s, exchange_s = [], [], []
+    dispatch_s, bare_s, exchange_s, counts_s = [], [], [], []
     for i in range(args.warmup + args.iters):
         # Alternate which goes first, so neither always follows the other's tail.
         for fn, times in [(run_dispatcher, dispatch_s), (run_bare, bare_s)][:: 1 if i % 2 else -1]:
             comm.barrier()
             sync()
-            in_exchange_s[0] = 0.0
+            in_exchange_s[0] = in_counts_s[0] = 0.0
             start = time.perf_counter()
             fn()
             sync()
@@ -259,8 +263,9 @@ def measure(comm, dispatcher: TokenDispatcher, dtype: torch.dtype, tokens: int, 
                 times.append(time.perf_counter() - start)
                 if fn is run_dispatcher:
                     exchange_s.append(in_exchange_s[0])
+                    counts_s.append(in_counts_s[0])
     return dict(dtype=str(dtype).removeprefix("torch."), tokens_per_rank=tokens, dispatch_s=dispatch_s,
-                bare_s=bare_s, exchange_s=exchange_s,
+                bare_s=bare_s, exchange_s=exchange_s, counts_s=counts_s,
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 **bytes_sent(rank, handle, topk_ids, dispatcher.placement, hidden.element_size(), comm.world_size))
 
@@ -291,12 +296,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print(f"{'G':>2} {'dtype':>8} {'tok/rank':>8} | {'disp+comb ms':>12} {'p90':>7} {'in a2a':>7} | "
+    print(f"{'G':>2} {'dtype':>8} {'tok/rank':>8} | {'disp+comb ms':>12} {'p90':>7} {'in a2a':>7} {'counts':>7} | "
           f"{'bare a2a ms':>11} {'p90':>7} | {'cost':>5} | {'tokens/s':>9} | {'MiB sent/rank':>13} | "
           f"{'act/min':>7} {'wire/min':>8}")
     for r in rows:
         print(f"{r['world_size']:>2} {r['dtype']:>8} {r['tokens_per_rank']:>8} | {r['dispatch_p50_ms']:>12.3f} "
-              f"{r['dispatch_p90_ms']:>7.3f} {r['in_exchange_p50_ms']:>7.3f} | "
+              f"{r['dispatch_p90_ms']:>7.3f} {r['in_exchange_p50_ms']:>7.3f} {r['in_counts_p50_ms']:>7.3f} | "
               f"{r['bare_p50_ms']:>11.3f} {r['bare_p90_ms']:>7.3f} | "
               f"{r['cost_ratio']:>5.2f} | {r['tokens_per_s']:>9.0f} | {r['sent_mib_per_rank']:>13.3f} | "
               f"{r['bytes_ratio']:>7.4f} {r['wire_bytes_ratio']:>8.4f}")

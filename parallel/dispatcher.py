@@ -55,14 +55,24 @@ class ExpertLoad:
 
 @dataclass
 class DispatchHandle:
-    """What `combine` needs to bring the results of one `dispatch` home. Opaque to callers."""
+    """What `combine` needs to bring the results of one `dispatch` home. Opaque to callers.
 
-    row_token_ids: torch.Tensor  # [N] source token of each row sent, rows grouped by destination rank
+    Both weighted sums are split the same way: every received row has at least one local pair and every
+    token at least one row, so each sum starts as a plain (weighted) copy of its first term, and only the
+    remaining terms are scatter-added (no zero-filled accumulator, fewer scattered rows).
+    """
+
     send_counts: list[int]  # [G] rows sent to each rank
     recv_counts: list[int]  # [G] rows received from each rank
-    pair_row_ids: torch.Tensor  # [P] received row of each expert-input row
-    pair_weights: torch.Tensor  # [P] float32 router weight of each expert-input row
-    num_tokens: int
+    first_pair_ids: torch.Tensor  # [M] expert-input row of each received row's first pair
+    first_weights: torch.Tensor  # [M, 1] float32 router weight of that pair
+    rest_pair_ids: torch.Tensor  # [P - M] expert-input row of each other pair
+    rest_row_ids: torch.Tensor  # [P - M] its received row
+    rest_weights: torch.Tensor  # [P - M, 1] float32
+    token_first_row_ids: torch.Tensor  # [T] row sent (rows grouped by rank) holding each token's first copy
+    rest_sent_row_ids: torch.Tensor  # [N - T] the other rows sent
+    rest_token_ids: torch.Tensor  # [N - T] their tokens
+    num_pairs: int  # P, the rows of expert_in
     dtype: torch.dtype
     label: str
 
@@ -117,14 +127,18 @@ class TokenDispatcher:
         assert not any(expert_counts[self.num_local_experts:]), f"rows for experts this rank lacks: {expert_counts}"
         expert_counts = expert_counts[: self.num_local_experts]
 
-        rows, row_token = self._pack(hidden, topk_weights, dest_rank, dest_local, to_rank, sum(send_counts))
+        num_sent = sum(send_counts)
+        rows, row_token, row_rank = self._pack(hidden, topk_weights, dest_rank, dest_local, to_rank, num_sent)
         recv = self.comm.all_to_all(rows, send_counts, recv_counts, label=f"{label} dispatch")  # [M, H + meta]
         h = hidden.shape[1]
-        pair_row, pair_weights = self._unpack(recv[:, h:], k, sum(expert_counts))
-        handle = DispatchHandle(row_token, send_counts, recv_counts, pair_row, pair_weights, t, hidden.dtype, label)
+        pair_row, first, rest = self._unpack(recv[:, h:], k, sum(expert_counts))
+        token_first, rest_sent, rest_token = self._sent_rows_per_token(to_rank, row_token, row_rank)
+        handle = DispatchHandle(send_counts, recv_counts, *first, *rest, token_first, rest_sent, rest_token,
+                                pair_row.shape[0], hidden.dtype, label)
         return recv[:, :h].index_select(0, pair_row), expert_counts, handle
 
-    # index_select rather than tensor[index] in what follows: several times faster on CPU.
+    # index_select rather than tensor[index] in what follows: several times faster on CPU. Sizes of
+    # nonzero_static are known from the counts, so nothing here syncs a GPU with the host.
 
     def _route(self, topk_ids: torch.Tensor):
         """The destination of each (token, slot) and what goes to each rank.
@@ -153,35 +167,63 @@ class TokenDispatcher:
         [hidden | k local ids | k weights] (the float32 metadata bit-cast to the model dtype's columns).
 
         Returns:
-            rows: [N, H + meta columns]; row_token: [N] the token of each row.
+            rows: [N, H + meta columns]; row_token, row_rank: [N] the token and destination of each row.
         """
-        # nonzero_static: the size is known from the counts, so no device sync here.
         row_rank, row_token = torch.nonzero_static(to_rank.t(), size=num_rows).unbind(1)  # [N]
+        k, h = dest_rank.shape[1], hidden.shape[1]
         here = dest_rank.index_select(0, row_token) == row_rank[:, None]  # [N, k] slots on the row's rank
-        meta = torch.cat((torch.where(here, dest_local.index_select(0, row_token), -1).to(_META_DTYPE),
-                          torch.where(here, topk_weights.index_select(0, row_token).to(_META_DTYPE), 0.0)), dim=1)
-        meta = meta.view(hidden.dtype)
-        h = hidden.shape[1]
-        rows = hidden.new_empty(num_rows, h + meta.shape[1])
+        rows = hidden.new_empty(num_rows, h + 2 * k * 4 // hidden.element_size())
+        meta = rows[:, h:].view(_META_DTYPE)  # [N, 2k], written in place: no metadata copy
+        local = dest_local.to(_META_DTYPE).index_select(0, row_token)  # [N, k]
+        meta[:, :k] = local.masked_fill_(~here, -1.0)
+        # The weights of slots held elsewhere travel too (the receiver skips them): no masking pass.
+        torch.index_select(topk_weights.to(_META_DTYPE), 0, row_token, out=meta[:, k:])
         torch.index_select(hidden, 0, row_token, out=rows[:, :h])  # one pass, straight into the send buffer
-        rows[:, h:] = meta
-        return rows, row_token
+        return rows, row_token, row_rank
 
     @staticmethod
     def _unpack(recv_meta: torch.Tensor, k: int, num_pairs: int):
-        """The (row, slot) pairs for this rank's experts, sorted by local expert (stable: by row within one).
+        """The (row, slot) pairs for this rank's experts, sorted by local expert (stable: by row within one),
+        and how each received row's weighted sum is made of them.
 
         Args:
             recv_meta: [M, meta columns] the metadata columns of the rows received.
         Returns:
-            pair_row: [P] the received row of each pair; pair_weights: [P] float32.
+            pair_row: [P] the received row of each pair, in expert order;
+            first: ([M] each row's first pair in expert order, [M, 1] its weight);
+            rest: ([P - M] the other pairs in expert order, [P - M] their rows, [P - M, 1] their weights).
         """
+        num_rows = recv_meta.shape[0]
         meta = recv_meta.contiguous().view(_META_DTYPE)  # [M, 2k]
         local = meta[:, :k].to(torch.int64)  # -1: that slot's expert is on another rank
-        pair_row, pair_slot = torch.nonzero_static(local >= 0, size=num_pairs).unbind(1)  # [P]
-        order = torch.argsort(local[pair_row, pair_slot], stable=True)
-        pair_weights = meta[pair_row, k + pair_slot].index_select(0, order)
-        return pair_row.index_select(0, order), pair_weights
+        row, slot = torch.nonzero_static(local >= 0, size=num_pairs).unbind(1)  # [P] in (row, slot) order
+        order = torch.argsort(local[row, slot], stable=True)  # expert order -> (row, slot) order
+        pair_row = row.index_select(0, order)
+        position = torch.empty_like(order).index_copy_(0, order, torch.arange(num_pairs, device=order.device))
+        weights = meta[row, k + slot][:, None]  # [P, 1] in (row, slot) order
+        # Every row received has >= 1 local pair: in (row, slot) order its first one starts each row.
+        is_first = torch.ones(num_pairs, dtype=torch.bool, device=row.device)
+        is_first[1:] = row[1:] != row[:-1]
+        first_ids = torch.nonzero_static(is_first, size=num_rows).flatten()  # [M], row i's first pair
+        rest_ids = torch.nonzero_static(~is_first, size=num_pairs - num_rows).flatten()
+        first = (position.index_select(0, first_ids), weights.index_select(0, first_ids))
+        rest = (position.index_select(0, rest_ids), row.index_select(0, rest_ids), weights.index_select(0, rest_ids))
+        return pair_row, first, rest
+
+    @staticmethod
+    def _sent_rows_per_token(to_rank: torch.Tensor, row_token: torch.Tensor, row_rank: torch.Tensor):
+        """Each token's first row sent (at its lowest destination rank) and the other rows with their tokens.
+
+        Returns:
+            token_first: [T]; rest_sent, rest_token: [N - T].
+        """
+        t, n = to_rank.shape[0], row_token.shape[0]
+        ranks_so_far = to_rank.cumsum(1)  # [T, G]: a row is its token's first iff this is 1 at its rank
+        is_first = ranks_so_far[row_token, row_rank] == 1  # [N]
+        first_ids = torch.nonzero_static(is_first, size=t).flatten()
+        rest_ids = torch.nonzero_static(~is_first, size=n - t).flatten()
+        token_first = torch.empty_like(first_ids).index_copy_(0, row_token.index_select(0, first_ids), first_ids)
+        return token_first, rest_ids, row_token.index_select(0, rest_ids)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Brings the expert results home and sums them per token with the router weights.
@@ -192,16 +234,21 @@ class TokenDispatcher:
         Returns:
             [T, H] in the model dtype: sum over the token's k experts of w_e * y_e, accumulated in float32.
         """
-        if expert_out.dim() != 2 or expert_out.shape[0] != handle.pair_row_ids.shape[0]:
-            raise ValueError(f"expert_out must be [{handle.pair_row_ids.shape[0]}, H] like dispatch's expert_in, "
+        if expert_out.dim() != 2 or expert_out.shape[0] != handle.num_pairs:
+            raise ValueError(f"expert_out must be [{handle.num_pairs}, H] like dispatch's expert_in, "
                              f"got {tuple(expert_out.shape)}")
-        h, device = expert_out.shape[1], expert_out.device
-        weighted = expert_out * handle.pair_weights[:, None] if expert_out.dtype == torch.float32 else \
-            expert_out.float().mul_(handle.pair_weights[:, None])  # faster than a mixed-dtype multiply on CPU
-        rows = torch.zeros(sum(handle.recv_counts), h, dtype=torch.float32, device=device)
-        rows.index_add_(0, handle.pair_row_ids, weighted)  # [M, H] one partial sum per row received
+        # [M, H] float32: one partial sum per row received (gather, then up-cast and weigh in place).
+        rows = _weighted_rows(expert_out, handle.first_pair_ids, handle.first_weights)
+        rows.index_add_(0, handle.rest_row_ids, _weighted_rows(expert_out, handle.rest_pair_ids, handle.rest_weights))
         back = self.comm.all_to_all(rows.to(handle.dtype), handle.recv_counts, handle.send_counts,
                                     label=f"{handle.label} combine")  # [N, H]
-        out = torch.zeros(handle.num_tokens, h, dtype=torch.float32, device=device)
-        out.index_add_(0, handle.row_token_ids, back.float())
+        out = back.index_select(0, handle.token_first_row_ids).float()  # [T, H]
+        out.index_add_(0, handle.rest_token_ids, back.index_select(0, handle.rest_sent_row_ids).float())
         return out.to(handle.dtype)
+
+
+def _weighted_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """float32 `x[ids] * weights` ([n, H] * [n, 1]): the up-cast makes the one new tensor, the multiply
+    runs in place (faster on CPU than a mixed-dtype multiply)."""
+    picked = x.index_select(0, ids)
+    return picked.float().mul_(weights) if picked.dtype != torch.float32 else picked.mul_(weights)
