@@ -222,3 +222,39 @@ def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_l
     tokens, last = run(drain_while_busy())
     assert len(tokens) == 20 and last.finish_reason == "length"
     assert group.health().state == "stopped"
+
+
+@ray.remote(num_cpus=0)
+class _Replica:
+    """Stands in for a Serve replica that declared its group's bundles in its own placement group."""
+
+    def __init__(self, config: GroupConfig):
+        self.group = EPGroup(config)
+
+    async def start_and_generate(self, prompt):
+        await self.group.start()
+        tokens, _ = await collect(self.group, "nested", prompt)
+        pg = ray.util.get_current_placement_group()
+        return tokens, pg.id.hex(), self.group._reservation.bundle_indices, self.group._reservation.owned
+
+    async def shutdown(self):
+        await self.group.shutdown()
+
+
+def test_a_group_inside_a_callers_placement_group_uses_its_bundles(ray_cluster, checkpoint, reference):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Bundle 0 for the replica itself, then one per rank, as a Serve deployment would declare them.
+    pg = placement_group([{"CPU": 1}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}], strategy="PACK")
+    ray.get(pg.ready(), timeout=30)
+    try:
+        replica = _Replica.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+        ).remote(group_config(checkpoint, 2, name="nested"))
+        tokens, pg_id, bundles, owned = ray.get(replica.start_and_generate.remote([7, 8, 9]), timeout=120)
+        assert tokens == reference([[7, 8, 9]])[0]
+        assert pg_id == pg.id.hex() and bundles == (1, 2) and not owned
+        ray.get(replica.shutdown.remote(), timeout=60)
+    finally:
+        remove_placement_group(pg)
