@@ -41,31 +41,48 @@ def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-def bench_engine(checkpoint: str, engine_config: EngineConfig, prompts, sampling) -> dict:
+def best(runs: list[dict]) -> dict:
+    """The fastest of the timed runs: a shared 2-core machine only ever slows a run down."""
+    return max(runs, key=lambda r: r["tokens_per_s"])
+
+
+def bench_engine(checkpoint: str, engine_config: EngineConfig, prompts, sampling, repeats: int) -> dict:
     engine = Engine(gptoss.load_model(checkpoint, dtype=torch.float32), engine_config)
     engine.generate(prompts, sampling)  # warm-up: the same shapes (oneDNN primitives, allocator) as timed
-    before = engine.get_stats()
-    start = time.perf_counter()
-    completions = engine.generate(prompts, sampling)
-    elapsed = time.perf_counter() - start
-    after = engine.get_stats()
-    steps = after.num_steps - before.num_steps
-    tokens = sum(len(c.token_ids) for c in completions)
-    return {"tokens_per_s": tokens / elapsed, "step_ms": (after.step_time_s - before.step_time_s) / steps * 1000,
-            "tokens": [list(c.token_ids) for c in completions]}
+    runs = []
+    for _ in range(repeats):
+        before = engine.get_stats()
+        start = time.perf_counter()
+        completions = engine.generate(prompts, sampling)
+        elapsed = time.perf_counter() - start
+        after = engine.get_stats()
+        steps = after.num_steps - before.num_steps
+        tokens = sum(len(c.token_ids) for c in completions)
+        runs.append({"tokens_per_s": tokens / elapsed,
+                     "step_ms": (after.step_time_s - before.step_time_s) / steps * 1000,
+                     "tokens": [list(c.token_ids) for c in completions]})
+    return best(runs)
 
 
-async def bench_group(group: EPGroup, prompts, sampling, tag: str) -> dict:
+async def bench_group(group: EPGroup, prompts, sampling, tag: str, repeats: int) -> dict:
+    await run_prompts(group, prompts, sampling, f"{tag}-warm")  # warm-up, as for the engine
+    return best([await bench_group_once(group, prompts, sampling, f"{tag}r{r}") for r in range(repeats)])
+
+
+async def run_prompts(group: EPGroup, prompts, sampling, tag: str) -> list[list[int]]:
     async def one(i, prompt):
         tokens = []
         async for out in group.generate(f"{tag}-{i}", prompt, sampling):
             tokens += out.new_token_ids
         return tokens
 
-    await asyncio.gather(*(one(f"warm{i}", p) for i, p in enumerate(prompts)))  # warm-up, as for the engine
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+async def bench_group_once(group: EPGroup, prompts, sampling, tag: str) -> dict:
     before = await group.stats()
     start = time.perf_counter()
-    tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    tokens = await run_prompts(group, prompts, sampling, tag)
     elapsed = time.perf_counter() - start
     after = await group.stats()
     steps = sum(a.num_steps - b.num_steps for a, b in zip(after.ranks, before.ranks, strict=True)) / len(after.ranks)
@@ -75,14 +92,13 @@ async def bench_group(group: EPGroup, prompts, sampling, tag: str) -> dict:
             "tokens": tokens}
 
 
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="default: a random `small` checkpoint written once to the cache")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the best counts)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
@@ -95,12 +111,12 @@ def main() -> int:
     print(f"# bench_group  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
           f"ray {ray.__version__}")
     print(f"# checkpoint {checkpoint} (float32), greedy, {args.max_tokens} new tokens per prompt, "
-          f"prompts of 16-255 tokens; group ranks share the {cores} cores")
+          f"prompts of 16-255 tokens; best of {args.repeats} after a warm-up; group ranks share the {cores} cores")
 
     rows, results = [], {}
     for n in args.concurrency:
         prompts = make_prompts(n, seed=n)
-        results[("engine", n)] = bench_engine(checkpoint, engine_config, prompts, sampling)
+        results[("engine", n)] = bench_engine(checkpoint, engine_config, prompts, sampling, args.repeats)
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         for g in args.world_sizes:
@@ -113,7 +129,7 @@ def main() -> int:
                 try:
                     for n in args.concurrency:
                         results[(f"group G={g}", n)] = await bench_group(group, make_prompts(n, seed=n), sampling,
-                                                                         f"g{g}n{n}")
+                                                                         f"g{g}n{n}", args.repeats)
                 finally:
                     await group.shutdown()
 

@@ -59,6 +59,7 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: i
         for name in tensors:
             weight_map[name] = fname
             dtypes[name] = "FP4" if name.endswith(".blocks") else "UE8" if name.endswith(".scales") else "BF16"
+        logger.info("wrote shard %d/%d (%s)", k, len(groups), fname)  # a 120b checkpoint takes a while
     if layout == "hf":
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / HF_INDEX).write_text(json.dumps(index, indent=2))
