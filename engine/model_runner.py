@@ -17,7 +17,7 @@ from engine.attention import AttentionMetadata, build_attention_metadata, paged_
 from engine.kv_cache_manager import KVCacheGroup
 from engine.scheduler import SchedulerOutput
 from gptoss.config import ModelConfig
-from gptoss.model import Transformer, apply_rotary, linear
+from gptoss.model import Transformer, linear
 
 
 def kv_block_bytes(config: ModelConfig, groups: tuple[KVCacheGroup, ...], block_size: int,
@@ -105,10 +105,7 @@ class ModelRunner:
         t = x.shape[0]
         if t == 0:
             return torch.zeros_like(x)
-        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(t, attn.num_heads, attn.head_dim)
-        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(t, attn.num_kv_heads, attn.head_dim)
-        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(t, attn.num_kv_heads, attn.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = attn.project_qkv(x, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, attn.sinks, attn.scale, meta)
         return linear(out, attn.o_proj.weight, attn.o_proj.bias)

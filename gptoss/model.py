@@ -131,9 +131,9 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, H] (normed) -> q [T, Hq, D], k, v [T, Hkv, D] with RoPE applied to q and k."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = linear(x, self.q_proj.weight, self.q_proj.bias).view(t, self.num_heads, self.head_dim)
+        k = linear(x, self.k_proj.weight, self.k_proj.bias).view(t, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v_proj.weight, self.v_proj.bias).view(t, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -143,7 +143,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_positions = cache.append(k, v, positions)
         mask = attention_mask(positions, k_positions, self.window)
-        return self.o_proj(sink_attention(q, k, v, self.sinks, mask, self.scale))
+        out = sink_attention(q, k, v, self.sinks, mask, self.scale)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -341,4 +342,4 @@ class Transformer(nn.Module):
         x = self.embed_tokens(token_ids)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, positions, cache.layers[i] if cache is not None else None)
-        return self.lm_head(self.norm(x)).float()
+        return linear(self.norm(x), self.lm_head.weight).float()
