@@ -17,14 +17,16 @@ FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
 # Midpoints between consecutive magnitudes: bucketize(|x|) gives the nearest magnitude's code.
 _MAGNITUDE_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
-_lut_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_pair_lut_cache: dict[torch.device, torch.Tensor] = {}
 
 
-def _lut(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dtype, device)
-    if key not in _lut_cache:
-        _lut_cache[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return _lut_cache[key]
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: byte -> (value of its low nibble, value of its high nibble). One gather per
+    byte instead of two nibble lookups: several times faster when experts are dequantized per use."""
+    if device not in _pair_lut_cache:
+        pairs = [(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256)]
+        _pair_lut_cache[device] = torch.tensor(pairs, dtype=torch.float32, device=device)
+    return _pair_lut_cache[device]
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -36,13 +38,10 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = _lut(torch.float32, blocks.device)
-    lo = lut[(blocks & 0x0F).long()]
-    hi = lut[(blocks >> 4).long()]
-    values = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., G, 32]: low nibble first
-    exponents = scales.to(torch.int32) - SCALE_BIAS
-    values = torch.ldexp(values, exponents.unsqueeze(-1))
-    return values.flatten(-2).to(dtype)
+    # [..., G, 32]: each byte gives its low nibble's value first, then its high nibble's.
+    values = _pair_lut(blocks.device).index_select(0, blocks.flatten().int()).view(*blocks.shape[:-1], BLOCK_SIZE)
+    multipliers = torch.ldexp(torch.ones(scales.shape, device=scales.device), scales.int() - SCALE_BIAS)
+    return (values * multipliers.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
