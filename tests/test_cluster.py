@@ -168,7 +168,7 @@ def test_unsatisfiable_placement_names_the_missing_resources(ray_cluster, event_
 
 
 def test_killing_a_rank_fails_every_request_of_the_group_and_restart_recovers(
-        ray_cluster, event_loop_thread, checkpoint, reference):
+        ray_cluster, event_loop_thread, checkpoint, reference, group4):
     run = event_loop_thread
     group = EPGroup(group_config(checkpoint, 2, name="g2-kill"))
     run(group.start())
@@ -195,6 +195,8 @@ def test_killing_a_rank_fails_every_request_of_the_group_and_restart_recovers(
         assert health.state == "failed" and "rank" in health.error
         with pytest.raises(GroupFailedError, match="restart it"):
             run(collect(group, "after", [1, 2]))
+        # Another group keeps serving meanwhile.
+        assert run(collect(group4, "bystander", [1, 2, 3]))[0] == reference([[1, 2, 3]])[0]
 
         run(group.restart())
         assert group.health().ok
@@ -208,6 +210,7 @@ def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_l
     run = event_loop_thread
     group = EPGroup(group_config(checkpoint, 1, name="g1-drain"))
     run(group.start())
+    pg_id = group._reservation.placement_group.id.hex()
 
     async def drain_while_busy():
         task = asyncio.create_task(collect(group, "inflight", [3, 4, 5], SamplingParams(max_tokens=20, temperature=0)))
@@ -222,6 +225,7 @@ def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_l
     tokens, last = run(drain_while_busy())
     assert len(tokens) == 20 and last.finish_reason == "length"
     assert group.health().state == "stopped"
+    assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"  # the bundles went back
 
 
 @ray.remote(num_cpus=0)
