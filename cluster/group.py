@@ -9,8 +9,11 @@ open stream ends with `GroupFailedError`, and `restart` builds a new group.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _PROGRESS_PERIOD_S = 1.0
+_STOP_TIMEOUT_S = 10.0
 _RATE_WINDOW_S = 10.0
 _LATENCY_SAMPLES = 4096
 
@@ -70,6 +74,7 @@ class GroupStats:
 class _Stream:
     rank: int
     generation: int  # which start() of the group the request ran in
+    request_id: str  # the caller's id (the ranks see a per-call id)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
 
@@ -86,7 +91,9 @@ class EPGroup:
         self._ranks: list = []
         self._reservation: Reservation | None = None
         self._pumps: list[asyncio.Task] = []
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # by the per-call id the ranks see
+        self._open_ids: dict[str, str] = {}  # caller's request id -> per-call id
+        self._call_ids = itertools.count()
         self._num_open_per_rank: list[int] = []
         self._rank_load: list[RankLoad] = []
         self._generation = 0
@@ -105,12 +112,13 @@ class EPGroup:
         if self.state not in ("stopped", "failed"):
             raise RuntimeError(f"start needs a stopped or failed group, this one is {self.state}")
         cfg = self.config
+        await self._teardown()  # what a failed group left behind
         self.state, self.error = "starting", ""
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         bundle = rank_bundle("cuda" if gpu else "cpu", cfg.num_cpus_per_rank)
         try:
             self._reservation = await asyncio.to_thread(reserve, cfg.num_ranks, bundle, cfg.placement_timeout_s,
-                                                        cfg.name)
+                                                        f"{cfg.name}-{uuid.uuid4().hex[:8]}")
             actor = ray.remote(RankActor)
             self._ranks = [
                 actor.options(
@@ -120,18 +128,23 @@ class EPGroup:
                 ).remote(rank, cfg)
                 for rank, index in enumerate(self._reservation.bundle_indices)
             ]
-            spec, placement = await self._communicator_plan()
+            deadline = time.monotonic() + cfg.load_timeout_s
+            try:
+                spec, placement = await asyncio.wait_for(self._communicator_plan(), timeout=cfg.load_timeout_s)
+            except TimeoutError:
+                raise GroupFailedError(f"{cfg.name}: rank 0 did not start within {cfg.load_timeout_s:.0f} s") from None
             loads = [r.load.remote(spec, placement) for r in self._ranks]
-            devices = await self._await_loads(loads, on_progress)
-        except Exception as e:
-            await self._teardown()
-            self.state, self.error = "failed", f"start failed: {e}"
+            devices = await self._await_loads(loads, on_progress, deadline)
+            await asyncio.gather(*(r.begin.remote() for r in self._ranks))
+        except BaseException as e:  # cancellation too: nothing may be left reserved
+            await asyncio.shield(self._teardown())
+            self.state, self.error = "failed", f"start failed: {e!r}"
             if isinstance(e, ray.exceptions.RayError):
                 raise GroupFailedError(f"{cfg.name}: start failed: {e}") from e
             raise
         self.device = devices[0]
         self._generation += 1
-        self._streams = {}
+        self._streams, self._open_ids = {}, {}
         self._num_open_per_rank = [0] * cfg.num_ranks
         self._rank_load = [RankLoad(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
         self._pumps = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
@@ -160,8 +173,7 @@ class EPGroup:
                                 master_port=port, torch_backend="nccl" if device == "cuda" else "gloo")
         return spec, placement
 
-    async def _await_loads(self, loads: list, on_progress) -> list[str]:
-        deadline = time.monotonic() + self.config.load_timeout_s
+    async def _await_loads(self, loads: list, on_progress, deadline: float) -> list[str]:
         pending = list(loads)
         while True:
             done, pending = await asyncio.wait(
@@ -171,22 +183,28 @@ class EPGroup:
                 future.result()  # a rank's load error surfaces here
             if not pending:
                 return [await ref for ref in loads]
-            progress = await asyncio.gather(*(r.progress.remote() for r in self._ranks))
-            if on_progress is not None:
-                on_progress(progress)
-            logger.info("%s: loading: %s", self.config.name, ", ".join(
-                f"rank {p.rank} {p.stage} {p.tensors_done}/{p.tensors_total}" for p in progress))
+            try:  # a rank that is not scheduled yet cannot answer: do not wait on it
+                progress = await asyncio.wait_for(
+                    asyncio.gather(*(r.progress.remote() for r in self._ranks)), timeout=_PROGRESS_PERIOD_S)
+            except TimeoutError:
+                progress = None
+            if progress is not None:
+                if on_progress is not None:
+                    on_progress(progress)
+                logger.info("%s: loading: %s", self.config.name, ", ".join(
+                    f"rank {p.rank} {p.stage} {p.tensors_done}/{p.tensors_total}" for p in progress))
             if time.monotonic() > deadline:
-                slow = [p.rank for p in progress if p.stage != "ready"]
+                slow = [p.rank for p in progress if p.stage != "ready"] if progress else "some"
                 raise GroupFailedError(f"{self.config.name}: ranks {slow} did not finish loading within "
                                        f"{self.config.load_timeout_s:.0f} s")
 
     async def shutdown(self) -> None:
         """Stops every rank and releases the placement group; open streams end with GroupDrainingError."""
+        failed = self.state == "failed"
+        self.state = "stopping"
         self._end_streams(GroupDrainingError(f"{self.config.name} was shut down"))
         await self._teardown()
-        if self.state != "failed":
-            self.state = "stopped"
+        self.state = "failed" if failed else "stopped"
 
     async def restart(self) -> None:
         """A new group in place of this one: new actors, new communicator, same config."""
@@ -199,12 +217,16 @@ class EPGroup:
         if self.state == "healthy":
             self.state = "draining"
         deadline = time.monotonic() + timeout_s
-        while self._streams and time.monotonic() < deadline and self.state == "draining":
-            await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            await self.abort(request_id)
-        await asyncio.sleep(0)
-        await self.shutdown()
+        try:
+            while self._streams and time.monotonic() < deadline and self.state == "draining":
+                await asyncio.sleep(0.05)
+            for request_id in list(self._open_ids):
+                await self.abort(request_id)
+            settle = time.monotonic() + 1.0  # let the aborted streams get their last output
+            while self._streams and time.monotonic() < settle:
+                await asyncio.sleep(0.02)
+        finally:
+            await self.shutdown()
 
     async def _teardown(self) -> None:
         for pump in self._pumps:
@@ -213,8 +235,8 @@ class EPGroup:
         ranks, self._ranks = self._ranks, []
         if ranks:
             # Ask the loops to stop together (clean communicator close), then make sure.
-            stops = [r.stop.remote() for r in ranks]
-            await asyncio.wait([asyncio.ensure_future(s) for s in stops], timeout=2.0)
+            stops = [asyncio.ensure_future(r.stop.remote()) for r in ranks]
+            await asyncio.wait(stops, timeout=_STOP_TIMEOUT_S)
             for r in ranks:
                 ray.kill(r, no_restart=True)
         if self._reservation is not None:
@@ -234,41 +256,50 @@ class EPGroup:
             GroupDrainingError: the group is draining or stopped.
         """
         self._check_admitting()
-        if request_id in self._streams:
+        if request_id in self._open_ids:
             raise InvalidRequestError("request_id", f"request_id must be unique among running requests, "
                                                     f"got {request_id!r} twice")
+        # The ranks see a per-call id, so a retried request id never receives a predecessor's late outputs.
+        engine_id = f"{request_id}#{next(self._call_ids)}"
         rank = self._pick_rank()
-        stream = self._streams[request_id] = _Stream(rank, self._generation)
+        stream = self._streams[engine_id] = _Stream(rank, self._generation, request_id)
+        self._open_ids[request_id] = engine_id
         self._num_open_per_rank[rank] += 1
         try:
-            for other, handle in enumerate(self._ranks):
-                if other != rank:
-                    handle.wake.remote()  # so idle peers join the next step at once
             try:
-                await self._ranks[rank].add_request.remote(request_id, list(prompt_token_ids),
+                await self._ranks[rank].add_request.remote(engine_id, list(prompt_token_ids),
                                                            sampling or SamplingParams())
             except ray.exceptions.RayError as e:
                 self._fail(f"rank {rank} unreachable: {e}")
+            for other, handle in enumerate(self._ranks):
+                if other != rank:
+                    handle.wake.remote()  # so idle peers join the next step at once
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
                 if item.finished:
                     stream.finished = True
-                yield item
+                yield dataclasses.replace(item, request_id=request_id)
                 if stream.finished:
                     return
         finally:
             if stream.generation == self._generation:  # not a leftover of a group since restarted
-                self._streams.pop(request_id, None)
+                self._streams.pop(engine_id, None)
+                self._open_ids.pop(request_id, None)
                 self._num_open_per_rank[rank] -= 1
-            if not stream.finished and stream.generation == self._generation and self.state in ("healthy", "draining"):
-                self._ranks[rank].abort.remote(request_id)
+                if not stream.finished and self.state in ("healthy", "draining"):
+                    self._ranks[rank].abort.remote(engine_id)
 
     async def abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None and self._ranks:
-            await self._ranks[stream.rank].abort.remote(request_id)
+        """Ends the request: its stream gets a last output with finish_reason "abort"."""
+        stream = self._streams.get(self._open_ids.get(request_id, ""))
+        if stream is None or stream.rank >= len(self._ranks):
+            return
+        try:
+            await self._ranks[stream.rank].abort.remote(self._open_ids[request_id])
+        except ray.exceptions.RayError as e:
+            self._fail(f"rank {stream.rank} unreachable: {e}")
 
     def _check_admitting(self) -> None:
         if self.state == "failed":
@@ -307,17 +338,22 @@ class EPGroup:
             raise
         except ray.exceptions.RayError as e:
             self._fail(f"rank {rank} died: {type(e).__name__}")
+        except Exception as e:  # a bug here must not leave streams waiting for ever
+            logger.exception("%s: output pump of rank %d failed", self.config.name, rank)
+            self._fail(f"rank {rank} output pump failed: {e!r}")
 
     def _deliver(self, item: RankOutput, now: float) -> None:
         output = item.output
         self._latencies_ms.append((now - item.sampled_at_s) * 1000)
         self._delivered.append((now, len(output.new_token_ids)))
+        while self._delivered[0][0] < now - _RATE_WINDOW_S:
+            self._delivered.popleft()
         stream = self._streams.get(output.request_id)
         if stream is not None:
             stream.queue.put_nowait(output)
 
     def _fail(self, reason: str) -> None:
-        if self.state == "failed":
+        if self.state in ("failed", "stopping", "stopped"):  # a shutdown's own kills are no failure
             return
         self.state, self.error = "failed", reason
         logger.error("%s failed: %s", self.config.name, reason)

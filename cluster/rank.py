@@ -9,6 +9,7 @@ engine thread fills and `take_outputs` (a long poll) empties.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 _MAX_IDLE_WAIT_S = 0.2
 _STATS_PERIOD_S = 0.1
 _GIL_SWITCH_INTERVAL_S = 0.0005
-_RATE_WINDOW_S = 10.0  # how stale `stats` may be; the engine thread takes the snapshots
+_RATE_WINDOW_S = 10.0
+_SNAPSHOT_WAIT_S = 1.0  # how stale `stats` may be; the engine thread takes the snapshots
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class RankActor:
         self._progress = LoadProgress(rank, "waiting", 0, 0)
         self._commands: deque[tuple] = deque()
         self._wake = threading.Event()
+        self._begin = threading.Event()
         self._stop = False
         self._failed: str | None = None
         self._thread: threading.Thread | None = None
@@ -118,9 +121,10 @@ class RankActor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: list = []
         self._outputs_ready: asyncio.Event | None = None
-        self._engine_stats: EngineStats | None = None  # snapshot by the engine thread, which owns the engine
+        self._stats: RankStats | None = None  # snapshot by the engine thread, which owns the engine
         self._engine_stats_at = 0.0
         self._last_load: RankLoad | None = None
+        self._snapshot_waiters: deque[asyncio.Future] = deque()  # stats() calls awaiting a fresh snapshot
         self._num_output_tokens = 0
         self._token_history: deque[tuple[float, int]] = deque()  # (monotonic time, tokens so far) per snapshot
 
@@ -170,7 +174,13 @@ class RankActor:
             self._loop.call_soon_threadsafe(loaded.set_exception, e)
             return
         self._loop.call_soon_threadsafe(loaded.set_result, None)
-        self._run_loop()
+        # Every rank enters the lockstep loop only once the whole group has loaded: a fast rank would
+        # otherwise wait in its first collective for a slow loader and time out.
+        self._begin.wait()
+        if not self._stop:
+            self._run_loop()
+        elif self.communicator is not None:
+            self.communicator.close()
 
     def _load(self, communicator_spec, placement) -> None:
         import gptoss
@@ -190,9 +200,13 @@ class RankActor:
         if self.communicator is not None:
             self.expert_load = apply_expert_parallel(model, self.communicator, placement)
         self.engine = Engine(model, self.config.engine)
-        self._engine_stats = self.engine.get_stats()
+        self._snapshot_stats()
         done = self._progress.tensors_total
         self._progress = LoadProgress(self.rank, "ready", done, done)
+
+    def begin(self) -> None:
+        """Starts the lockstep loop; the group calls it on every rank once all have loaded."""
+        self._begin.set()
 
     def progress(self) -> LoadProgress:
         return self._progress
@@ -222,19 +236,28 @@ class RankActor:
         outputs, self._outputs = self._outputs, []
         return outputs
 
-    def stats(self) -> RankStats:
-        counts = ()
-        if self.expert_load is not None:
-            counts = tuple(tuple(row) for row in self.expert_load.get_counts().tolist())
-        history = self._token_history
-        rate = (history[-1][1] - history[0][1]) / (history[-1][0] - history[0][0]) if len(history) > 1 else 0.0
-        return RankStats(self.rank, self._engine_stats, counts, self._num_steps, self._num_empty_steps,
-                         self._num_output_tokens, rate, self._thread is not None and self._thread.is_alive())
+    async def stats(self) -> RankStats:
+        """A fresh snapshot, taken by the engine thread (torch work stays in that thread) at its next
+        iteration; the latest one if the loop does not answer within a second."""
+        alive = self._thread is not None and self._thread.is_alive()
+        if alive and self._loop is not None:
+            taken = self._loop.create_future()
+            self._snapshot_waiters.append(taken)
+            self._wake.set()
+            try:
+                await asyncio.wait_for(taken, timeout=_SNAPSHOT_WAIT_S)
+            except TimeoutError:
+                pass
+        return dataclasses.replace(self._stats, loop_alive=alive)
 
-    def stop(self) -> None:
-        """Ends the loop on every rank together (the stop is agreed like the step decision)."""
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Ends the loop on every rank together (the stop is agreed like the step decision) and waits
+        up to `timeout_s` for this rank's loop to close its communicator."""
         self._stop = True
         self._wake.set()
+        self._begin.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout_s)
 
     def held_expert_ids(self) -> list[int]:
         """Global ids of the experts this rank holds (the same in every layer)."""
@@ -277,21 +300,32 @@ class RankActor:
         return bool(anyone_work), bool(anyone_stop)
 
     def _snapshot_stats(self) -> None:
-        stats = self._engine_stats = self.engine.get_stats()
+        stats = self.engine.get_stats()
         now = self._engine_stats_at = time.monotonic()
-        self._token_history.append((now, self._num_output_tokens))
-        while now - self._token_history[0][0] > _RATE_WINDOW_S:
-            self._token_history.popleft()
+        history = self._token_history
+        history.append((now, self._num_output_tokens))
+        while now - history[0][0] > _RATE_WINDOW_S:
+            history.popleft()
+        span = history[-1][0] - history[0][0]
+        rate = (history[-1][1] - history[0][1]) / span if span > 0 else 0.0
+        counts = ()
+        if self.expert_load is not None:
+            counts = tuple(tuple(row) for row in self.expert_load.get_counts().tolist())
+        self._stats = RankStats(self.rank, stats, counts, self._num_steps, self._num_empty_steps,
+                                self._num_output_tokens, rate, loop_alive=True)
         load = RankLoad(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
         if load != self._last_load:  # an idle rank sends nothing
             self._last_load = load
             self._publish([load])
+        while self._snapshot_waiters:
+            taken = self._snapshot_waiters.popleft()
+            self._loop.call_soon_threadsafe(lambda f=taken: f.done() or f.set_result(None))
 
     def _run_loop(self) -> None:
         idle_wait_s = 0.001
         try:
             while True:
-                if time.monotonic() - self._engine_stats_at > _STATS_PERIOD_S:
+                if self._snapshot_waiters or time.monotonic() - self._engine_stats_at > _STATS_PERIOD_S:
                     self._snapshot_stats()
                 rejected = self._apply_commands()
                 if rejected:
@@ -310,9 +344,9 @@ class RankActor:
                         self._publish([RankOutput(o, self.rank, now) for o in outputs])
                     idle_wait_s = 0.001
                 else:
-                    self._wake.wait(idle_wait_s)
+                    woken = self._wake.wait(idle_wait_s)
                     self._wake.clear()
-                    idle_wait_s = min(idle_wait_s * 2, _MAX_IDLE_WAIT_S)
+                    idle_wait_s = 0.001 if woken else min(idle_wait_s * 2, _MAX_IDLE_WAIT_S)
         except Exception as e:  # a collective timed out, a peer died, or the engine broke: the group is done
             self._failed = f"{type(e).__name__}: {e}"
             logger.error("rank %d failed: %s", self.rank, self._failed)

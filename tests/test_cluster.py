@@ -158,6 +158,18 @@ def test_leaving_a_stream_early_aborts_the_request(group4, event_loop_thread):
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
 
 
+def test_abort_ends_a_stream_another_task_reads(group4, event_loop_thread):
+    async def abort_while_reading():
+        task = asyncio.create_task(collect(group4, "to-abort", [4, 5, 6], SamplingParams(max_tokens=500, temperature=0)))
+        while "to-abort" not in group4._open_ids:
+            await asyncio.sleep(0.01)
+        await group4.abort("to-abort")
+        return await asyncio.wait_for(task, timeout=30)
+
+    tokens, last = event_loop_thread(abort_while_reading())
+    assert last.finish_reason == "abort" and last.request_id == "to-abort" and len(tokens) < 500
+
+
 def test_unsatisfiable_placement_names_the_missing_resources(ray_cluster, event_loop_thread, checkpoint):
     group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=8, device="cuda", placement_timeout_s=2.0))
     start = time.monotonic()
@@ -198,7 +210,7 @@ def test_killing_a_rank_fails_every_request_of_the_group_and_restart_recovers(
         # Another group keeps serving meanwhile.
         assert run(collect(group4, "bystander", [1, 2, 3]))[0] == reference([[1, 2, 3]])[0]
 
-        run(group.restart())
+        run(group.start())  # straight from failed: start() clears what the failed group left
         assert group.health().ok
         prompts = make_prompts(3, seed=2)
         assert run(collect_all(group, prompts, "reborn"))[0] == reference(prompts)
@@ -226,6 +238,23 @@ def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_l
     assert len(tokens) == 20 and last.finish_reason == "length"
     assert group.health().state == "stopped"
     assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"  # the bundles went back
+
+
+def test_drain_deadline_aborts_what_is_still_running(ray_cluster, event_loop_thread, checkpoint):
+    run = event_loop_thread
+    group = EPGroup(group_config(checkpoint, 1, name="g1-deadline"))
+    run(group.start())
+
+    async def drain_too_soon():
+        task = asyncio.create_task(collect(group, "slow", [3, 4, 5], SamplingParams(max_tokens=500, temperature=0)))
+        while "slow" not in group._open_ids:
+            await asyncio.sleep(0.01)
+        await group.drain(timeout_s=0.2)
+        return await asyncio.wait_for(task, timeout=30)
+
+    tokens, last = run(drain_too_soon())
+    assert last.finish_reason == "abort" and len(tokens) < 500
+    assert group.health().state == "stopped"
 
 
 @ray.remote(num_cpus=0)
