@@ -5,5 +5,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh test
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 mkdir -p .tmp
-export RAY_TMPDIR="$PWD/.tmp/ray" CUPY_CACHE_DIR="$PWD/.tmp/cupy" GPTOSS_CACHE_DIR="$PWD/.tmp/cache"
+# Ray's temp dir is left to tests/conftest.py: a short folder under /tmp, since Ray's unix socket paths
+# inside it must stay under 108 bytes wherever the checkout lives.
+export CUPY_CACHE_DIR="$PWD/.tmp/cupy" GPTOSS_CACHE_DIR="$PWD/.tmp/cache"
 exec .venv/bin/python -m pytest -q "$@"
