@@ -342,6 +342,7 @@ class RankActor:
                         self._num_output_tokens += sum(len(o.new_token_ids) for o in outputs)
                         now = time.time()
                         self._publish([RankOutput(o, self.rank, now) for o in outputs])
+                        time.sleep(0)  # hand the GIL to the event loop thread now: it sends the outputs
                     idle_wait_s = 0.001
                 else:
                     woken = self._wake.wait(idle_wait_s)
