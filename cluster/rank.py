@@ -102,7 +102,6 @@ class RankActor:
 
     def __init__(self, rank: int, config: GroupConfig):
         self.rank, self.config = rank, config
-        self.world_size = config.num_ranks
         # The engine thread holds the GIL through the Python parts of a step; a shorter switch interval
         # (default 5 ms) lets the event loop thread hand out a step's outputs without waiting that long.
         sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)

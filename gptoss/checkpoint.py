@@ -19,7 +19,6 @@ from gptoss.config import ModelConfig
 
 HF_INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-EXPERT_PARTS = ("blocks", "scales", "bias")
 
 
 class CheckpointError(ValueError):

@@ -78,10 +78,6 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    @property
-    def queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
@@ -92,10 +88,6 @@ class ModelConfig:
         attn += self.num_attention_heads + 2 * h  # sinks, two norms
         moe = e * h + e + e * (h * 2 * i + 2 * i + i * h + h)
         return self.num_hidden_layers * (attn + moe) + 2 * self.vocab_size * h + h
-
-    @property
-    def kv_bytes_per_token_per_layer_bf16(self) -> int:
-        return 2 * self.kv_size * 2  # K and V, 2 bytes each
 
     # --- config.json, both forms -------------------------------------------------------------
 

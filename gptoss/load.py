@@ -54,13 +54,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         if progress is not None:
             progress(done - 1, total)
         is_expert = ".mlp.experts." in name
+        if is_expert and name.endswith("_scales") and not packed_experts:
+            continue  # read and consumed with its blocks
         tensor = reader.get(name, expert_ids if is_expert else None)
         if is_expert and name.endswith("_blocks") and not packed_experts:
             scales = reader.get(name.removesuffix("_blocks") + "_scales", expert_ids)
             _assign(model, name.removesuffix("_blocks"), _dequantize_chunked(tensor, scales, dtype, device))
             continue
-        if is_expert and name.endswith("_scales") and not packed_experts:
-            continue  # consumed with its blocks
         if tensor.dtype != torch.uint8:
             tensor = tensor.to(dtype)
         _assign(model, name, tensor.to(device))

@@ -162,8 +162,6 @@ class Experts(nn.Module):
     when it runs; packed=False holds them dequantized in the model dtype.
     """
 
-    PROJECTIONS = ("gate_up_proj", "down_proj")
-
     def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None, packed: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
