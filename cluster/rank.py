@@ -307,8 +307,9 @@ class RankActor:
             history.popleft()
         span = history[-1][0] - history[0][0]
         rate = (history[-1][1] - history[0][1]) / span if span > 0 else 0.0
-        counts = ()
-        if self.expert_load is not None:
+        counts = self._stats.expert_token_counts if self._stats is not None else ()
+        if self.expert_load is not None and (self._snapshot_waiters or self._stats is None):
+            # Only when a caller asks: on a GPU reading the counters syncs the device.
             counts = tuple(tuple(row) for row in self.expert_load.get_counts().tolist())
         self._stats = RankStats(self.rank, stats, counts, self._num_steps, self._num_empty_steps,
                                 self._num_output_tokens, rate, loop_alive=True)
