@@ -1,19 +1,21 @@
-"""Errors of the cluster layer. Request-level client errors come from the engine (ValueError subclasses
-naming the parameter); these are server-side and map to UNAVAILABLE / 503 in the serving layer."""
+"""Errors of the cluster layer: server-side states of an EP group (gptoss.errors has the hierarchy).
+Request-level client errors come from the engine; these map to UNAVAILABLE / 503 in the serving layer."""
+
+from gptoss.errors import ServerError, UnavailableError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ServerError):
     """Base of the cluster layer's errors."""
 
 
-class PlacementError(ClusterError):
+class PlacementError(ClusterError, UnavailableError):
     """The group's bundles could not be reserved in time; the message names the missing resources."""
 
 
-class GroupFailedError(ClusterError):
-    """The EP group lost a rank or a collective timed out: every in-flight request of the group ends
-    with this error; the group must be restarted."""
+class GroupFailedError(ClusterError, UnavailableError):
+    """The EP group lost a rank, a collective timed out or a step stalled: every in-flight request of
+    the group ends with this error; the group must be restarted."""
 
 
-class GroupDrainingError(ClusterError):
-    """The group is draining or stopped and admits no new requests."""
+class GroupDrainingError(ClusterError, UnavailableError):
+    """The group is starting, draining or stopped and admits no new requests."""

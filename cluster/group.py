@@ -33,9 +33,9 @@ from cluster.rank import (
     RankStats,
     RequestRejected,
 )
-from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from gptoss.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

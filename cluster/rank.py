@@ -23,9 +23,9 @@ import torch
 
 from cluster.config import GroupConfig
 from cluster.errors import GroupFailedError
-from engine.errors import InvalidRequestError
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from gptoss.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

