@@ -29,8 +29,13 @@ class GroupConfig:
         communicator: "auto" (cupy_nccl on CUDA, torch_dist/gloo on CPU) or a backend name.
         num_cpus_per_rank: CPUs reserved per rank (and torch threads on a CPU rank).
         placement_timeout_s: how long to wait for the placement group before naming what is missing.
+        start_timeout_s: deadline for every rank actor to start (a cold node may pull images, import
+            torch); no rank joins the communicator before all have started.
         collective_timeout_s: deadline of every collective; a dead peer fails the group within it.
         load_timeout_s: deadline for every rank to load its weights and join the communicator.
+        step_timeout_s: a rank that spends longer in one step (or does not answer the group's heartbeat
+            for that long) while requests are open is stuck: the group fails (for any G, also G=1,
+            where no collective would time out).
         name: shows in actor names and logs.
     """
 
@@ -43,8 +48,10 @@ class GroupConfig:
     communicator: str = "auto"
     num_cpus_per_rank: float = 1.0
     placement_timeout_s: float = 60.0
+    start_timeout_s: float = 600.0
     collective_timeout_s: float = 60.0
     load_timeout_s: float = 1800.0
+    step_timeout_s: float = 120.0
     name: str = "ep-group"
 
     def __post_init__(self) -> None:
@@ -58,7 +65,8 @@ class GroupConfig:
         need(self.device in DEVICES, "device", f"one of {DEVICES}")
         need(self.communicator in COMMUNICATORS, "communicator", f"one of {COMMUNICATORS}")
         need(self.num_cpus_per_rank > 0, "num_cpus_per_rank", "> 0")
-        for name in ("placement_timeout_s", "collective_timeout_s", "load_timeout_s"):
+        for name in ("placement_timeout_s", "start_timeout_s", "collective_timeout_s", "load_timeout_s",
+                     "step_timeout_s"):
             need(getattr(self, name) > 0, name, "> 0")
 
     @property

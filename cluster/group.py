@@ -2,8 +2,12 @@
 
 The group object lives with its caller (a Serve replica, a batch driver) and is async. One pump task per
 rank long-polls the rank's outputs and hands each to the stream of its request, so a step's outputs
-cross Ray once per rank, not once per request. A rank that dies or fails fails the whole group: every
-open stream ends with `GroupFailedError`, and `restart` builds a new group.
+cross Ray once per rank, not once per request. A rank that dies, fails or gets stuck fails the whole
+group: every open stream ends with `GroupFailedError`, and `restart` (or `start` again) builds a new one.
+
+Life cycle: `start`, `shutdown`, `drain` and `restart` run one at a time (one lock); `shutdown` and
+`drain` cancel a `start` in progress, which releases whatever it had reserved. States: "stopped" ->
+"starting" -> "healthy" -> ("draining" ->) "stopping" -> "stopped"; "failed" from anywhere a rank fails.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,16 +26,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import GroupConfig
 from cluster.errors import GroupDrainingError, GroupFailedError
-from cluster.placement import Reservation, rank_bundle, reserve
+from cluster.placement import Reservation, rank_bundle, reserve, wait_placed
 from cluster.rank import (
     LoadProgress,
     RankActor,
+    RankBusyness,
     RankFailure,
-    RankLoad,
     RankOutput,
     RankStats,
     RequestRejected,
 )
+from cluster.telemetry import Percentiles, RateWindow
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
@@ -41,13 +45,14 @@ logger = logging.getLogger(__name__)
 
 _PROGRESS_PERIOD_S = 1.0
 _STOP_TIMEOUT_S = 10.0
-_RATE_WINDOW_S = 10.0
-_LATENCY_SAMPLES = 4096
+_HEARTBEAT_PERIOD_S = 1.0
+_STATS_TIMEOUT_S = 5.0  # a frozen rank must not hang stats(): its figures are left out
+_DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
 class GroupHealth:
-    state: str  # "stopped", "starting", "healthy", "draining", "failed"
+    state: str  # "stopped", "starting", "healthy", "draining", "stopping", "failed"
     num_ranks: int
     error: str = ""
 
@@ -58,16 +63,20 @@ class GroupHealth:
 
 @dataclass(frozen=True)
 class GroupStats:
-    ranks: tuple[RankStats, ...]
+    state: str
+    ranks: tuple[RankStats, ...]  # the ranks that answered (none while starting or stopped)
     num_running: int
     num_waiting: int
     num_kv_blocks_used: int
     num_kv_blocks_free: int
     num_open_streams: int
     output_tokens_per_s: float  # delivered to callers over the last few seconds
-    token_delivery_p50_ms: float  # from the end of the step that sampled a token to its caller
+    # From the end of the step that sampled a token to its caller: the token's age on the rank when
+    # sent plus half the poll's Ray round trip, each measured on one clock (never across machines).
+    token_delivery_p50_ms: float
     token_delivery_p99_ms: float
     expert_token_counts: tuple[tuple[int, ...], ...]  # [layers][experts], summed over ranks
+    placement_group_id: str  # hex id of the placement group the ranks run in; "" when none
 
 
 @dataclass
@@ -88,17 +97,20 @@ class EPGroup:
         self.state = "stopped"
         self.error = ""
         self.device = ""
+        self._lifecycle = asyncio.Lock()
+        self._start_task: asyncio.Task | None = None
+        self._num_closing = 0  # shutdown() calls waiting for or holding the lifecycle lock
         self._ranks: list = []
         self._reservation: Reservation | None = None
-        self._pumps: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # output pumps and the step watchdog
         self._streams: dict[str, _Stream] = {}  # by the per-call id the ranks see
         self._open_ids: dict[str, str] = {}  # caller's request id -> per-call id
         self._call_ids = itertools.count()
         self._num_open_per_rank: list[int] = []
-        self._rank_load: list[RankLoad] = []
+        self._busyness: list[RankBusyness] = []
         self._generation = 0
-        self._delivered: deque[tuple[float, int]] = deque()
-        self._latencies_ms: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self._token_rate = RateWindow()
+        self._delivery_ms = Percentiles()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -107,18 +119,37 @@ class EPGroup:
 
         Raises:
             PlacementError: the bundles were not free within `placement_timeout_s` (names what is missing).
-            GroupFailedError: a rank failed to load or join, or loading outlasted `load_timeout_s`.
+            GroupFailedError: a rank failed to start, load or join, or outlasted its deadline.
+            GroupDrainingError: `shutdown` or `drain` was called meanwhile (nothing is left reserved).
         """
+        async with self._lifecycle:
+            await self._start_locked(on_progress)
+
+    async def _start_locked(self, on_progress) -> None:
+        if self._num_closing:
+            raise GroupDrainingError(f"{self.config.name} is being shut down")
         if self.state not in ("stopped", "failed"):
             raise RuntimeError(f"start needs a stopped or failed group, this one is {self.state}")
-        cfg = self.config
         await self._teardown()  # what a failed group left behind
         self.state, self.error = "starting", ""
-        gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-        bundle = rank_bundle("cuda" if gpu else "cpu", cfg.num_cpus_per_rank)
+        task = self._start_task = asyncio.create_task(self._bring_up(on_progress))
         try:
-            self._reservation = await asyncio.to_thread(reserve, cfg.num_ranks, bundle, cfg.placement_timeout_s,
-                                                        f"{cfg.name}-{uuid.uuid4().hex[:8]}")
+            await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # our caller was cancelled: not ours to translate
+                raise
+            raise GroupDrainingError(f"{self.config.name} was shut down while starting") from None
+        finally:
+            self._start_task = None
+
+    async def _bring_up(self, on_progress) -> None:
+        cfg = self.config
+        try:
+            gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+            bundle = rank_bundle("cuda" if gpu else "cpu", cfg.num_cpus_per_rank)
+            # Held before waiting, so a cancel or a timeout below releases it in _teardown.
+            self._reservation = reserve(cfg.num_ranks, bundle, f"{cfg.name}-{uuid.uuid4().hex[:8]}")
+            await wait_placed(self._reservation, bundle, cfg.placement_timeout_s)
             actor = ray.remote(RankActor)
             self._ranks = [
                 actor.options(
@@ -128,16 +159,16 @@ class EPGroup:
                 ).remote(rank, cfg)
                 for rank, index in enumerate(self._reservation.bundle_indices)
             ]
-            deadline = time.monotonic() + cfg.load_timeout_s
-            try:
-                spec, placement = await asyncio.wait_for(self._communicator_plan(), timeout=cfg.load_timeout_s)
-            except TimeoutError:
-                raise GroupFailedError(f"{cfg.name}: rank 0 did not start within {cfg.load_timeout_s:.0f} s") from None
+            devices = await self._await_ranks_started()
+            spec, placement = await self._communicator_plan(devices[0])
             loads = [r.load.remote(spec, placement) for r in self._ranks]
-            devices = await self._await_loads(loads, on_progress, deadline)
+            await self._await_loads(loads, on_progress, time.monotonic() + cfg.load_timeout_s)
             await asyncio.gather(*(r.begin.remote() for r in self._ranks))
         except BaseException as e:  # cancellation too: nothing may be left reserved
             await asyncio.shield(self._teardown())
+            if isinstance(e, asyncio.CancelledError):
+                self.state, self.error = "stopped", "start was cancelled"
+                raise
             self.state, self.error = "failed", f"start failed: {e!r}"
             if isinstance(e, ray.exceptions.RayError):
                 raise GroupFailedError(f"{cfg.name}: start failed: {e}") from e
@@ -146,12 +177,26 @@ class EPGroup:
         self._generation += 1
         self._streams, self._open_ids = {}, {}
         self._num_open_per_rank = [0] * cfg.num_ranks
-        self._rank_load = [RankLoad(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
-        self._pumps = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
+        self._busyness = [RankBusyness(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
+        self._tasks = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
+        self._tasks.append(asyncio.create_task(self._watch_steps()))
         self.state = "healthy"
         logger.info("%s: %d ranks ready on %s", cfg.name, cfg.num_ranks, self.device)
 
-    async def _communicator_plan(self):
+    async def _await_ranks_started(self) -> list[str]:
+        """Every rank actor's device kind, once all answer: none joins the communicator before."""
+        cfg = self.config
+        started = [asyncio.ensure_future(r.ready.remote()) for r in self._ranks]
+        _, pending = await asyncio.wait(started, timeout=cfg.start_timeout_s)
+        if pending:
+            for future in pending:
+                future.cancel()
+            slow = [rank for rank, future in enumerate(started) if future in pending]
+            raise GroupFailedError(f"{cfg.name}: ranks {slow} did not start within start_timeout_s="
+                                   f"{cfg.start_timeout_s:g} s (a cold node may need longer)")
+        return [future.result() for future in started]
+
+    async def _communicator_plan(self, device: str):
         """(CommunicatorSpec, ExpertPlacement), or (None, None) for a single rank."""
         import gptoss
         from parallel import CommunicatorSpec, ExpertPlacement
@@ -161,7 +206,6 @@ class EPGroup:
             return None, None
         model_config = await asyncio.to_thread(gptoss.load_config, cfg.checkpoint)
         placement = ExpertPlacement.contiguous(model_config.num_local_experts, cfg.num_ranks)
-        device = await self._ranks[0].device_kind.remote()
         backend = cfg.communicator
         if backend == "auto":
             backend = "cupy_nccl" if device == "cuda" else "torch_dist"
@@ -173,21 +217,21 @@ class EPGroup:
                                 master_port=port, torch_backend="nccl" if device == "cuda" else "gloo")
         return spec, placement
 
-    async def _await_loads(self, loads: list, on_progress, deadline: float) -> list[str]:
-        pending = list(loads)
+    async def _await_loads(self, loads: list, on_progress, deadline: float) -> None:
+        pending = [asyncio.ensure_future(ref) for ref in loads]
         while True:
-            done, pending = await asyncio.wait(
-                [asyncio.ensure_future(ref) if not isinstance(ref, asyncio.Future) else ref for ref in pending],
-                timeout=_PROGRESS_PERIOD_S)
+            done, pending = await asyncio.wait(pending, timeout=_PROGRESS_PERIOD_S)
             for future in done:
                 future.result()  # a rank's load error surfaces here
-            if not pending:
-                return [await ref for ref in loads]
-            try:  # a rank that is not scheduled yet cannot answer: do not wait on it
+            try:  # a rank stuck in a long call may not answer at once: do not wait on it
                 progress = await asyncio.wait_for(
                     asyncio.gather(*(r.progress.remote() for r in self._ranks)), timeout=_PROGRESS_PERIOD_S)
             except TimeoutError:
                 progress = None
+            if not pending:  # the last report says every rank is ready
+                if on_progress is not None and progress is not None:
+                    on_progress(progress)
+                return
             if progress is not None:
                 if on_progress is not None:
                     on_progress(progress)
@@ -199,39 +243,56 @@ class EPGroup:
                                        f"{self.config.load_timeout_s:.0f} s")
 
     async def shutdown(self) -> None:
-        """Stops every rank and releases the placement group; open streams end with GroupDrainingError."""
+        """Stops every rank and releases the placement group (a start in progress is cancelled); open
+        streams end with GroupDrainingError. A failed group stays "failed" (its error kept)."""
+        self._num_closing += 1
+        try:
+            if self._start_task is not None:
+                self._start_task.cancel()
+            async with self._lifecycle:
+                await self._shutdown_locked()
+        finally:
+            self._num_closing -= 1
+
+    async def _shutdown_locked(self) -> None:
         failed = self.state == "failed"
         self.state = "stopping"
         self._end_streams(GroupDrainingError(f"{self.config.name} was shut down"))
         await self._teardown()
         self.state = "failed" if failed else "stopped"
 
-    async def restart(self) -> None:
+    async def restart(self, on_progress: Callable[[list[LoadProgress]], None] | None = None) -> None:
         """A new group in place of this one: new actors, new communicator, same config."""
-        await self.shutdown()
-        self.state = "stopped"
-        await self.start()
+        async with self._lifecycle:
+            await self._shutdown_locked()
+            self.state = "stopped"
+            await self._start_locked(on_progress)
 
     async def drain(self, timeout_s: float) -> None:
-        """Stops admitting, lets open requests finish for up to `timeout_s`, aborts the rest, shuts down."""
-        if self.state == "healthy":
-            self.state = "draining"
-        deadline = time.monotonic() + timeout_s
-        try:
-            while self._streams and time.monotonic() < deadline and self.state == "draining":
-                await asyncio.sleep(0.05)
-            for request_id in list(self._open_ids):
-                await self.abort(request_id)
-            settle = time.monotonic() + 1.0  # let the aborted streams get their last output
-            while self._streams and time.monotonic() < settle:
-                await asyncio.sleep(0.02)
-        finally:
-            await self.shutdown()
+        """Stops admitting, lets open requests finish for up to `timeout_s`, aborts the rest, shuts
+        down. A group still starting is simply shut down (it holds no requests)."""
+        if self._start_task is not None:
+            self._start_task.cancel()
+        async with self._lifecycle:
+            if self.state == "healthy":
+                self.state = "draining"
+            deadline = time.monotonic() + timeout_s
+            try:
+                while (self._streams and self.state == "draining" and not self._num_closing
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(_DRAIN_POLL_S)
+                for request_id in list(self._open_ids):
+                    await self.abort(request_id)
+                settle = time.monotonic() + 1.0  # let the aborted streams get their last output
+                while self._streams and time.monotonic() < settle:
+                    await asyncio.sleep(_DRAIN_POLL_S)
+            finally:
+                await self._shutdown_locked()
 
     async def _teardown(self) -> None:
-        for pump in self._pumps:
-            pump.cancel()
-        self._pumps = []
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         ranks, self._ranks = self._ranks, []
         if ranks:
             # Ask the loops to stop together (clean communicator close), then make sure.
@@ -253,7 +314,7 @@ class EPGroup:
         Raises:
             InvalidRequestError: the engine rejected the request (names the field).
             GroupFailedError: the group lost a rank while the request ran, or is failed.
-            GroupDrainingError: the group is draining or stopped.
+            GroupDrainingError: the group is starting, draining or stopped.
         """
         self._check_admitting()
         if request_id in self._open_ids:
@@ -262,7 +323,8 @@ class EPGroup:
         # The ranks see a per-call id, so a retried request id never receives a predecessor's late outputs.
         engine_id = f"{request_id}#{next(self._call_ids)}"
         rank = self._pick_rank()
-        stream = self._streams[engine_id] = _Stream(rank, self._generation, request_id)
+        generation = self._generation
+        stream = self._streams[engine_id] = _Stream(rank, generation, request_id)
         self._open_ids[request_id] = engine_id
         self._num_open_per_rank[rank] += 1
         try:
@@ -284,22 +346,25 @@ class EPGroup:
                 if stream.finished:
                     return
         finally:
-            if stream.generation == self._generation:  # not a leftover of a group since restarted
+            if generation == self._generation:  # not a leftover of a group since restarted
                 self._streams.pop(engine_id, None)
                 self._open_ids.pop(request_id, None)
                 self._num_open_per_rank[rank] -= 1
                 if not stream.finished and self.state in ("healthy", "draining"):
                     self._ranks[rank].abort.remote(engine_id)
 
-    async def abort(self, request_id: str) -> None:
-        """Ends the request: its stream gets a last output with finish_reason "abort"."""
-        stream = self._streams.get(self._open_ids.get(request_id, ""))
-        if stream is None or stream.rank >= len(self._ranks):
-            return
+    async def abort(self, request_id: str) -> bool:
+        """Ends the request: its stream gets a last output with finish_reason "abort". Returns False
+        when no such request is open."""
+        engine_id = self._open_ids.get(request_id)
+        stream = self._streams.get(engine_id) if engine_id is not None else None
+        if stream is None or stream.generation != self._generation or stream.finished:
+            return False
         try:
-            await self._ranks[stream.rank].abort.remote(self._open_ids[request_id])
+            await self._ranks[stream.rank].abort.remote(engine_id)
         except ray.exceptions.RayError as e:
             self._fail(f"rank {stream.rank} unreachable: {e}")
+        return True
 
     def _check_admitting(self) -> None:
         if self.state == "failed":
@@ -310,27 +375,30 @@ class EPGroup:
     def _pick_rank(self) -> int:
         """The rank with the fewest open requests (counted here, so exact at once); ties go to the
         most free KV blocks, then the fewest waiting, as the ranks last reported."""
-        def load(rank: int) -> tuple:
-            report = self._rank_load[rank]
+        def busyness(rank: int) -> tuple:
+            report = self._busyness[rank]
             return self._num_open_per_rank[rank], -report.num_kv_blocks_free, report.num_waiting, rank
 
-        return min(range(len(self._ranks)), key=load)
+        return min(range(len(self._ranks)), key=busyness)
 
     async def _pump(self, rank: int, handle) -> None:
         try:
             while True:
-                items = await handle.take_outputs.remote()
-                now = time.time()
-                for item in items:
+                asked = time.monotonic()
+                batch = await handle.take_outputs.remote()
+                now = time.monotonic()
+                # Durations only, each on one clock: the poll's round trip here minus its wait there.
+                hop_s = max(0.0, (now - asked) - batch.waited_s) / 2
+                for item in batch.items:
                     if isinstance(item, RankOutput):
-                        self._deliver(item, now)
+                        self._deliver(item, batch.sent_at_s - item.sampled_at_s + hop_s, now)
                     elif isinstance(item, RequestRejected):
                         stream = self._streams.get(item.request_id)
                         if stream is not None:
                             stream.finished = True  # nothing to abort
                             stream.queue.put_nowait(InvalidRequestError(item.param, item.message))
-                    elif isinstance(item, RankLoad):
-                        self._rank_load[rank] = item
+                    elif isinstance(item, RankBusyness):
+                        self._busyness[rank] = item
                     elif isinstance(item, RankFailure):
                         self._fail(f"rank {item.rank} failed: {item.message}")
                         return
@@ -342,15 +410,42 @@ class EPGroup:
             logger.exception("%s: output pump of rank %d failed", self.config.name, rank)
             self._fail(f"rank {rank} output pump failed: {e!r}")
 
-    def _deliver(self, item: RankOutput, now: float) -> None:
+    def _deliver(self, item: RankOutput, delivery_s: float, now: float) -> None:
         output = item.output
-        self._latencies_ms.append((now - item.sampled_at_s) * 1000)
-        self._delivered.append((now, len(output.new_token_ids)))
-        while self._delivered[0][0] < now - _RATE_WINDOW_S:
-            self._delivered.popleft()
+        self._delivery_ms.add(delivery_s * 1000)
+        self._token_rate.add(now, len(output.new_token_ids))
         stream = self._streams.get(output.request_id)
         if stream is not None:
             stream.queue.put_nowait(output)
+
+    async def _watch_steps(self) -> None:
+        """Fails the group when a rank is stuck while requests are open: inside one step for longer
+        than `step_timeout_s`, or not answering its heartbeat that long (a frozen process). With G=1
+        no collective would ever time out, so without this every stream would hang."""
+        cfg = self.config
+        period_s = min(_HEARTBEAT_PERIOD_S, cfg.step_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            if not self._streams:
+                continue
+            beats = [asyncio.ensure_future(r.heartbeat.remote()) for r in self._ranks]
+            _, pending = await asyncio.wait(beats, timeout=cfg.step_timeout_s)
+            if pending:
+                for future in pending:
+                    future.cancel()
+                silent = [rank for rank, future in enumerate(beats) if future in pending]
+                self._fail(f"ranks {silent} did not answer a heartbeat within step_timeout_s="
+                           f"{cfg.step_timeout_s:g} s while requests were open (stuck or frozen)")
+                return
+            try:
+                stuck = [b for b in (future.result() for future in beats) if b.busy_s > cfg.step_timeout_s]
+            except ray.exceptions.RayError as e:
+                self._fail(f"a rank died: {type(e).__name__}")
+                return
+            if stuck:
+                self._fail(f"rank {stuck[0].rank} has been in one step for {stuck[0].busy_s:.0f} s, "
+                           f"past step_timeout_s={cfg.step_timeout_s:g} s (stuck)")
+                return
 
     def _fail(self, reason: str) -> None:
         if self.state in ("failed", "stopping", "stopped"):  # a shutdown's own kills are no failure
@@ -369,32 +464,31 @@ class EPGroup:
         return GroupHealth(self.state, self.config.num_ranks, self.error)
 
     async def stats(self) -> GroupStats:
-        if not self._ranks:
-            raise GroupDrainingError(f"{self.config.name} is {self.state}: no ranks to ask")
-        ranks = tuple(await asyncio.gather(*(r.stats.remote() for r in self._ranks)))
-        now = time.time()
-        while self._delivered and self._delivered[0][0] < now - _RATE_WINDOW_S:
-            self._delivered.popleft()
-        span = now - self._delivered[0][0] if self._delivered else 0.0
-        rate = sum(n for _, n in self._delivered) / max(span, 1e-3) if len(self._delivered) > 1 else 0.0
-        latencies = sorted(self._latencies_ms)
-
-        def pct(q: float) -> float:
-            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
-
-        counts = [list(row) for row in ranks[0].expert_token_counts] if ranks[0].expert_token_counts else []
+        """Figures of the group and of each rank that answers; answers in every state (while
+        starting or stopped, with no ranks)."""
+        ranks: tuple[RankStats, ...] = ()
+        if self.state in ("healthy", "draining", "failed") and self._ranks:
+            asked = [asyncio.ensure_future(r.stats.remote()) for r in self._ranks]
+            done, pending = await asyncio.wait(asked, timeout=_STATS_TIMEOUT_S)
+            for future in pending:
+                future.cancel()
+            ranks = tuple(f.result() for f in asked if f in done and f.exception() is None)
+        counts = [list(row) for row in ranks[0].expert_token_counts] if ranks else []
         for r in ranks[1:]:
             for layer, row in enumerate(r.expert_token_counts):
                 counts[layer] = [a + b for a, b in zip(counts[layer], row, strict=True)]
+        reservation = self._reservation
         return GroupStats(
+            state=self.state,
             ranks=ranks,
             num_running=sum(r.engine.num_running for r in ranks),
             num_waiting=sum(r.engine.num_waiting for r in ranks),
             num_kv_blocks_used=sum(r.engine.num_kv_blocks_used for r in ranks),
             num_kv_blocks_free=sum(r.engine.num_kv_blocks_free for r in ranks),
             num_open_streams=len(self._streams),
-            output_tokens_per_s=rate,
-            token_delivery_p50_ms=pct(0.5),
-            token_delivery_p99_ms=pct(0.99),
+            output_tokens_per_s=self._token_rate.rate(time.monotonic()),
+            token_delivery_p50_ms=self._delivery_ms.get(0.5),
+            token_delivery_p99_ms=self._delivery_ms.get(0.99),
             expert_token_counts=tuple(tuple(row) for row in counts),
+            placement_group_id=reservation.placement_group.id.hex() if reservation is not None else "",
         )

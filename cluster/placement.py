@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -39,14 +40,15 @@ def rank_bundle(device: str, num_cpus_per_rank: float) -> dict[str, float]:
     return bundle
 
 
-def reserve(num_ranks: int, bundle: dict[str, float], timeout_s: float, name: str = "") -> Reservation:
-    """Reserves `num_ranks` bundles, PACKed so a group fills a node before it spans the next.
+def reserve(num_ranks: int, bundle: dict[str, float], name: str = "") -> Reservation:
+    """Asks for `num_ranks` bundles, PACKed so a group fills a node before it spans the next; returns
+    at once (the caller holds the reservation before waiting, so a cancelled start can release it).
 
     Inside a caller's placement group (a Serve replica that declared the bundles) that group is
     reused: its last `num_ranks` bundles are the ranks'.
 
     Raises:
-        PlacementError: not satisfiable within `timeout_s`, naming the resources that are missing.
+        PlacementError: the caller's placement group has too few bundles.
     """
     current = get_current_placement_group()
     if current is not None:
@@ -56,12 +58,21 @@ def reserve(num_ranks: int, bundle: dict[str, float], timeout_s: float, name: st
         first = current.bundle_count - num_ranks
         return Reservation(current, tuple(range(first, current.bundle_count)), owned=False)
     pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK", name=name)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise PlacementError(f"could not place {num_ranks} ranks of {bundle} within {timeout_s:.0f} s: "
-                             f"{describe_shortage(bundle, num_ranks)}")
     return Reservation(pg, tuple(range(num_ranks)), owned=True)
+
+
+async def wait_placed(reservation: Reservation, bundle: dict[str, float], timeout_s: float) -> None:
+    """Waits until the reservation's bundles are placed.
+
+    Raises:
+        PlacementError: not placed within `timeout_s`, naming the resources that are missing.
+    """
+    try:
+        await asyncio.wait_for(reservation.placement_group.ready(), timeout=timeout_s)
+    except TimeoutError:
+        num_ranks = len(reservation.bundle_indices)
+        raise PlacementError(f"could not place {num_ranks} ranks of {bundle} within {timeout_s:.0f} s: "
+                             f"{describe_shortage(bundle, num_ranks)}") from None
 
 
 def describe_shortage(bundle: dict[str, float], num_ranks: int) -> str:

@@ -16,13 +16,14 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 
 from cluster.config import GroupConfig
 from cluster.errors import GroupFailedError
+from cluster.telemetry import RateWindow
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
@@ -34,8 +35,10 @@ logger = logging.getLogger(__name__)
 _MAX_IDLE_WAIT_S = 0.2
 _STATS_PERIOD_S = 0.1
 _GIL_SWITCH_INTERVAL_S = 0.0005
-_RATE_WINDOW_S = 10.0
 _SNAPSHOT_WAIT_S = 1.0  # how stale `stats` may be; the engine thread takes the snapshots
+# Aborts that arrived before their request (Ray does not order the calls of an async actor) are kept
+# to cancel the request when it comes; ids are per call, so an old entry never hits a new request.
+_MAX_EARLY_ABORTS = 4096
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,18 @@ class RankOutput:
 
     output: RequestOutput
     rank: int
-    sampled_at_s: float  # time.time() when the step that sampled it ended
+    sampled_at_s: float  # the rank's time.monotonic() when the step that sampled it ended
+
+
+@dataclass(frozen=True)
+class OutputBatch:
+    """What one `take_outputs` long poll returns. Delivery latency is measured in durations on one
+    clock each (a token's age on the rank when sent; the poll's round trip minus its wait on the
+    caller), never by comparing the clocks of two machines."""
+
+    items: list  # RankOutput, RequestRejected, RankBusyness, RankFailure
+    waited_s: float  # how long the poll waited on the rank for something to send
+    sent_at_s: float  # the rank's time.monotonic() when the batch left
 
 
 @dataclass(frozen=True)
@@ -65,8 +79,8 @@ class RequestRejected:
 
 
 @dataclass(frozen=True)
-class RankLoad:
-    """How busy the rank is, sent along with outputs now and then, for picking ranks."""
+class RankBusyness:
+    """How busy the rank is, sent along with outputs when it changes, for picking ranks."""
 
     rank: int
     num_running: int
@@ -84,10 +98,22 @@ class LoadProgress:
 
 
 @dataclass(frozen=True)
+class RankHeartbeat:
+    """Answered by the actor's event loop even while the engine thread is inside a step."""
+
+    rank: int
+    busy_s: float  # how long the engine thread has been in its current iteration (0 when idle)
+    num_steps: int
+
+
+@dataclass(frozen=True)
 class RankStats:
     """A rank's figures; engine figures are a snapshot at most ~0.1 s old (taken by the engine thread)."""
 
     rank: int
+    node_id: str  # Ray node id of the rank's process
+    pid: int
+    expert_ids: tuple[int, ...]  # global ids of the experts this rank holds (the same in every layer)
     engine: EngineStats
     expert_token_counts: tuple[tuple[int, ...], ...]  # [layers][experts] tokens routed from this rank
     num_steps: int
@@ -97,6 +123,18 @@ class RankStats:
     loop_alive: bool
 
 
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
 class RankActor:
     """Wrapped with `ray.remote` by the group; every method is called through Ray."""
 
@@ -104,30 +142,40 @@ class RankActor:
         self.rank, self.config = rank, config
         # The engine thread holds the GIL through the Python parts of a step; a shorter switch interval
         # (default 5 ms) lets the event loop thread hand out a step's outputs without waiting that long.
+        # It is process-wide, which is right here: this worker process hosts this one rank actor.
         sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = None
         self.communicator = None
-        self.expert_load = None
+        self.expert_counts = None  # parallel.ExpertCounts of an expert-parallel model
+        self.expert_ids: tuple[int, ...] = ()
         self._progress = LoadProgress(rank, "waiting", 0, 0)
-        self._commands: deque[tuple] = deque()
+        self._commands: deque[_Add | _Abort] = deque()
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()  # engine thread only
         self._wake = threading.Event()
         self._begin = threading.Event()
         self._stop = False
         self._failed: str | None = None
         self._thread: threading.Thread | None = None
         self._num_steps = self._num_empty_steps = 0
+        self._busy_since: float | None = None  # monotonic start of the engine thread's current iteration
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: list = []
         self._outputs_ready: asyncio.Event | None = None
         self._stats: RankStats | None = None  # snapshot by the engine thread, which owns the engine
         self._engine_stats_at = 0.0
-        self._last_load: RankLoad | None = None
+        self._last_busyness: RankBusyness | None = None
         self._snapshot_waiters: deque[asyncio.Future] = deque()  # stats() calls awaiting a fresh snapshot
         self._num_output_tokens = 0
-        self._token_history: deque[tuple[float, int]] = deque()  # (monotonic time, tokens so far) per snapshot
+        self._token_rate = RateWindow()
 
     # --- start-up ----------------------------------------------------------------------------------
+
+    def ready(self) -> str:
+        """Answers once the actor runs (the group waits for every rank before any joins the
+        communicator: a cold node may take minutes to start its actor). Returns "cuda" when this
+        process sees a GPU, else "cpu" (e.g. the fake GPUs of a simulated cluster)."""
+        return self.device.type
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0, torch_dist: this node's address and a free port for the TCP store."""
@@ -137,10 +185,6 @@ class RankActor:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
-
-    def device_kind(self) -> str:
-        """"cuda" when this process sees a GPU, else "cpu" (e.g. fake GPUs of a simulated cluster)."""
-        return self.device.type
 
     def nccl_unique_id(self) -> bytes:
         """Rank 0, cupy_nccl: made in this process, which NCCL's bootstrap root then listens in."""
@@ -196,8 +240,9 @@ class RankActor:
 
         model = gptoss.load_model(self.config.checkpoint, dtype=self.config.torch_dtype, device=self.device,
                                   experts=experts, packed_experts=self.config.packed_experts, progress=on_progress)
+        self.expert_ids = tuple(experts if experts is not None else range(model.config.num_local_experts))
         if self.communicator is not None:
-            self.expert_load = apply_expert_parallel(model, self.communicator, placement)
+            self.expert_counts = apply_expert_parallel(model, self.communicator, placement)
         self.engine = Engine(model, self.config.engine)
         self._snapshot_stats()
         done = self._progress.tensors_total
@@ -216,24 +261,33 @@ class RankActor:
         """Queues a request for the engine thread; a rejection comes back through `take_outputs`."""
         if self._failed:
             raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
-        self._commands.append(("add", request_id, prompt_token_ids, sampling))
+        self._commands.append(_Add(request_id, prompt_token_ids, sampling))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        self._commands.append(("abort", request_id))
+        """Ends the request (its last output has finish_reason "abort"), also when this call overtakes
+        its `add_request`."""
+        self._commands.append(_Abort(request_id))
         self._wake.set()
 
     def wake(self) -> None:
         """Ends an idle wait now: a request is about to arrive somewhere in the group."""
         self._wake.set()
 
-    async def take_outputs(self) -> list:
+    async def take_outputs(self) -> OutputBatch:
         """Long poll: waits until the engine thread has produced something, returns it all."""
+        start = time.monotonic()
         while not self._outputs:
             self._outputs_ready.clear()
             await self._outputs_ready.wait()
         outputs, self._outputs = self._outputs, []
-        return outputs
+        now = time.monotonic()
+        return OutputBatch(outputs, now - start, now)
+
+    async def heartbeat(self) -> RankHeartbeat:
+        busy_since = self._busy_since
+        return RankHeartbeat(self.rank, time.monotonic() - busy_since if busy_since is not None else 0.0,
+                             self._num_steps)
 
     async def stats(self) -> RankStats:
         """A fresh snapshot, taken by the engine thread (torch work stays in that thread) at its next
@@ -258,16 +312,6 @@ class RankActor:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
 
-    def held_expert_ids(self) -> list[int]:
-        """Global ids of the experts this rank holds (the same in every layer)."""
-        return list(self.engine.model.layers[0].mlp.experts.expert_ids)
-
-    def where(self) -> tuple[str, int]:
-        """(Ray node id, process id) of this rank."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), os.getpid()
-
     # --- the engine thread -------------------------------------------------------------------------
 
     def _publish(self, items: list) -> None:
@@ -278,18 +322,30 @@ class RankActor:
         self._loop.call_soon_threadsafe(put)
 
     def _apply_commands(self) -> list:
-        rejected = []
+        """Adds and aborts what arrived since the last iteration; returns what to publish at once."""
+        news = []
         while self._commands:
             command = self._commands.popleft()
-            if command[0] == "add":
-                _, request_id, prompt, sampling = command
-                try:
-                    self.engine.add_request(request_id, prompt, sampling)
-                except InvalidRequestError as e:
-                    rejected.append(RequestRejected(request_id, e.param, str(e)))
-            else:
-                self.engine.abort(command[1])
-        return rejected
+            if isinstance(command, _Abort):
+                if not self.engine.abort(command.request_id):
+                    self._remember_early_abort(command.request_id)
+                continue
+            if command.request_id in self._early_aborts:  # aborted before it arrived
+                del self._early_aborts[command.request_id]
+                news.append(RankOutput(RequestOutput(command.request_id, (), None, "abort",
+                                                     len(command.prompt_token_ids), 0, 0), self.rank, time.monotonic()))
+                continue
+            try:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling)
+            except InvalidRequestError as e:
+                news.append(RequestRejected(command.request_id, e.param, str(e)))
+        return news
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        # Also reached by aborts of requests that already finished: the cap bounds what they keep.
+        self._early_aborts[request_id] = None
+        if len(self._early_aborts) > _MAX_EARLY_ABORTS:
+            self._early_aborts.popitem(last=False)
 
     def _agree(self, has_work: bool) -> tuple[bool, bool]:
         """(anyone has work, anyone is stopping): one small all-reduce per iteration on every rank."""
@@ -299,24 +355,22 @@ class RankActor:
         return bool(anyone_work), bool(anyone_stop)
 
     def _snapshot_stats(self) -> None:
+        import ray
+
         stats = self.engine.get_stats()
         now = self._engine_stats_at = time.monotonic()
-        history = self._token_history
-        history.append((now, self._num_output_tokens))
-        while now - history[0][0] > _RATE_WINDOW_S:
-            history.popleft()
-        span = history[-1][0] - history[0][0]
-        rate = (history[-1][1] - history[0][1]) / span if span > 0 else 0.0
         counts = self._stats.expert_token_counts if self._stats is not None else ()
-        if self.expert_load is not None and (self._snapshot_waiters or self._stats is None):
+        if self.expert_counts is not None and (self._snapshot_waiters or self._stats is None):
             # Only when a caller asks: on a GPU reading the counters syncs the device.
-            counts = tuple(tuple(row) for row in self.expert_load.get_counts().tolist())
-        self._stats = RankStats(self.rank, stats, counts, self._num_steps, self._num_empty_steps,
-                                self._num_output_tokens, rate, loop_alive=True)
-        load = RankLoad(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
-        if load != self._last_load:  # an idle rank sends nothing
-            self._last_load = load
-            self._publish([load])
+            counts = tuple(tuple(row) for row in self.expert_counts.get_counts().tolist())
+        node_id = self._stats.node_id if self._stats is not None else ray.get_runtime_context().get_node_id()
+        self._stats = RankStats(self.rank, node_id, os.getpid(), self.expert_ids, stats, counts, self._num_steps,
+                                self._num_empty_steps, self._num_output_tokens, self._token_rate.rate(now),
+                                loop_alive=True)
+        busyness = RankBusyness(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
+        if busyness != self._last_busyness:  # an idle rank sends nothing
+            self._last_busyness = busyness
+            self._publish([busyness])
         while self._snapshot_waiters:
             taken = self._snapshot_waiters.popleft()
             self._loop.call_soon_threadsafe(lambda f=taken: f.done() or f.set_result(None))
@@ -325,11 +379,12 @@ class RankActor:
         idle_wait_s = 0.001
         try:
             while True:
-                if self._snapshot_waiters or time.monotonic() - self._engine_stats_at > _STATS_PERIOD_S:
+                self._busy_since = time.monotonic()
+                if self._snapshot_waiters or self._busy_since - self._engine_stats_at > _STATS_PERIOD_S:
                     self._snapshot_stats()
-                rejected = self._apply_commands()
-                if rejected:
-                    self._publish(rejected)
+                news = self._apply_commands()
+                if news:
+                    self._publish(news)
                 has_work = self.engine.has_work()
                 anyone_work, stopping = self._agree(has_work)
                 if stopping:
@@ -339,12 +394,15 @@ class RankActor:
                     self._num_steps += 1
                     self._num_empty_steps += not has_work
                     if outputs:
-                        self._num_output_tokens += sum(len(o.new_token_ids) for o in outputs)
-                        now = time.time()
+                        num_tokens = sum(len(o.new_token_ids) for o in outputs)
+                        self._num_output_tokens += num_tokens
+                        now = time.monotonic()
+                        self._token_rate.add(now, num_tokens)
                         self._publish([RankOutput(o, self.rank, now) for o in outputs])
                         time.sleep(0)  # hand the GIL to the event loop thread now: it sends the outputs
                     idle_wait_s = 0.001
                 else:
+                    self._busy_since = None
                     woken = self._wake.wait(idle_wait_s)
                     self._wake.clear()
                     idle_wait_s = 0.001 if woken else min(idle_wait_s * 2, _MAX_IDLE_WAIT_S)
@@ -353,5 +411,6 @@ class RankActor:
             logger.error("rank %d failed: %s", self.rank, self._failed)
             self._publish([RankFailure(self.rank, self._failed)])
         finally:
+            self._busy_since = None
             if self.communicator is not None:
                 self.communicator.close()

@@ -1,6 +1,8 @@
 """EP groups on a simulated two-node Ray cluster (fake GPUs, CPU compute, gloo on loopback)."""
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -51,7 +53,8 @@ def group_config(checkpoint, num_ranks, **kw) -> GroupConfig:
 @pytest.fixture(scope="module")
 def group4(ray_cluster, event_loop_thread, checkpoint):
     group = EPGroup(group_config(checkpoint, 4, name="g4"))
-    event_loop_thread(group.start())
+    group.progress_reports = []
+    event_loop_thread(group.start(on_progress=group.progress_reports.append))
     yield group
     event_loop_thread(group.shutdown())
 
@@ -83,20 +86,20 @@ def test_four_ranks_across_two_nodes_give_the_single_engine_outputs(group4, even
     # Requests went to every rank, and the ranks live on both nodes.
     after = [r.engine.num_scheduled_tokens for r in rank_stats(run, group4)]
     assert all(a > b for a, b in zip(after, before, strict=True))
-    nodes = {ray.get(r.where.remote())[0] for r in group4._ranks}
-    assert len(nodes) == 2
     stats = run(group4.stats())
+    assert len({r.node_id for r in stats.ranks}) == 2
     assert stats.num_open_streams == 0 and stats.token_delivery_p50_ms > 0
     assert sum(map(sum, stats.expert_token_counts)) > 0
     assert sum(r.num_output_tokens for r in stats.ranks) >= 60 and stats.output_tokens_per_s > 0
 
 
-def test_start_up_reported_every_rank_loading_its_share(group4):
-    progress = ray.get([r.progress.remote() for r in group4._ranks])
-    assert [p.stage for p in progress] == ["ready"] * 4
-    assert all(p.tensors_done == p.tensors_total > 0 for p in progress)
+def test_start_up_reported_every_rank_loading_its_share(group4, event_loop_thread):
+    last = group4.progress_reports[-1]
+    assert [p.stage for p in last] == ["ready"] * 4
+    assert all(p.tensors_done == p.tensors_total > 0 for p in last)
     # Each rank holds only its quarter of the 8 experts, contiguously.
-    assert ray.get([r.held_expert_ids.remote() for r in group4._ranks]) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    stats = event_loop_thread(group4.stats())
+    assert [r.expert_ids for r in stats.ranks] == [(0, 1), (2, 3), (4, 5), (6, 7)]
 
 
 def test_work_on_one_rank_only_keeps_the_others_in_lockstep(group4, event_loop_thread, reference):
@@ -120,7 +123,7 @@ def process_cpu_s(pid: int) -> float:
 
 
 def test_an_idle_group_uses_almost_no_cpu(group4, event_loop_thread):
-    pids = [ray.get(r.where.remote())[1] for r in group4._ranks]
+    pids = [r.pid for r in event_loop_thread(group4.stats()).ranks]
     time.sleep(1.0)  # let the idle backoff settle
     start = [process_cpu_s(p) for p in pids]
     wall = 3.0
@@ -142,40 +145,66 @@ def test_a_bad_request_is_rejected_and_others_finish(group4, event_loop_thread, 
     assert tokens == reference([[1, 2, 3, 4]])[0]
 
 
-def test_leaving_a_stream_early_aborts_the_request(group4, event_loop_thread):
+def test_leaving_a_stream_early_aborts_the_request(group4, event_loop_thread, reference):
+    prompt, long = [5, 6, 7], SamplingParams(max_tokens=400, temperature=0.0)
+    assert len(reference([prompt], long)[0]) == 400  # left alone, it would run to max_tokens
+
     async def leave_early():
-        agen = group4.generate("leaver", [5, 6, 7], SamplingParams(max_tokens=500, temperature=0.0))
+        before = sum(r.num_output_tokens for r in (await group4.stats()).ranks)
+        agen = group4.generate("leaver", prompt, long)
         await agen.__anext__()
         await agen.aclose()
         for _ in range(200):  # the abort reaches the rank within a few steps
             stats = await group4.stats()
             if stats.num_running == 0 and stats.num_waiting == 0:
-                return stats
+                break
             await asyncio.sleep(0.05)
-        return stats
+        return stats, sum(r.num_output_tokens for r in stats.ranks) - before
 
-    stats = event_loop_thread(leave_early())
+    stats, generated = event_loop_thread(leave_early())
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    assert generated < 100, f"the request went on after its caller left: {generated} tokens"
+
+
+async def read_until_aborted(group, request_id, prompt):
+    """Streams a long request, aborting it once its first token is out; returns (tokens, last output)."""
+    tokens, last = [], None
+    async for out in group.generate(request_id, prompt, SamplingParams(max_tokens=400, temperature=0)):
+        if not tokens:
+            asyncio.get_running_loop().create_task(group.abort(request_id))
+        tokens += out.new_token_ids
+        last = out
+    return tokens, last
 
 
 def test_abort_ends_a_stream_another_task_reads(group4, event_loop_thread):
-    async def abort_while_reading():
-        task = asyncio.create_task(collect(group4, "to-abort", [4, 5, 6], SamplingParams(max_tokens=500, temperature=0)))
-        while "to-abort" not in group4._open_ids:
-            await asyncio.sleep(0.01)
-        await group4.abort("to-abort")
-        return await asyncio.wait_for(task, timeout=30)
+    tokens, last = event_loop_thread(read_until_aborted(group4, "to-abort", [4, 5, 6]))
+    assert last.finish_reason == "abort" and last.request_id == "to-abort" and len(tokens) < 100
 
-    tokens, last = event_loop_thread(abort_while_reading())
-    assert last.finish_reason == "abort" and last.request_id == "to-abort" and len(tokens) < 500
+
+def test_an_abort_that_overtakes_its_request_still_cancels_it(ray_cluster, checkpoint):
+    # Ray does not order the calls of an async actor: the abort may reach the rank first.
+    from cluster.rank import RankActor, RankOutput
+
+    rank = ray.remote(RankActor).options(num_cpus=0).remote(0, group_config(checkpoint, 1, name="early"))
+    try:
+        ray.get(rank.load.remote(None, None), timeout=60)
+        ray.get(rank.begin.remote())
+        ray.get(rank.abort.remote("r#0"))
+        ray.get(rank.add_request.remote("r#0", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0)))
+        outputs = [item.output for item in ray.get(rank.take_outputs.remote(), timeout=30).items
+                   if isinstance(item, RankOutput)]
+        assert [(o.request_id, o.finish_reason, o.new_token_ids) for o in outputs] == [("r#0", "abort", ())]
+        stats = ray.get(rank.stats.remote())
+        assert stats.engine.num_running == stats.engine.num_waiting == stats.num_output_tokens == 0
+    finally:
+        ray.kill(rank)
 
 
 def test_unsatisfiable_placement_names_the_missing_resources(ray_cluster, event_loop_thread, checkpoint):
     group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=8, device="cuda", placement_timeout_s=2.0))
-    start = time.monotonic()
     with pytest.raises(PlacementError, match=r"missing \{'GPU': 2\.0\}"):
-        event_loop_thread(group.start())
-    assert time.monotonic() - start < 30
+        event_loop_thread(group.start(), timeout_s=30)
     assert group.health().state == "failed"
 
 
@@ -196,12 +225,10 @@ def test_killing_a_rank_fails_every_request_of_the_group_and_restart_recovers(
 
             tasks = [asyncio.create_task(consume(i)) for i in range(4)]
             await started.wait()
-            ray.kill(group._ranks[1], no_restart=True)
-            t0 = time.monotonic()
-            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
-            return results, time.monotonic() - t0
+            os.kill((await group.stats()).ranks[1].pid, signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
 
-        results, _ = run(kill_mid_generation())
+        results = run(kill_mid_generation())
         assert all(isinstance(r, GroupFailedError) for r in results), results
         health = group.health()
         assert health.state == "failed" and "rank" in health.error
@@ -222,7 +249,7 @@ def test_drain_finishes_open_requests_then_refuses_new_ones(ray_cluster, event_l
     run = event_loop_thread
     group = EPGroup(group_config(checkpoint, 1, name="g1-drain"))
     run(group.start())
-    pg_id = group._reservation.placement_group.id.hex()
+    pg_id = run(group.stats()).placement_group_id
 
     async def drain_while_busy():
         task = asyncio.create_task(collect(group, "inflight", [3, 4, 5], SamplingParams(max_tokens=20, temperature=0)))
@@ -246,9 +273,18 @@ def test_drain_deadline_aborts_what_is_still_running(ray_cluster, event_loop_thr
     run(group.start())
 
     async def drain_too_soon():
-        task = asyncio.create_task(collect(group, "slow", [3, 4, 5], SamplingParams(max_tokens=500, temperature=0)))
-        while "slow" not in group._open_ids:
-            await asyncio.sleep(0.01)
+        first = asyncio.Event()
+
+        async def slow():
+            tokens, last = [], None
+            async for out in group.generate("slow", [3, 4, 5], SamplingParams(max_tokens=400, temperature=0)):
+                first.set()
+                tokens += out.new_token_ids
+                last = out
+            return tokens, last
+
+        task = asyncio.create_task(slow())
+        await first.wait()
         await group.drain(timeout_s=0.2)
         return await asyncio.wait_for(task, timeout=30)
 
@@ -267,8 +303,7 @@ class _Replica:
     async def start_and_generate(self, prompt):
         await self.group.start()
         tokens, _ = await collect(self.group, "nested", prompt)
-        pg = ray.util.get_current_placement_group()
-        return tokens, pg.id.hex(), self.group._reservation.bundle_indices, self.group._reservation.owned
+        return tokens, (await self.group.stats()).placement_group_id
 
     async def shutdown(self):
         await self.group.shutdown()
@@ -285,9 +320,111 @@ def test_a_group_inside_a_callers_placement_group_uses_its_bundles(ray_cluster, 
         replica = _Replica.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
         ).remote(group_config(checkpoint, 2, name="nested"))
-        tokens, pg_id, bundles, owned = ray.get(replica.start_and_generate.remote([7, 8, 9]), timeout=120)
+        tokens, pg_id = ray.get(replica.start_and_generate.remote([7, 8, 9]), timeout=120)
         assert tokens == reference([[7, 8, 9]])[0]
-        assert pg_id == pg.id.hex() and bundles == (1, 2) and not owned
+        assert pg_id == pg.id.hex()
         ray.get(replica.shutdown.remote(), timeout=60)
+        # The group used the caller's bundles and left the placement group to its owner.
+        assert ray.util.placement_group_table(pg)["state"] == "CREATED"
     finally:
         remove_placement_group(pg)
+
+
+def placement_groups_named(prefix: str) -> dict[str, str]:
+    """State of every placement group whose name starts with `prefix`, by id."""
+    return {pg_id: info["state"] for pg_id, info in ray.util.placement_group_table().items()
+            if info["name"].startswith(prefix)}
+
+
+async def until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Waits (bounded) until `condition()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_shutdown_during_start_ends_the_start_and_releases_its_bundles(ray_cluster, event_loop_thread, checkpoint):
+    # 8 GPU bundles never fit the 6 fake GPUs: start() waits for placement until it is shut down.
+    group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=8, device="cuda", placement_timeout_s=600,
+                                name="shut-in-start"))
+
+    async def scenario():
+        start = asyncio.create_task(group.start())
+        await until(lambda: placement_groups_named("shut-in-start"), "the placement group")
+        stats = await group.stats()  # answers while starting
+        await group.shutdown()
+        with pytest.raises(GroupDrainingError, match="shut down while starting"):
+            await start
+        return stats
+
+    stats = event_loop_thread(scenario(), timeout_s=60)
+    assert stats.state == "starting" and stats.ranks == ()
+    assert group.health().state == "stopped"
+    assert set(placement_groups_named("shut-in-start").values()) == {"REMOVED"}
+
+
+def test_a_cancelled_start_leaves_nothing_reserved_and_the_next_start_works(
+        ray_cluster, event_loop_thread, checkpoint, reference):
+    group = EPGroup(group_config(checkpoint, 1, name="cancelled-start"))
+
+    async def cancel_then_start():
+        start = asyncio.create_task(group.start())
+        await until(lambda: placement_groups_named("cancelled-start"), "the placement group")
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        states = set(placement_groups_named("cancelled-start").values())
+        await group.start()
+        tokens, _ = await collect(group, "after-cancel", [1, 2, 3])
+        await group.shutdown()
+        return states, tokens
+
+    states, tokens = event_loop_thread(cancel_then_start(), timeout_s=120)
+    assert states == {"REMOVED"}
+    assert tokens == reference([[1, 2, 3]])[0]
+
+
+def test_overlapping_restarts_leave_one_healthy_group_holding_one_placement_group(
+        ray_cluster, event_loop_thread, checkpoint, reference):
+    group = EPGroup(group_config(checkpoint, 1, name="twice-restarted"))
+
+    async def restart_twice():
+        await group.start()
+        await asyncio.gather(group.restart(), group.restart())
+        return await collect(group, "after-restarts", [4, 5, 6])
+
+    try:
+        tokens, _ = event_loop_thread(restart_twice(), timeout_s=180)
+        assert group.health().ok and tokens == reference([[4, 5, 6]])[0]
+        states = list(placement_groups_named("twice-restarted").values())
+        assert states.count("CREATED") == 1 and states.count("REMOVED") == 2, states
+    finally:
+        event_loop_thread(group.shutdown())
+
+
+def test_a_frozen_rank_fails_its_group_even_when_it_is_alone(ray_cluster, event_loop_thread, checkpoint):
+    # G=1 has no collective that could time out: only the group's step watchdog can notice.
+    group = EPGroup(group_config(checkpoint, 1, name="g1-frozen", step_timeout_s=2.0))
+    event_loop_thread(group.start())
+    pid = event_loop_thread(group.stats()).ranks[0].pid
+
+    async def freeze_mid_stream():
+        async for _ in group.generate("frozen", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0)):
+            os.kill(pid, signal.SIGSTOP)
+
+    try:
+        with pytest.raises(GroupFailedError, match="heartbeat|stuck"):
+            event_loop_thread(freeze_mid_stream(), timeout_s=60)
+        assert group.health().state == "failed"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        event_loop_thread(group.shutdown())
+
+
+def test_ranks_that_do_not_start_in_time_are_named(ray_cluster, event_loop_thread, checkpoint):
+    group = EPGroup(group_config(checkpoint, 2, name="slow-start", start_timeout_s=0.001))
+    with pytest.raises(GroupFailedError, match=r"ranks \[[0-9, ]+\] did not start within start_timeout_s"):
+        event_loop_thread(group.start(), timeout_s=60)
+    assert set(placement_groups_named("slow-start").values()) == {"REMOVED"}
