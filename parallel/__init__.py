@@ -31,7 +31,6 @@ What the cluster layer does to start a group of G ranks (one process per rank, e
 """
 
 from parallel.comm import (
-    BACKENDS,
     Communicator,
     CommunicatorError,
     CommunicatorSpec,
@@ -45,7 +44,7 @@ from parallel.moe import ExpertParallelMoE, apply_expert_parallel, select_expert
 from parallel.placement import ExpertPlacement
 from parallel.torch_dist import TorchDistCommunicator
 
-__all__ = ["BACKENDS", "Communicator", "CommunicatorError", "CommunicatorSpec", "CommunicatorTimeout",
-           "CupyNcclCommunicator", "DispatchHandle", "ExpertLoad", "ExpertParallelMoE", "ExpertPlacement",
-           "LoopbackCommunicator", "LoopbackGroup", "TokenDispatcher", "TorchDistCommunicator",
-           "apply_expert_parallel", "create_communicator", "make_nccl_unique_id", "select_experts"]
+__all__ = ["Communicator", "CommunicatorError", "CommunicatorSpec", "CommunicatorTimeout", "CupyNcclCommunicator",
+           "DispatchHandle", "ExpertLoad", "ExpertParallelMoE", "ExpertPlacement", "LoopbackCommunicator",
+           "LoopbackGroup", "TokenDispatcher", "TorchDistCommunicator", "apply_expert_parallel",
+           "create_communicator", "make_nccl_unique_id", "select_experts"]

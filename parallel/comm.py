@@ -17,7 +17,6 @@ import torch
 
 from gptoss.errors import ServerError
 
-BACKENDS = ("cupy_nccl", "torch_dist", "loopback")
 REDUCE_OPS = ("sum", "max", "min")
 
 

@@ -9,21 +9,26 @@ so any dtype (bf16 included) goes through unchanged.
 
 Timeouts. CuPy's NCCL wrapper only makes blocking communicators (no `ncclCommInitRankConfig`), so:
 - init runs in a helper thread that the constructor waits for up to `timeout_s`; then a one-byte
-  all-to-all with every peer makes NCCL set up all its connections inside that deadline, so later host
-  calls (`ncclGroupEnd`) do not wait on peers: after init a missing peer only stalls kernels on the GPU;
+  all-to-all with every peer, an all-gather and an all-reduce make NCCL set up all its connections inside
+  that deadline, so later host calls (`ncclGroupEnd`) do not wait on peers: after init a missing peer only
+  stalls kernels on the GPU;
 - every operation is registered with a watchdog thread before its first NCCL call, with a deadline and a
-  CUDA event recorded after it. Past the deadline (or on an asynchronous NCCL error) the watchdog calls
-  `ncclCommAbort`, which ends the stalled kernels, so the stream and any host wait on it move on; the
-  communicator is then broken and its next call (every host-blocking one checks right after its wait)
-  raises `CommunicatorTimeout`;
+  CUDA event recorded after it. Past the deadline (or on an asynchronous NCCL error) the watchdog marks the
+  communicator failed and calls `ncclCommAbort` once no thread is inside an NCCL call on it (see
+  `_abort_if_idle`); the abort ends the stalled kernels, so the stream and any host wait on it move on. The
+  next call (every host-blocking one checks right after its wait) raises `CommunicatorTimeout`;
 - the send and receive buffers of an operation stay referenced by its watchdog entry until its event has
   completed, whatever the caller does with them.
-NCCL cannot tell which peer is missing: the error names the operation and the peers it waits on.
+Every thread that calls NCCL or CUDA here (the caller's, the init helper, the watchdog) first makes the
+rank's device current. NCCL cannot tell which peer is missing: the error names the operation and the peers
+it waits on.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import platform
 import threading
 import time
 from collections import deque
@@ -35,9 +40,11 @@ import torch
 
 from parallel.comm import Communicator, CommunicatorError, CommunicatorTimeout, resolve_cuda_device
 
+logger = logging.getLogger(__name__)
+
 NCCL_UNIQUE_ID_BYTES = 128
-# If the host thread sits in an NCCL call longer than this when the watchdog must abort, abort anyway.
-_ABORT_LOCK_WAIT_S = 1.0
+# close() waits this long for a thread inside an NCCL call; past it, that thread aborts on its way out.
+_CLOSE_LOCK_WAIT_S = 1.0
 
 
 def make_nccl_unique_id() -> bytes:
@@ -45,12 +52,21 @@ def make_nccl_unique_id() -> bytes:
     until every rank has joined (NCCL's bootstrap root listens in the calling process)."""
     from cupy.cuda import nccl
 
+    # CuPy hands the id over as C `char`s, signed or not by platform: & 0xFF reads either as bytes.
     return bytes(b & 0xFF for b in nccl.get_unique_id())
 
 
+def _c_char_is_signed() -> bool:
+    # Signed on x86; unsigned on Linux aarch64 (GH200, GB200) and ppc64le, the other CUDA hosts.
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def _cupy_unique_id(unique_id: bytes) -> tuple[int, ...]:
-    # ncclUniqueId is char[128]; CuPy hands it over as a tuple of signed chars.
-    return tuple(b - 256 if b > 127 else b for b in unique_id)
+    # CuPy's NcclCommunicator copies the tuple into ncclUniqueId's `char internal[128]`, and Cython raises
+    # OverflowError for a value outside `char`'s range: -128..127 where it is signed, 0..255 where unsigned.
+    if _c_char_is_signed():
+        return tuple(b - 256 if b > 127 else b for b in unique_id)
+    return tuple(unique_id)
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,7 @@ class TorchCudaStreams:
         self.device = device
 
     def bind_thread(self) -> None:
+        # cudaSetDevice for the calling thread: NCCL, CuPy and torch all take the current device from it.
         torch.cuda.set_device(self.device)
 
     def stream(self) -> int:
@@ -133,12 +150,12 @@ class _Pending:
     op: str
     peers: list[int]
     deadline: float
-    event: Any = None  # None while the host is still enqueuing
+    event: Any = None  # None while the host is still enqueuing (or, once the communicator failed, for good)
     buffers: tuple = field(default=(), repr=False)
 
 
 class _Watchdog:
-    """Aborts the communicator when the oldest pending operation passes its deadline."""
+    """Fails the communicator when the oldest pending operation passes its deadline."""
 
     def __init__(self, comm: CupyNcclCommunicator, poll_s: float):
         self._comm, self._poll_s = comm, poll_s
@@ -153,7 +170,7 @@ class _Watchdog:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5 * self._poll_s + _ABORT_LOCK_WAIT_S)
+            self._thread.join(max(1.0, 5 * self._poll_s))
 
     def begin(self, op: str, peers: list[int]) -> _Pending:
         entry = _Pending(op, peers, time.monotonic() + self._comm.timeout_s)
@@ -165,13 +182,20 @@ class _Watchdog:
         with self._lock:
             entry.event, entry.buffers = event, buffers
 
+    def has_unfinished(self) -> bool:
+        """Whether some operation is still being enqueued or its work has not completed."""
+        with self._lock:
+            return any(p.event is None or not p.event.query() for p in self._pending)
+
     def _loop(self) -> None:
         self._comm._streams.bind_thread()
         while not self._stop.wait(self._poll_s):
             self.poll()
 
     def poll(self) -> None:
-        if self._comm.broken:
+        comm = self._comm
+        if comm.broken:
+            comm._abort_if_idle()  # a failure marked while some thread was inside an NCCL call
             return
         with self._lock:
             # Operations complete in stream order: drop the finished ones from the front.
@@ -180,12 +204,12 @@ class _Watchdog:
             head = self._pending[0] if self._pending else None
         if head is not None and time.monotonic() > head.deadline:
             stage = "still being enqueued" if head.event is None else "enqueued"
-            self._comm._fail(CommunicatorTimeout(
-                f"rank {self._comm.rank}: {head.op} did not complete within {self._comm.timeout_s} s ({stage}); "
+            comm._fail(CommunicatorTimeout(
+                f"rank {comm.rank}: {head.op} did not complete within {comm.timeout_s} s ({stage}); "
                 f"it exchanges with ranks {head.peers}, at least one of which never arrived (NCCL cannot tell "
-                "which); the communicator was aborted", rank=self._comm.rank, op=head.op))
+                "which); the communicator was aborted", rank=comm.rank, op=head.op))
             return
-        self._comm._check_async_error()
+        comm._check_async_error()
 
 
 class CupyNcclCommunicator(Communicator):
@@ -223,19 +247,27 @@ class CupyNcclCommunicator(Communicator):
             self.device = torch.device(device if device is not None else "cpu")
         self._streams = stream_ops
         self._seq = 0
-        self._error: CommunicatorError | None = None
-        self._nccl_lock = threading.Lock()  # host-side NCCL calls vs the watchdog's abort
+        self._error: CommunicatorError | None = None  # the first error; set once, under _error_lock
+        self._error_lock = threading.Lock()
+        # Held by whichever thread is inside an NCCL call on the communicator (enqueue, async error check,
+        # abort, destroy): nothing aborts or destroys it under another thread's call.
+        self._nccl_lock = threading.Lock()
+        self._released = False  # aborted or destroyed (under _nccl_lock): no NCCL call may use it again
         self._comm = self._init_comm(_cupy_unique_id(unique_id))
         self._watchdog = _Watchdog(self, poll_s=min(0.05, self.timeout_s / 20))
         self._watchdog.start()
-        # Every pair connects now, inside the init deadline, not in some later ncclGroupEnd.
+        # NCCL connects lazily: point-to-point peers at their first send/recv, rings and trees at the first
+        # collective (NCCL_RUNTIME_CONNECT, NCCL >= 2.22), each inside a blocking ncclGroupEnd. Make every
+        # connection now, inside the init deadline.
         ones = [1] * world_size
         try:
             warm = self.all_to_all(torch.zeros(world_size, dtype=torch.uint8, device=self.device), ones, ones,
                                    label="connection warm-up")
             self._wait(warm, "init (connection warm-up)")
-        except CommunicatorError:
-            self._watchdog.stop()
+            self.all_gather_ints([rank])
+            self.barrier()
+        except Exception:
+            self.close()
             raise
 
     def _init_comm(self, unique_id: tuple[int, ...]) -> Any:
@@ -263,29 +295,55 @@ class CupyNcclCommunicator(Communicator):
 
     # --- failure handling (the watchdog thread calls these too) -----------------------------------
 
-    def _fail(self, error: CommunicatorError) -> None:
-        """Records the first error and aborts the NCCL communicator, which ends its stalled kernels."""
-        got_lock = self._nccl_lock.acquire(timeout=_ABORT_LOCK_WAIT_S)
-        try:
-            self._fail_locked(error)
-        finally:
-            if got_lock:
-                self._nccl_lock.release()
+    def _set_error(self, error: CommunicatorError) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = error
 
-    def _fail_locked(self, error: CommunicatorError) -> None:
+    def _fail(self, error: CommunicatorError) -> None:
+        """Marks the communicator failed (the first error stays) and aborts it, now or once the NCCL call
+        some thread is inside returns."""
+        self._set_error(error)
+        if not self._abort_if_idle():
+            logger.error("%s; a thread is inside an NCCL call on it, so the abort waits for that call to return "
+                         "(if it never does, retire this process)", error)
+
+    def _abort_if_idle(self) -> bool:
+        """Aborts the failed communicator unless a thread is inside an NCCL call on it; True once aborted.
+
+        Never under a live call: CuPy's abort() frees the ncclComm that a concurrent send()/groupEnd() is
+        still using (a use after free, not a clean error). Nor is any call here known to be a non-blocking
+        enqueue: CuPy makes only blocking communicators (ncclCommInitRank), and its init takes the
+        ncclInProgress of NCCL_COMM_BLOCKING=0 for an error. After the init warm-up host calls do not wait on
+        peers, so an in-flight call returns soon and its thread aborts on the way out (`_enqueue`); one that
+        never returns leaves the rank busy past the group's step timeout, and the cluster retires the process."""
+        if not self._nccl_lock.acquire(blocking=False):
+            return False
+        try:
+            self._abort_locked()
+        finally:
+            self._nccl_lock.release()
+        return True
+
+    def _abort_locked(self) -> None:
         # The pending operations keep their buffers: a stalled kernel may touch them until it sees the abort.
-        if self._error is None:
-            self._error = error
+        if not self._released:
+            self._released = True
             self._comm.abort()
 
     def _check_async_error(self) -> None:
-        if self._error is not None:
-            return
+        if not self._nccl_lock.acquire(blocking=False):
+            return  # a thread is inside an NCCL call: look at the next poll
         try:
+            if self._released:
+                return
             self._comm.check_async_error()
         except self._nccl.NcclError as e:
-            self._fail(CommunicatorError(f"rank {self.rank}: NCCL reported an asynchronous error: {e}",
-                                         rank=self.rank, op="async"))
+            self._set_error(CommunicatorError(f"rank {self.rank}: NCCL reported an asynchronous error: {e}",
+                                              rank=self.rank, op="async"))
+            self._abort_locked()
+        finally:
+            self._nccl_lock.release()
 
     @property
     def broken(self) -> bool:
@@ -300,19 +358,43 @@ class CupyNcclCommunicator(Communicator):
         op = f"{name} #{self._seq}" + (f" ({label})" if label else "")
         self._seq += 1
         self._raise_if_broken(op)
+        self._streams.bind_thread()  # the caller's thread need not be the one that made the communicator
         return op
 
     def _enqueue(self, op: str, peers: list[int], buffers: tuple, enqueue: Callable[[int], None]) -> None:
-        """Runs the host-side NCCL calls of one operation under the watchdog's deadline."""
+        """Runs the host-side NCCL calls of one operation under the watchdog's deadline.
+
+        Raises:
+            CommunicatorError / CommunicatorTimeout: the communicator is (or was just) broken.
+            whatever `enqueue` raised other than an NcclError; the communicator is broken then too.
+        """
         entry = self._watchdog.begin(op, peers)
+        event = None
         with self._nccl_lock:
-            self._raise_if_broken(op)  # the watchdog may have aborted since _next_op
             try:
-                enqueue(self._streams.stream())
-            except self._nccl.NcclError as e:
-                self._fail_locked(CommunicatorError(f"rank {self.rank}: {op} failed: {e}", rank=self.rank, op=op))
-                raise self._error from e
-            self._watchdog.end(entry, self._streams.record_event(), buffers)
+                self._raise_if_broken(op)  # the watchdog may have failed it since _next_op
+                try:
+                    enqueue(self._streams.stream())
+                finally:
+                    # Covers whatever part of the operation reached the stream, so the watchdog releases this
+                    # entry (and those behind it) in stream order instead of timing it out.
+                    event = self._streams.record_event()
+            except Exception as e:
+                is_nccl_error = isinstance(e, self._nccl.NcclError)
+                if not isinstance(e, CommunicatorError):
+                    # Some of the group's calls may have reached NCCL and the rest not: peers would wait on the
+                    # missing part, so the communicator is broken whatever the error was.
+                    detail = str(e) if is_nccl_error else f"{type(e).__name__}: {e}"
+                    self._set_error(CommunicatorError(f"rank {self.rank}: {op} failed: {detail}", rank=self.rank,
+                                                      op=op))
+                if is_nccl_error:
+                    raise self._error from e
+                raise
+            finally:
+                self._watchdog.end(entry, event, buffers)
+                if self._error is not None:
+                    self._abort_locked()  # the NCCL calls are over: nothing else is inside one now
+        self._raise_if_broken(op)  # the watchdog failed it while the calls were in flight
 
     def _wait(self, result: torch.Tensor, op: str) -> torch.Tensor:
         """Blocks the host until the work enqueued so far is done (or aborted); raises if it failed."""
@@ -385,9 +467,22 @@ class CupyNcclCommunicator(Communicator):
         self._all_reduce([0], "sum", "barrier")
 
     def close(self) -> None:
+        """Destroys the NCCL communicator when it is clean; aborts it when it failed or some operation is
+        unfinished (ncclCommDestroy would wait for that work, forever if a peer is gone)."""
         self._watchdog.stop()
-        with self._nccl_lock:
-            if self._error is None:
-                self._error = CommunicatorError(f"rank {self.rank}: the communicator was closed", rank=self.rank,
-                                                op="close")
-                self._comm.destroy()
+        self._streams.bind_thread()
+        closed = CommunicatorError(f"rank {self.rank}: the communicator was closed", rank=self.rank, op="close")
+        if not self._nccl_lock.acquire(timeout=_CLOSE_LOCK_WAIT_S):
+            self._set_error(closed)  # the thread inside an NCCL call aborts on its way out (_enqueue)
+            return
+        try:
+            clean = self._error is None and not self._watchdog.has_unfinished()
+            self._set_error(closed)
+            if not self._released:
+                self._released = True
+                if clean:
+                    self._comm.destroy()
+                else:
+                    self._comm.abort()
+        finally:
+            self._nccl_lock.release()

@@ -5,6 +5,7 @@ Workers live here (not in the test modules) so spawned processes import them by 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -205,13 +206,24 @@ class FakeNccl:
     It records every call per rank and really moves the bytes (ctypes.memmove between the CPU buffers)
     when a send meets its receive, in per-pair FIFO order like NCCL. The work of a rank completes when
     matched; `streams(rank)` gives the backend events that complete accordingly (or on abort).
+
+    Also, like the real thing:
+    - the unique id is a tuple of C `char`s, signed (x86) or unsigned (aarch64) per `char_is_signed`, and a
+      value outside that range raises OverflowError as Cython's conversion does;
+    - the device current in the calling thread (set by `FakeStreams.bind_thread`, device i for rank i) is
+      recorded with every NCCL and CUDA call in `devices`;
+    - an abort while another thread is inside an NCCL call on that communicator (in CuPy, a use after free),
+      or any call after the abort, is recorded in `used_after_free`;
+    - destroy with unfinished work raises (ncclCommDestroy would wait for it, forever if a peer is gone);
+    - `inject(rank, kind, index, ...)` makes one call raise or block.
     """
 
     NCCL_UINT8, NCCL_INT64 = 1, 4  # the values of cupy.cuda.nccl
     NCCL_SUM, NCCL_MAX, NCCL_MIN = 0, 2, 3
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, *, char_is_signed: bool = True):
         self.world_size = world_size
+        self.char_range = range(-128, 128) if char_is_signed else range(256)
         self.cond = threading.Condition()
         self.calls: dict[int, list[tuple]] = defaultdict(list)  # rank -> recorded calls
         self.sends: dict[tuple[int, int], deque] = defaultdict(deque)  # (src, dst) -> [(ptr, nbytes, src, op_id)]
@@ -223,38 +235,53 @@ class FakeNccl:
         self.joined: set[int] = set()
         self.aborted: set[int] = set()
         self.destroyed: set[int] = set()
+        self.devices: dict[int, list[tuple[str, int | None, str]]] = defaultdict(list)  # rank -> (call, device, thread)
+        self.in_call: dict[int, int] = defaultdict(int)  # rank -> threads inside an NCCL call now
+        self.used_after_free: list[str] = []
+        self.num_calls: dict[tuple[int, str], int] = defaultdict(int)  # (rank, kind) -> calls so far
+        self.injected: dict[tuple[int, str, int], tuple[BaseException | None, Callable[[], bool] | None]] = {}
         self.local = threading.local()
         fake = self
 
         class NcclCommunicator:
             def __init__(self, ndev: int, comm_id: tuple, rank: int):
                 assert ndev == fake.world_size and len(comm_id) == 128
-                assert all(-128 <= b <= 127 for b in comm_id), "CuPy takes the id as signed chars"
+                for b in comm_id:  # Cython's conversion of each value to C `char`
+                    if b not in fake.char_range:
+                        raise OverflowError(f"value {b} out of range for char {fake.char_range}")
                 self.rank = rank
                 fake.local.rank = rank
-                with fake.cond:
+                with fake._nccl_call(rank, "init"), fake.cond:
                     fake.joined.add(rank)
                     fake.cond.notify_all()
                     if not fake.cond.wait_for(lambda: len(fake.joined) == fake.world_size, timeout=5):
                         raise FakeNcclError("init: not every rank joined")
 
             def send(self, ptr, count, datatype, peer, stream):
-                fake._p2p("send", self.rank, peer, ptr, count, datatype, stream)
+                with fake._nccl_call(self.rank, "send"):
+                    fake._p2p("send", self.rank, peer, ptr, count, datatype, stream)
 
             def recv(self, ptr, count, datatype, peer, stream):
-                fake._p2p("recv", self.rank, peer, ptr, count, datatype, stream)
+                with fake._nccl_call(self.rank, "recv"):
+                    fake._p2p("recv", self.rank, peer, ptr, count, datatype, stream)
 
             def allGather(self, sendbuf, recvbuf, count, datatype, stream):
-                fake._collective("allGather", self.rank, (sendbuf, recvbuf, count, None))
+                with fake._nccl_call(self.rank, "allGather"):
+                    fake._collective("allGather", self.rank, (sendbuf, recvbuf, count, None))
 
             def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
-                fake._collective("allReduce", self.rank, (sendbuf, recvbuf, count, op))
+                with fake._nccl_call(self.rank, "allReduce"):
+                    fake._collective("allReduce", self.rank, (sendbuf, recvbuf, count, op))
 
             def check_async_error(self):
-                pass
+                with fake._nccl_call(self.rank, "check_async_error"):
+                    pass
 
             def abort(self):
                 with fake.cond:
+                    if fake.in_call[self.rank]:
+                        fake.used_after_free.append(f"rank {self.rank}: abort while a thread is inside an NCCL call")
+                with fake._nccl_call(self.rank, "abort"), fake.cond:
                     fake.calls[self.rank].append(("abort",))
                     fake.aborted.add(self.rank)
                     # Like ncclCommAbort: this rank's unmatched transfers are gone (their buffers may be freed).
@@ -264,14 +291,16 @@ class FakeNccl:
                     fake.cond.notify_all()
 
             def destroy(self):
-                with fake.cond:
+                with fake._nccl_call(self.rank, "destroy"), fake.cond:
                     fake.calls[self.rank].append(("destroy",))
+                    if not fake.done_up_to(self.rank, fake.enqueued[self.rank]):
+                        raise FakeNcclError(f"rank {self.rank}: destroy with unfinished work would wait forever")
                     fake.destroyed.add(self.rank)
 
         module = types.ModuleType("cupy.cuda.nccl")
         module.NcclCommunicator, module.NcclError = NcclCommunicator, FakeNcclError
         module.groupStart, module.groupEnd = self._group_start, self._group_end
-        module.get_unique_id = lambda: tuple(((i * 37) % 256) - 128 for i in range(128))
+        module.get_unique_id = lambda: tuple(self.char_range[(i * 37) % 256] for i in range(128))
         for name in ("NCCL_UINT8", "NCCL_INT64", "NCCL_SUM", "NCCL_MAX", "NCCL_MIN"):
             setattr(module, name, getattr(self, name))
         self.module = module
@@ -283,23 +312,58 @@ class FakeNccl:
         for name, module in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", self.module)):
             monkeypatch.setitem(__import__("sys").modules, name, module)
 
-    def streams(self, rank: int) -> FakeStreams:
-        return FakeStreams(self, rank)
+    def streams(self, rank: int, stream_ordered: bool = False) -> FakeStreams:
+        return FakeStreams(self, rank, stream_ordered)
+
+    def inject(self, rank: int, kind: str, index: int, *, error: BaseException | None = None,
+               block_until: Callable[[], bool] | None = None) -> None:
+        """Rank `rank`'s call number `index` (from 0) of `kind` ("send", "groupEnd", ...) raises `error`
+        before doing anything, or first stays inside the call until `block_until()` holds."""
+        self.injected[(rank, kind, index)] = (error, block_until)
 
     # -- recording and matching --
+
+    @contextlib.contextmanager
+    def _nccl_call(self, rank: int, kind: str):
+        self.record_device(rank, kind)
+        with self.cond:
+            if rank in self.aborted:
+                self.used_after_free.append(f"rank {rank}: {kind} after abort")
+            self.in_call[rank] += 1
+            index = self.num_calls[(rank, kind)]
+            self.num_calls[(rank, kind)] += 1
+        try:
+            error, block_until = self.injected.get((rank, kind, index), (None, None))
+            if error is not None:
+                raise error
+            if block_until is not None:
+                deadline = time.monotonic() + 30
+                while not block_until():  # a blocking ncclGroupEnd: returns once the test lets it
+                    assert time.monotonic() < deadline, f"rank {rank}: {kind} #{index} was never released"
+                    time.sleep(0.01)
+            yield
+        finally:
+            with self.cond:
+                self.in_call[rank] -= 1
+                self.cond.notify_all()
+
+    def record_device(self, rank: int, call: str) -> None:
+        self.devices[rank].append((call, getattr(self.local, "device", None), threading.current_thread().name))
 
     def _depth(self) -> int:
         return getattr(self.local, "depth", 0)
 
     def _group_start(self) -> None:
-        self.local.depth = self._depth() + 1
-        self.calls[self.local.rank].append(("groupStart",))
+        with self._nccl_call(self.local.rank, "groupStart"):
+            self.local.depth = self._depth() + 1
+            self.calls[self.local.rank].append(("groupStart",))
 
     def _group_end(self) -> None:
-        self.local.depth = self._depth() - 1
-        self.calls[self.local.rank].append(("groupEnd",))
-        with self.cond:
-            self._match()
+        with self._nccl_call(self.local.rank, "groupEnd"):
+            self.local.depth = self._depth() - 1
+            self.calls[self.local.rank].append(("groupEnd",))
+            with self.cond:
+                self._match()
 
     def _p2p(self, kind: str, rank: int, peer: int, ptr: int, count: int, datatype: int, stream: int) -> None:
         self.local.rank = rank
@@ -350,22 +414,24 @@ class FakeNccl:
 
 
 class FakeStreams:
-    """The backend's `StreamOps` for a fake rank: an event covers the rank's work enqueued before it."""
+    """The backend's `StreamOps` for a fake rank (device i for rank i): an event covers the rank's work
+    enqueued before it."""
 
-    stream_ordered = False  # CPU tensors: nothing orders torch's later reads after the fake's copies
-
-    def __init__(self, fake: FakeNccl, rank: int):
+    def __init__(self, fake: FakeNccl, rank: int, stream_ordered: bool = False):
         self.fake, self.rank = fake, rank
+        # False: CPU tensors, nothing orders torch's later reads after the fake's copies. True: all_to_all
+        # returns before its data has arrived, as on a GPU.
+        self.stream_ordered = stream_ordered
 
     def bind_thread(self) -> None:
-        self.fake.local.rank = self.rank
+        self.fake.local.rank = self.fake.local.device = self.rank
 
     def stream(self) -> int:
-        self.fake.local.rank = self.rank  # the backend asks for the stream right before its NCCL calls
+        self.fake.local.rank = self.rank  # attributes the module-level groupStart/groupEnd to this rank
         return 1000 + self.rank
 
     def record_event(self) -> FakeEvent:
-        self.fake.local.rank = self.rank
+        self.fake.record_device(self.rank, "record_event")
         with self.fake.cond:
             return FakeEvent(self.fake, self.rank, self.fake.enqueued[self.rank])
 
@@ -379,6 +445,7 @@ class FakeEvent:
             return self.fake.done_up_to(self.rank, self.upto)
 
     def synchronize(self) -> None:
+        self.fake.record_device(self.rank, "event_synchronize")
         with self.fake.cond:
             # Like a stream wait: returns once the work is done or the communicator was aborted.
             if not self.fake.cond.wait_for(lambda: self.fake.done_up_to(self.rank, self.upto), timeout=60):
