@@ -21,7 +21,8 @@ class GroupConfig:
         checkpoint: folder of the checkpoint (HF release or `original/` layout), readable on every node.
         num_ranks: G; must divide the model's expert count.
         dtype: "bfloat16" or "float32".
-        packed_experts: keep experts MXFP4 in memory (4.25 bits/weight) instead of dequantizing at load.
+        packed_experts: keep experts MXFP4 in memory (4.25 bits/weight) instead of dequantizing at load;
+            None: packed only where dequantized experts would not fit in the rank's free memory.
         engine: each rank's engine settings (batching limits, KV budget).
         device: "cuda" reserves a GPU per rank; "cpu" CPU bundles only; "auto" GPUs when the cluster
             has any. A rank computes on CUDA when its process sees a GPU, else on the CPU (so a
@@ -31,6 +32,7 @@ class GroupConfig:
         placement_timeout_s: how long to wait for the placement group before naming what is missing.
         start_timeout_s: deadline for every rank actor to start (a cold node may pull images, import
             torch); no rank joins the communicator before all have started.
+        join_timeout_s: deadline for every rank to join the communicator once all have started.
         collective_timeout_s: deadline of every collective; a dead peer fails the group within it.
         load_timeout_s: deadline for every rank to load its weights and join the communicator.
         step_timeout_s: a rank that spends longer in one step (or does not answer the group's heartbeat
@@ -42,13 +44,14 @@ class GroupConfig:
     checkpoint: str
     num_ranks: int = 1
     dtype: str = "bfloat16"
-    packed_experts: bool = False
+    packed_experts: bool | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str = "auto"
     communicator: str = "auto"
     num_cpus_per_rank: float = 1.0
     placement_timeout_s: float = 60.0
     start_timeout_s: float = 600.0
+    join_timeout_s: float = 300.0
     collective_timeout_s: float = 60.0
     load_timeout_s: float = 1800.0
     step_timeout_s: float = 120.0
@@ -62,11 +65,12 @@ class GroupConfig:
         need(isinstance(self.checkpoint, str) and bool(self.checkpoint), "checkpoint", "a checkpoint folder")
         need(isinstance(self.num_ranks, int) and self.num_ranks >= 1, "num_ranks", "an int >= 1")
         need(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+        need(self.packed_experts in (None, True, False), "packed_experts", "True, False or None (auto)")
         need(self.device in DEVICES, "device", f"one of {DEVICES}")
         need(self.communicator in COMMUNICATORS, "communicator", f"one of {COMMUNICATORS}")
         need(self.num_cpus_per_rank > 0, "num_cpus_per_rank", "> 0")
-        for name in ("placement_timeout_s", "start_timeout_s", "collective_timeout_s", "load_timeout_s",
-                     "step_timeout_s"):
+        for name in ("placement_timeout_s", "start_timeout_s", "join_timeout_s", "collective_timeout_s",
+                     "load_timeout_s", "step_timeout_s"):
             need(getattr(self, name) > 0, name, "> 0")
 
     @property

@@ -211,9 +211,10 @@ class EPGroup:
             backend = "cupy_nccl" if device == "cuda" else "torch_dist"
         if backend == "cupy_nccl":
             uid = await self._ranks[0].nccl_unique_id.remote()
-            return CommunicatorSpec("cupy_nccl", cfg.num_ranks, cfg.collective_timeout_s, nccl_unique_id=uid), placement
+            return CommunicatorSpec("cupy_nccl", cfg.num_ranks, cfg.collective_timeout_s, cfg.join_timeout_s,
+                                    nccl_unique_id=uid), placement
         addr, port = await self._ranks[0].rendezvous_address.remote()
-        spec = CommunicatorSpec("torch_dist", cfg.num_ranks, cfg.collective_timeout_s, master_addr=addr,
+        spec = CommunicatorSpec("torch_dist", cfg.num_ranks, cfg.collective_timeout_s, cfg.join_timeout_s, master_addr=addr,
                                 master_port=port, torch_backend="nccl" if device == "cuda" else "gloo")
         return spec, placement
 

@@ -126,7 +126,8 @@ class CommunicatorSpec:
         backend: "cupy_nccl" (GPU) or "torch_dist" (gloo on CPU, or torch's nccl). "loopback" lives in one
             process and is made with `LoopbackGroup` instead.
         world_size: G, the ranks in the group.
-        timeout_s: deadline of init and of every collective.
+        timeout_s: deadline of every collective (and of joining, unless join_timeout_s is set).
+        join_timeout_s: deadline for every rank to join at init; None: timeout_s.
         nccl_unique_id: cupy_nccl: the 128 bytes from `make_nccl_unique_id()` called on rank 0's process
             (which must stay alive until every rank has connected).
         master_addr, master_port: torch_dist: the rendezvous TCP store's address.
@@ -137,6 +138,7 @@ class CommunicatorSpec:
     backend: str
     world_size: int
     timeout_s: float = 60.0
+    join_timeout_s: float | None = None
     nccl_unique_id: bytes = b""
     master_addr: str = ""
     master_port: int = 0
@@ -151,6 +153,8 @@ class CommunicatorSpec:
             raise ValueError(f"world_size must be > 0, got {self.world_size}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.join_timeout_s is not None and not self.join_timeout_s > 0:
+            raise ValueError(f"join_timeout_s must be None or > 0, got {self.join_timeout_s}")
         if self.backend == "cupy_nccl" and len(self.nccl_unique_id) != 128:
             raise ValueError(f"nccl_unique_id must be the 128 bytes of make_nccl_unique_id(), "
                              f"got {len(self.nccl_unique_id)} bytes")
@@ -177,15 +181,17 @@ def create_communicator(spec: CommunicatorSpec, rank: int, device: str | torch.d
         device: cupy_nccl / torch's nccl: the rank's GPU (default: the current CUDA device);
             gloo: ignored (CPU).
     Raises:
-        CommunicatorTimeout: some rank did not join within `spec.timeout_s`.
+        CommunicatorTimeout: some rank did not join within `spec.join_timeout_s` (default `spec.timeout_s`).
     """
     if not 0 <= rank < spec.world_size:
         raise ValueError(f"rank must be in [0, {spec.world_size}), got {rank}")
     if spec.backend == "cupy_nccl":
         from parallel.cupy_nccl import CupyNcclCommunicator
 
-        return CupyNcclCommunicator(rank, spec.world_size, spec.nccl_unique_id, spec.timeout_s, device)
+        return CupyNcclCommunicator(rank, spec.world_size, spec.nccl_unique_id, spec.timeout_s, device,
+                                    join_timeout_s=spec.join_timeout_s)
     from parallel.torch_dist import TorchDistCommunicator
 
     return TorchDistCommunicator(rank, spec.world_size, spec.master_addr, spec.master_port, spec.timeout_s,
-                                 backend=spec.torch_backend, device=device, host_store=spec.store_on_rank0 and rank == 0)
+                                 backend=spec.torch_backend, device=device, host_store=spec.store_on_rank0 and rank == 0,
+                                 join_timeout_s=spec.join_timeout_s)

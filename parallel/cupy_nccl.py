@@ -229,7 +229,8 @@ class CupyNcclCommunicator(Communicator):
     backend = "cupy_nccl"
 
     def __init__(self, rank: int, world_size: int, unique_id: bytes, timeout_s: float = 60.0,
-                 device: str | torch.device | None = None, *, stream_ops: StreamOps | None = None):
+                 device: str | torch.device | None = None, *, stream_ops: StreamOps | None = None,
+                 join_timeout_s: float | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
@@ -240,6 +241,7 @@ class CupyNcclCommunicator(Communicator):
 
         self._nccl = nccl
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.join_timeout_s = float(join_timeout_s or timeout_s)
         if stream_ops is None:
             self.device = resolve_cuda_device(device)
             stream_ops = TorchCudaStreams(self.device)
@@ -282,12 +284,12 @@ class CupyNcclCommunicator(Communicator):
 
         thread = threading.Thread(target=init, name=f"nccl-init-rank{self.rank}", daemon=True)
         thread.start()
-        thread.join(self.timeout_s)
+        thread.join(self.join_timeout_s)
         if thread.is_alive():
             # The init thread stays blocked in NCCL's bootstrap (nothing can cancel it): this process
             # should be retired with its group.
             raise CommunicatorTimeout(f"rank {self.rank}: the NCCL group of {self.world_size} ranks did not form "
-                                      f"within {self.timeout_s} s (some rank never joined)", rank=self.rank, op="init")
+                                      f"within {self.join_timeout_s} s (some rank never joined)", rank=self.rank, op="init")
         if "error" in result:
             raise CommunicatorError(f"rank {self.rank}: NCCL init failed: {result['error']}", rank=self.rank,
                                     op="init") from result["error"]

@@ -44,7 +44,8 @@ class TorchDistCommunicator(Communicator):
     backend = "torch_dist"
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float = 60.0,
-                 *, backend: str = "gloo", device: str | torch.device | None = None, host_store: bool | None = None):
+                 *, backend: str = "gloo", device: str | torch.device | None = None, host_store: bool | None = None,
+                 join_timeout_s: float | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if backend not in ("gloo", "nccl"):
@@ -52,13 +53,14 @@ class TorchDistCommunicator(Communicator):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.rank, self.world_size, self.timeout_s, self.torch_backend = rank, world_size, float(timeout_s), backend
+        self.join_timeout_s = float(join_timeout_s or timeout_s)
         if backend == "nccl" and not dist.is_nccl_available():
             raise ValueError("backend 'nccl' needs a CUDA build of torch with NCCL; this one has none")
         self.device = torch.device("cpu") if backend == "gloo" else resolve_cuda_device(device)
         self._seq = 0
         self._error: CommunicatorError | None = None
         self._grace_s = min(_MAX_DIAGNOSIS_GRACE_S, timeout_s / 4)
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=self.join_timeout_s)
         op_timeout = datetime.timedelta(seconds=timeout_s - self._grace_s)
         host_store = rank == 0 if host_store is None else host_store
         try:
@@ -66,7 +68,7 @@ class TorchDistCommunicator(Communicator):
                                   wait_for_workers=False)
         except (RuntimeError, OSError) as e:
             raise CommunicatorTimeout(f"rank {rank}: could not reach the group's store at {master_addr}:{master_port} "
-                                      f"within {timeout_s} s ({e})", rank=rank, op="init") from e
+                                      f"within {self.join_timeout_s} s ({e})", rank=rank, op="init") from e
         self._store = dist.PrefixStore("gptoss-ep/", store)
         self._rendezvous()
         pg_store = dist.PrefixStore("pg/", store)
@@ -82,11 +84,11 @@ class TorchDistCommunicator(Communicator):
         self._store.set(f"join/{self.rank}", "1")
         keys = [f"join/{r}" for r in range(self.world_size)]
         try:
-            self._store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
+            self._store.wait(keys, datetime.timedelta(seconds=self.join_timeout_s))
         except RuntimeError as e:
             missing = [r for r in range(self.world_size) if not self._store_has(f"join/{r}")]
             raise CommunicatorTimeout(f"rank {self.rank}: ranks {missing} did not join the group within "
-                                      f"{self.timeout_s} s", rank=self.rank, op="init", missing_ranks=missing) from e
+                                      f"{self.join_timeout_s} s", rank=self.rank, op="init", missing_ranks=missing) from e
 
     def _store_has(self, key: str) -> bool:
         try:

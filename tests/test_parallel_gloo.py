@@ -73,3 +73,18 @@ def test_gloo_missing_peer_fails_every_other_rank_with_a_timeout_naming_it(how):
             # Within the deadline (the report grace period is part of it), with slack for a loaded machine.
             assert result["elapsed_s"] < TIMEOUT_S + 10.0
             assert "broken" in result["later"]
+
+
+def test_joining_has_its_own_deadline_apart_from_the_collectives():
+    import socket
+
+    from parallel import CommunicatorSpec, CommunicatorTimeout, create_communicator
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Collectives may wait 60 s; a peer that never joins is named after the 1 s join deadline.
+    spec = CommunicatorSpec("torch_dist", 2, timeout_s=60.0, join_timeout_s=1.0, master_addr="127.0.0.1",
+                            master_port=port)
+    with pytest.raises(CommunicatorTimeout, match=r"ranks \[1\] did not join the group within 1.0 s"):
+        create_communicator(spec, rank=0)
