@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from gptoss.errors import invalid
+from gptoss.sampling import MIN_TEMPERATURE
 
 # harmony's <|return|> and <|call|> (= gptoss.tokenizer.STOP_TOKEN_IDS, not imported here because that
 # module loads openai-harmony). Not <|end|>: the model ends an analysis message with it and goes on.
@@ -26,9 +27,11 @@ class SamplingParams:
     """Sampling and stopping rules of one request; invalid values raise `InvalidRequestError` naming
     the field. The engine adds the checks that need the model (vocabulary, context length).
 
-    temperature 0 is greedy. Penalties apply to the tokens generated so far (not the prompt):
-    `logit -= presence_penalty * [count > 0] + frequency_penalty * count`. Logprobs are those of the
-    model's distribution (before penalties, temperature and filtering).
+    A temperature below `MIN_TEMPERATURE` (1e-5; 0 among them) is greedy. Penalties apply to the
+    tokens generated so far (not the prompt): `logit -= presence_penalty * [count > 0] +
+    frequency_penalty * count`. Logprobs are those of the model's distribution (before penalties,
+    temperature and filtering). Whatever the values, the most likely token survives top-k, top-p and
+    min-p, so a tiny top_p or a min_p of 1 is greedy too.
     """
 
     max_tokens: int | None = None  # None: up to the engine's max_model_len
@@ -74,7 +77,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

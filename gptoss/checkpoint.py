@@ -8,18 +8,23 @@ experts, so a rank that owns a share of the experts never touches the bytes of t
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
 
 from gptoss import mxfp4
 from gptoss.config import ModelConfig
-from gptoss.errors import CheckpointError
+from gptoss.errors import CheckpointError, InsufficientMemoryError
+from gptoss.memory import is_out_of_memory
 
 HF_INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+_LAYER_NUMBER = re.compile(r"[0-9]+")  # ASCII only: int() would also take "\u0663" or " 3"
 
 
 @dataclass(frozen=True)
@@ -115,15 +120,64 @@ class Layout:
     name_to_file: dict[str, Path]  # checkpoint tensor name -> shard
 
 
+def _check_regular_file(file: Path) -> None:
+    """Refuses what is not a regular file (after symlinks) before anything opens it: a FIFO would block
+    the load, a device would be read forever."""
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        return  # the caller names the missing file in its own words
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot stat ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{file}: not a regular file")
+
+
+def _open_error(file: Path, error: Exception) -> CheckpointError | InsufficientMemoryError:
+    """A shard that safetensors could not open: broken, or no memory left to map it (not its fault)."""
+    if is_out_of_memory(error):
+        return InsufficientMemoryError(f"{file}: out of memory while opening it ({error}); the file is not at fault")
+    return CheckpointError(f"{file}: not a readable safetensors file ({error})")
+
+
 def _scan_shards(files: list[Path]) -> dict[str, Path]:
     name_to_file: dict[str, Path] = {}
     for f in files:
+        _check_regular_file(f)
         try:
             with safe_open(f, framework="pt") as handle:
                 for name in handle.keys():
                     name_to_file[name] = f
         except Exception as e:  # safetensors raises its own error types for a broken header
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            raise _open_error(f, e) from None
+    return name_to_file
+
+
+def _read_index(root: Path, index: Path) -> dict[str, Path]:
+    """The index's weight_map as tensor name -> shard path, every shard inside `root`. A shard may be a
+    symlink that leads elsewhere (the HF cache links snapshots/ to ../../blobs/), but the name in the
+    index may not: no absolute paths, no `..`."""
+    _check_regular_file(index)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file name, "
+                              f"got a {type(weight_map).__name__}")
+    name_to_file: dict[str, Path] = {}
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name, got {fname!r}")
+        relative = PurePosixPath(fname)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {fname}: shard path leaves the checkpoint "
+                                  f"folder (absolute, or through ..)")
+        name_to_file[name] = root / relative
+    for f in sorted(set(name_to_file.values())):
+        if not f.exists():
+            raise CheckpointError(f"{f}: shard named in {HF_INDEX} is missing")
+        _check_regular_file(f)
     return name_to_file
 
 
@@ -141,18 +195,9 @@ def detect_layout(path: str | Path) -> Layout:
         pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f"; found {pickles}, which are pickles and are never loaded" if pickles else ""
         raise CheckpointError(f"{root}: unknown checkpoint layout: no *.safetensors files{found}")
+    _check_regular_file(root / "config.json")
     config = ModelConfig.from_json_file(root / "config.json")
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        name_to_file = {name: root / fname for name, fname in weight_map.items()}
-        for f in sorted(set(name_to_file.values())):
-            if not f.exists():
-                raise CheckpointError(f"{f}: shard named in {HF_INDEX} is missing")
-    else:
-        name_to_file = _scan_shards(shards)
+    name_to_file = _read_index(root, index) if index.exists() else _scan_shards(shards)
     if any(n.startswith("model.layers.") for n in name_to_file):
         kind = "hf"
     elif any(n.startswith("block.") for n in name_to_file):
@@ -178,10 +223,15 @@ class CheckpointReader:
     def _check_no_extra_layers(self) -> None:
         n = self.config.num_hidden_layers
         for name, f in self.layout.name_to_file.items():
-            parts = name.split(".")
-            idx = 2 if name.startswith("model.layers.") else 1 if name.startswith("block.") else None
-            if idx is not None and int(parts[idx]) >= n:
-                raise CheckpointError(f"{f}: {name}: config mismatch: tensor for layer {parts[idx]} "
+            prefix = next((p for p in ("model.layers.", "block.") if name.startswith(p)), None)
+            if prefix is None:
+                continue
+            layer = name.removeprefix(prefix).split(".", 1)[0]
+            if not _LAYER_NUMBER.fullmatch(layer):
+                raise CheckpointError(f"{f}: {name}: malformed tensor name (layer number {layer!r} after "
+                                      f"{prefix!r} is not a decimal number)")
+            if int(layer) >= n:
+                raise CheckpointError(f"{f}: {name}: config mismatch: tensor for layer {layer} "
                                       f"but config.json says num_hidden_layers={n}")
 
     def source(self, ours: str) -> Source:
@@ -200,7 +250,7 @@ class CheckpointReader:
             try:
                 handle = safe_open(src.file, framework="pt")
             except Exception as e:
-                raise CheckpointError(f"{src.file}: not a readable safetensors file ({e})") from None
+                raise _open_error(src.file, e) from None
             self._handles[src.file] = handle
         try:
             return handle.get_slice(src.name)

@@ -1,20 +1,100 @@
-"""`load_model`: a checkpoint folder -> a ready `Transformer` (all experts or an EP rank's share)."""
+"""`load_model`: a checkpoint folder -> a ready `Transformer` (all experts or an EP rank's share).
+
+Before a byte is read, the memory the load needs (`estimate_load`, from the config alone) is set
+against what the device has free: a load that cannot fit is refused with `InsufficientMemoryError`
+naming the options, rather than dying halfway in (or blaming a file for the kernel's ENOMEM).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gptoss import mxfp4
-from gptoss.checkpoint import CheckpointError, CheckpointReader, detect_layout
+from gptoss import memory, mxfp4
+from gptoss.checkpoint import CheckpointError, CheckpointReader, detect_layout, expected_shapes
 from gptoss.config import ModelConfig
+from gptoss.errors import GptossError, InsufficientMemoryError
+from gptoss.memory import gib
 from gptoss.model import Transformer
+
+logger = logging.getLogger(__name__)
 
 # Experts dequantized at load go through float32 this many at a time, to bound peak memory.
 _DEQUANT_EXPERTS_PER_CHUNK = 4
+# Bytes per weight held while a chunk dequantizes (mxfp4.dequantize): float32 values and their scaled
+# copy (8), the int32 index of each byte (2), the cast to the model dtype (up to 4).
+_DEQUANT_TRANSIENT_BYTES_PER_WEIGHT = 14
+# Released checkpoints hold their float tensors in bf16: a tensor is read at that size, then converted.
+_CHECKPOINT_FLOAT_BYTES = 2
+# packed_experts=None dequantizes only if the load then takes at most this share of the free memory:
+# the KV cache, activations and the rest of the process need the remainder.
+AUTO_DEQUANTIZE_MAX_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """Bytes a load holds on its device (see `estimate_load`)."""
+
+    replicated_bytes: int  # attention, norms, router, embedding, unembedding, in the model dtype
+    expert_bytes: int  # the loaded experts: MXFP4 blocks + scales or dequantized weights, and biases
+    transient_bytes: int  # held besides, at most, while one tensor is read and converted
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.replicated_bytes + self.expert_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.transient_bytes
+
+
+def estimate_load(config: ModelConfig, dtype: torch.dtype, packed_experts: bool,
+                  experts: list[int] | None = None) -> LoadEstimate:
+    """What `load_model` with these arguments holds, from the config alone (no file is read).
+
+    Experts packed take 4.25 bits per weight (16 bytes of codes + 1 scale byte per 32 weights);
+    dequantized, the model dtype's size. The transient is the larger of a float tensor read in bf16
+    before its conversion and one projection's packed bytes (read whole, then dequantized chunk by
+    chunk, or concatenated from the runs of an expert subset) with a dequantizing chunk's scratch.
+    """
+    num_experts = config.num_local_experts if experts is None else len(experts)
+    size = dtype.itemsize
+    replicated = expert = largest_float = largest_packed = largest_projection = 0
+    for name, (shape, kind) in expected_shapes(config).items():
+        numel = math.prod(shape)
+        if ".mlp.experts." not in name:
+            replicated += numel * size
+            largest_float = max(largest_float, numel)
+            continue
+        numel = numel // config.num_local_experts * num_experts
+        if kind == "float":  # biases
+            expert += numel * size
+        elif packed_experts:
+            expert += numel
+        elif name.endswith("_blocks"):
+            expert += 2 * numel * size  # two weights a byte
+        if name.endswith("_blocks"):
+            num_weights = 2 * numel
+            largest_packed = max(largest_packed, mxfp4.packed_nbytes(num_weights))
+            largest_projection = max(largest_projection, num_weights // num_experts)
+    transient = largest_packed
+    if not packed_experts:
+        chunk = min(_DEQUANT_EXPERTS_PER_CHUNK, num_experts) * largest_projection
+        transient += chunk * _DEQUANT_TRANSIENT_BYTES_PER_WEIGHT
+    transient = max(transient, largest_float * _CHECKPOINT_FLOAT_BYTES)
+    return LoadEstimate(replicated, expert, transient)
+
+
+def estimate_load_bytes(config: ModelConfig, dtype: torch.dtype, packed_experts: bool,
+                        experts: list[int] | None = None) -> int:
+    """The bytes a load needs at its peak on its device: `estimate_load(...).total_bytes`."""
+    return estimate_load(config, dtype, packed_experts, experts).total_bytes
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -22,8 +102,10 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               experts: list[int] | None = None, packed_experts: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> Transformer:
+               experts: list[int] | None = None, packed_experts: bool | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               progress_bytes: Callable[[int, int], None] | None = None,
+               check_memory: bool = True) -> Transformer:
     """Loads a gpt-oss checkpoint (HF release layout or OpenAI `original/` layout).
 
     Args:
@@ -32,13 +114,18 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         device: where the weights go ("cpu", "cuda", "cuda:1", ...).
         experts: global ids of the experts to load (an EP rank's share); None loads all. The other
             experts' bytes are never read.
-        packed_experts: keep expert weights MXFP4-packed (4.25 bits/weight, dequantized per use)
-            instead of dequantizing them at load.
+        packed_experts: True keeps expert weights MXFP4-packed (4.25 bits/weight, dequantized per
+            use); False dequantizes them at load (faster per token, ~3.8x the bytes in bf16); None
+            dequantizes only if that fits the device's free memory with room to spare (logged).
         progress: called as progress(tensors_done, tensors_total) while loading (long loads show it).
+        progress_bytes: called as progress_bytes(bytes_done, bytes_total) after each tensor lands.
+        check_memory: refuse a load that `estimate_load` says does not fit the free memory.
     Returns:
         the model in eval mode; `model(token_ids [T])` -> float32 logits [T, vocab].
     Raises:
         CheckpointError (a ServerError) naming the file, the tensor and what is wrong.
+        InsufficientMemoryError (a ServerError) saying need, free and the options, before loading
+        or when an allocation fails during it.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
@@ -47,29 +134,106 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     expert_ids = _check_expert_ids(experts, config)
     reader = CheckpointReader(layout)
     device = torch.device(device)
+    packed = _plan_memory(layout.root, config, dtype, device, expert_ids, packed_experts, check_memory)
     with torch.device("meta"):
-        model = Transformer(config, expert_ids, packed=packed_experts, dtype=dtype, device="meta")
-    total = len(reader.expected)
-    for done, name in enumerate(reader.expected, start=1):
-        if progress is not None:
-            progress(done - 1, total)
-        is_expert = ".mlp.experts." in name
-        if is_expert and name.endswith("_scales") and not packed_experts:
-            continue  # read and consumed with its blocks
-        tensor = reader.get(name, expert_ids if is_expert else None)
-        if is_expert and name.endswith("_blocks") and not packed_experts:
-            scales = reader.get(name.removesuffix("_blocks") + "_scales", expert_ids)
-            _assign(model, name.removesuffix("_blocks"), _dequantize_chunked(tensor, scales, dtype, device))
-            continue
-        if tensor.dtype != torch.uint8:
-            tensor = tensor.to(dtype)
-        _assign(model, name, tensor.to(device))
-    if progress is not None:
-        progress(total, total)
+        model = Transformer(config, expert_ids, packed=packed, dtype=dtype, device="meta")
+    try:
+        _read_weights(model, reader, expert_ids, packed, dtype, device, progress, progress_bytes)
+    except Exception as e:
+        out_of_memory = not isinstance(e, GptossError) and memory.is_out_of_memory(e)
+        if out_of_memory or isinstance(e, InsufficientMemoryError):
+            loaded = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
+            need = estimate_load(config, dtype, packed, expert_ids)
+            raise InsufficientMemoryError(
+                f"{layout.root}: out of memory on {device} after loading {gib(loaded)} of "
+                f"~{gib(need.total_bytes)} ({e}); the checkpoint is not at fault. Options: "
+                + "; ".join(_memory_options(config, dtype, expert_ids, packed, free=None))) from e
+        raise
     model.finish_load(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors never loaded: {leftover[:5]}"
     return model.eval()
+
+
+def _plan_memory(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 expert_ids: list[int] | None, packed_experts: bool | None, check_memory: bool) -> bool:
+    """Settles packed_experts=None (auto) and refuses a load that would not fit; returns `packed`."""
+    free = memory.available_bytes(device) if check_memory or packed_experts is None else None
+    if packed_experts is None:
+        dequantized = estimate_load_bytes(config, dtype, False, expert_ids)
+        if free is None:
+            packed_experts, why = False, f"the free memory of {device} is unknown"
+        elif dequantized <= AUTO_DEQUANTIZE_MAX_SHARE * free:
+            packed_experts, why = False, f"they need ~{gib(dequantized)} of {gib(free)} free"
+        else:
+            packed_experts, why = True, (f"dequantized they would need ~{gib(dequantized)}, more than "
+                                         f"{AUTO_DEQUANTIZE_MAX_SHARE:.0%} of {gib(free)} free")
+        kept = "packed (MXFP4)" if packed_experts else f"dequantized to {_dtype_name(dtype)}"
+        logger.info("%s: experts kept %s on %s: %s", root, kept, device, why)
+    if check_memory and free is not None:
+        need = estimate_load_bytes(config, dtype, packed_experts, expert_ids)
+        if need > free:
+            num_experts = config.num_local_experts if expert_ids is None else len(expert_ids)
+            held = "MXFP4-packed" if packed_experts else f"dequantized to {_dtype_name(dtype)}"
+            raise InsufficientMemoryError(
+                f"{root}: loading needs ~{gib(need)} on {device} ({num_experts} experts {held}, the rest in "
+                f"{_dtype_name(dtype)}) but only {gib(free)} is {memory.describe_free(device)}. Options: "
+                + "; ".join(_memory_options(config, dtype, expert_ids, packed_experts, free)))
+    return packed_experts
+
+
+def _memory_options(config: ModelConfig, dtype: torch.dtype, expert_ids: list[int] | None, packed: bool,
+                    free: int | None) -> list[str]:
+    """What would make the load smaller, each with its figure; the EP group is the smallest whose
+    ranks fit `free` (any smaller than now when `free` is unknown)."""
+    options = []
+    if not packed:
+        options.append(f"packed_experts=True (~{gib(estimate_load_bytes(config, dtype, True, expert_ids))})")
+    if dtype.itemsize > 2:
+        bf16 = estimate_load_bytes(config, torch.bfloat16, packed, expert_ids)
+        options.append(f"dtype=torch.bfloat16 (~{gib(bf16)})")
+    num_experts = config.num_local_experts if expert_ids is None else len(expert_ids)
+    ranks = [g for g in range(2, config.num_local_experts + 1)
+             if config.num_local_experts % g == 0 and config.num_local_experts // g < num_experts]
+    for g in ranks:  # the largest group when none fits
+        need = estimate_load_bytes(config, dtype, packed, list(range(config.num_local_experts // g)))
+        if free is None or need <= free or g == ranks[-1]:
+            options.append(f"fewer experts per rank: an EP group of {g} ranks holds "
+                           f"{config.num_local_experts // g} experts a rank (~{gib(need)} each)")
+            break
+    options.append("check_memory=False to try anyway")
+    return options
+
+
+def _read_weights(model: Transformer, reader: CheckpointReader, expert_ids: list[int] | None, packed: bool,
+                  dtype: torch.dtype, device: torch.device, progress: Callable[[int, int], None] | None,
+                  progress_bytes: Callable[[int, int], None] | None) -> None:
+    """Puts every checkpoint tensor in place of its meta placeholder in `model`."""
+    total = len(reader.expected)
+    num_bytes_total = estimate_load(reader.config, dtype, packed, expert_ids).resident_bytes
+    num_bytes_done = 0
+    for done, name in enumerate(reader.expected, start=1):
+        if progress is not None:
+            progress(done - 1, total)
+        is_expert = ".mlp.experts." in name
+        if is_expert and name.endswith("_scales") and not packed:
+            continue  # read and consumed with its blocks
+        tensor = reader.get(name, expert_ids if is_expert else None)
+        if is_expert and name.endswith("_blocks") and not packed:
+            scales = reader.get(name.removesuffix("_blocks") + "_scales", expert_ids)
+            name, tensor = name.removesuffix("_blocks"), _dequantize_chunked(tensor, scales, dtype, device)
+        elif tensor.dtype != torch.uint8:
+            tensor = tensor.to(dtype)
+        _assign(model, name, tensor.to(device))
+        num_bytes_done += tensor.nbytes
+        if progress_bytes is not None:
+            progress_bytes(num_bytes_done, num_bytes_total)
+    if progress is not None:
+        progress(total, total)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _check_expert_ids(experts: list[int] | None, config: ModelConfig) -> list[int] | None:

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 O200K_BASE_FILE_NAME = "o200k_base.tiktoken"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_BASE_NUM_BYTES = 3_613_922
-NUM_BASE_TOKENS = 199_998  # o200k_base ranks 0..199997; the harmony specials follow
 
 # Special token ids of o200k_harmony; ids up to 201087 not named here are reserved.
 STARTOFTEXT_ID = 199_998
@@ -201,3 +200,63 @@ def encode(text: str) -> list[int]:
 def decode(token_ids: Sequence[int]) -> str:
     """Text of token ids; bytes that are not valid UTF-8 become U+FFFD."""
     return get_encoding().decode(token_ids)
+
+
+@functools.cache
+def _base_token_bytes() -> tuple[bytes, ...] | None:
+    """o200k_base's bytes per rank, from the verified vocabulary file (None when harmony fetched the
+    file itself and we have no local copy)."""
+    vocab_dir = ensure_o200k_vocab()
+    if vocab_dir is None:
+        return None
+    ranks = []
+    for line in (vocab_dir / O200K_BASE_FILE_NAME).read_bytes().splitlines():
+        token, _ = line.split(b" ", 1)
+        ranks.append(base64.b64decode(token))
+    return tuple(ranks)
+
+
+def token_bytes(token_id: int) -> bytes:
+    """The bytes one token stands for (a token may hold part of a UTF-8 character); special and
+    reserved tokens give their names, e.g. b"<|call|>"."""
+    table = _base_token_bytes()
+    if table is not None and 0 <= token_id < len(table):
+        return table[token_id]
+    return get_encoding().decode([token_id]).encode()
+
+
+class IncrementalDecoder:
+    """Text of a token stream as it grows: each `feed` returns the text the new tokens complete. Bytes of
+    a character split across tokens are held back until the character is whole, so a stream never
+    shows a U+FFFD that the whole text would not have."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, token_ids: Sequence[int]) -> str:
+        data = self._pending + b"".join(token_bytes(t) for t in token_ids)
+        # At most 3 trailing bytes can be the start of an unfinished UTF-8 character.
+        for keep in range(min(3, len(data)), -1, -1):
+            head, tail = data[: len(data) - keep], data[len(data) - keep :]
+            if keep and not _is_utf8_start(tail):
+                continue
+            try:
+                text = head.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self._pending = tail
+            return text
+        self._pending = b""
+        return data.decode("utf-8", errors="replace")
+
+    def flush(self) -> str:
+        """What is held back at the end of the stream (an unfinished character becomes U+FFFD)."""
+        data, self._pending = self._pending, b""
+        return data.decode("utf-8", errors="replace")
+
+
+def _is_utf8_start(tail: bytes) -> bool:
+    """True when `tail` is the beginning of one UTF-8 character that needs more bytes."""
+    first = tail[0]
+    need = 2 if first >> 5 == 0b110 else 3 if first >> 4 == 0b1110 else 4 if first >> 3 == 0b11110 else 0
+    return need > len(tail) and all(b >> 6 == 0b10 for b in tail[1:])

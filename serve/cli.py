@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PACKED_EXPERTS = {"auto": None, "yes": True, "no": False}  # --packed-experts -> load_model(packed_experts=)
 DEFAULT_PRESET = "tiny"
 
 
@@ -36,17 +37,69 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import Engine, EngineConfig
     from gptoss import load_model
+    from gptoss.errors import InsufficientMemoryError, ServerError
 
     lines = read_batch_file(args.batch_file) if args.batch_file else None  # a bad file fails before loading
     checkpoint = args.checkpoint or default_checkpoint_dir()
     if not args.checkpoint:
         print(f"(no --checkpoint: using the embedded default model, random weights, at {checkpoint})",
               file=sys.stderr)
-    model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+    printer = LoadProgressPrinter(sys.stderr)
+    try:
+        model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device,
+                           packed_experts=PACKED_EXPERTS[args.packed_experts], progress_bytes=printer,
+                           check_memory=not args.skip_memory_check)
+    except ServerError as e:  # a broken checkpoint, or one that does not fit: no traceback
+        hint = ("\n(here: --packed-experts yes, --dtype bfloat16, or --skip-memory-check)"
+                if isinstance(e, InsufficientMemoryError) else "")
+        print(f"gptoss-serve generate: error: {e}{hint}", file=sys.stderr)
+        return 1
+    printer.finish()
     engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_mib << 20))
     if lines is not None:
         return _generate_batch(engine, args, lines)
     return _generate_one(engine, args)
+
+
+class LoadProgressPrinter:
+    """`load_model(progress_bytes=...)` on a console stream: "loading weights: 3.2 of 12.9 GiB (25%),
+    410 MB/s", rewritten in place on a terminal, else a line at most every `interval_s` (logs stay
+    short); `finish()` prints the total and the mean rate."""
+
+    def __init__(self, stream, clock=time.monotonic, interval_s: float = 1.0):
+        self.stream, self.clock, self.interval_s = stream, clock, interval_s
+        self.in_place = stream.isatty()
+        self.start_s = self.last_s = clock()
+        self.num_bytes_done = 0
+
+    def __call__(self, num_bytes_done: int, num_bytes_total: int) -> None:
+        self.num_bytes_done = num_bytes_done
+        now = self.clock()
+        if now - self.last_s < self.interval_s:
+            return
+        self.last_s = now
+        share = num_bytes_done / max(num_bytes_total, 1)
+        self._write(f"loading weights: {_size(num_bytes_done)} of {_size(num_bytes_total)} ({share:.0%}), "
+                    f"{self._rate_mb_s(now):.0f} MB/s")
+
+    def finish(self) -> None:
+        now = self.clock()
+        self._write(f"loaded {_size(self.num_bytes_done)} of weights in {now - self.start_s:.1f} s "
+                    f"({self._rate_mb_s(now):.0f} MB/s)", last=True)
+
+    def _rate_mb_s(self, now: float) -> float:
+        return self.num_bytes_done / max(now - self.start_s, 1e-9) / 1e6
+
+    def _write(self, line: str, last: bool = False) -> None:
+        if self.in_place:  # back to the line's start, and clear what a longer line left
+            self.stream.write(f"\r{line}\x1b[K" + ("\n" if last else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.1f} GiB" if num_bytes >= 1 << 30 else f"{num_bytes / (1 << 20):.1f} MiB"
 
 
 def _sampling(args: argparse.Namespace, **overrides):
@@ -235,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--packed-experts", choices=sorted(PACKED_EXPERTS), default="auto",
+                   help="keep experts MXFP4 (4.25 bits/weight) in memory; auto: only if dequantized they "
+                        "would not fit the free memory")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load even if the weights look too big for the free memory")
     p.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
     p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     p.add_argument("--batch-file", metavar="PROMPTS_JSONL",

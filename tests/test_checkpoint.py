@@ -1,8 +1,11 @@
 """Checkpoint layouts, expert-subset loading and the errors of broken checkpoints."""
 
+import contextlib
 import json
+import os
 import shutil
 import struct
+import threading
 
 import pytest
 import torch
@@ -208,3 +211,93 @@ def test_newer_rope_parameters_key_is_read():
     raw = gptoss.get_preset("tiny").to_hf_dict()
     raw["rope_parameters"] = dict(raw.pop("rope_scaling"), rope_theta=150000.0)
     assert gptoss.ModelConfig.from_dict(raw) == gptoss.get_preset("tiny")
+
+
+def edit_index(path, change):
+    """Rewrites the checkpoint's index with change(index) applied (a dict edit)."""
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    change(index)
+    index_file.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("change", [
+    lambda i: i.update(weight_map=list(i["weight_map"].items())),
+    lambda i: i["weight_map"].update({"lm_head.weight": 3}),
+    lambda i: i["weight_map"].update({"lm_head.weight": None}),
+    lambda i: i["weight_map"].update({"lm_head.weight": ["model-00001-of-00002.safetensors"]}),
+    lambda i: i["weight_map"].update({"lm_head.weight": ""}),
+], ids=["list", "int-file", "null-file", "list-file", "empty-file"])
+def test_an_index_that_does_not_map_names_to_file_names_is_a_checkpoint_error(ckpt_copy, change):
+    edit_index(ckpt_copy, change)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*weight_map"):
+        gptoss.load_model(ckpt_copy)
+
+
+@pytest.mark.parametrize("name", ["model.layers.x.foo", "model.layers..mlp", "model.layers.", "block..",
+                                  "block.1e3.attn", "model.layers.\u0663.mlp"],
+                         ids=["letter", "empty", "nothing-after", "block-empty", "float-like", "arabic-digit"])
+def test_a_tensor_name_with_a_malformed_layer_number_is_a_checkpoint_error(ckpt_copy, name):
+    edit_index(ckpt_copy, lambda i: i["weight_map"].update({name: "model-00001-of-00002.safetensors"}))
+    with pytest.raises(CheckpointError, match=f"{name}: malformed tensor name"):
+        gptoss.load_model(ckpt_copy)
+
+
+@pytest.mark.parametrize("shard", ["{outside}", "../outside.safetensors", "sub/../../outside.safetensors"],
+                         ids=["absolute", "parent", "parent-after-a-folder"])
+def test_a_shard_path_in_the_index_that_leaves_the_checkpoint_folder_is_refused(ckpt_copy, tmp_path, shard):
+    # A valid shard outside the folder: a load that followed the path would succeed.
+    outside = shutil.copy(ckpt_copy / "model-00002-of-00002.safetensors", tmp_path / "outside.safetensors")
+    (ckpt_copy / "sub").mkdir()
+    shard = shard.format(outside=outside)
+
+    def point_outside(index):
+        for name, file in index["weight_map"].items():
+            if file == "model-00002-of-00002.safetensors":
+                index["weight_map"][name] = shard
+
+    edit_index(ckpt_copy, point_outside)
+    with pytest.raises(CheckpointError, match=f"{shard}: shard path leaves the checkpoint folder"):
+        gptoss.load_model(ckpt_copy)
+
+
+def test_a_shard_symlinked_to_a_blob_outside_the_folder_loads_as_in_the_hf_cache(ckpt_copy, tmp_path, tiny_model):
+    # The HF hub cache: snapshots/<rev>/model-...safetensors -> ../../blobs/<hash>.
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in ckpt_copy.glob("*.safetensors"):
+        blob = blobs / shard.name.replace("model", "blob")
+        shard.rename(blob)
+        shard.symlink_to(os.path.relpath(blob, ckpt_copy))
+    assert torch.equal(gptoss.load_model(ckpt_copy, dtype=torch.float32)(IDS), tiny_model(IDS))
+
+
+@contextlib.contextmanager
+def fifo_with_a_writer(path):
+    """A FIFO at `path` whose writer sends junk to whoever opens it (so a reader gets an error, not a
+    hang); on exit the test opens it itself if nobody did, releasing the writer."""
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: open(path, "wb").write(b"junk"), daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(10)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["named-in-the-index", "found-by-scanning"])
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_shard_that_is_not_a_regular_file_is_refused_without_opening_it(ckpt_copy, indexed, kind):
+    shard = ckpt_copy / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    if not indexed:
+        (ckpt_copy / "model.safetensors.index.json").unlink()
+    with contextlib.ExitStack() as stack:
+        if kind == "fifo":
+            stack.enter_context(fifo_with_a_writer(shard))
+        else:
+            shard.mkdir()
+        with pytest.raises(CheckpointError, match=f"{shard}: not a regular file"):
+            gptoss.load_model(ckpt_copy)

@@ -113,3 +113,70 @@ def test_logprobs_come_from_the_unpenalised_distribution_with_the_top_n_first():
 def test_numpy_argmax_matches_torch_including_ties():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("-inf"), -1.0, -1.0, -2.0]])
     assert argmax_rows(logits).tolist() == logits.argmax(-1).tolist() == [1, 1]
+
+
+def peaked_logits(num_rows: int, vocab: int = 300, seed: int = 5) -> tuple[torch.Tensor, list[int]]:
+    """Logits of a model's size (|logit| up to ~30) whose argmax is neither the first nor the last token."""
+    logits = torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(seed)) * 10
+    logits[:, 0] = logits[:, -1] = -40.0
+    return logits, logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 9e-6], ids=["1e-39", "1e-30", "just-below-floor"])
+def test_a_temperature_below_the_floor_samples_the_argmax(temperature):
+    logits, argmax = peaked_logits(3)
+    assert sample(logits, torch.full((3,), temperature), [torch.Generator().manual_seed(i) for i in range(3)]).tolist() == argmax
+    requests = [make_request(SamplingParams(temperature=temperature, seed=i)) for i in range(3)]
+    assert requests[0].sampling.is_greedy
+    assert Sampler(seed=0)(logits, requests).token_ids == argmax
+
+
+FILTERS_THAT_LEAVE_ONE_TOKEN = [
+    dict(top_p=1e-50), dict(top_p=1e-8), dict(min_p=1.0), dict(top_k=1, top_p=1e-50),
+    dict(top_k=1, min_p=1.0, top_p=1e-50), dict(temperature=1e-4, top_p=1e-50),
+]
+
+
+@pytest.mark.parametrize("rules", FILTERS_THAT_LEAVE_ONE_TOKEN, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()))
+def test_filters_never_drop_the_most_likely_token(rules):
+    logits, argmax = peaked_logits(4)
+    params = SamplingParams(**({"temperature": 1.0} | rules))
+    requests = [make_request(params) for _ in range(4)]
+    for seed in range(5):
+        assert Sampler(seed=seed)(logits, requests).token_ids == argmax
+    column = {k: torch.full((4,), v) for k, v in rules.items() if k != "temperature"}
+    kept = filter_logits(logits, **column).isfinite()
+    assert kept.sum(-1).tolist() == [1] * 4 and kept[range(4), argmax].all()
+
+
+def test_a_batch_mixing_greedy_and_sampled_rows_gives_each_point_mass_row_its_argmax():
+    logits, argmax = peaked_logits(6)
+    params = [SamplingParams.greedy(), SamplingParams(temperature=1e-39), SamplingParams(top_p=1e-50, seed=3),
+              SamplingParams(temperature=0.7, top_k=1), SamplingParams(temperature=1.0, seed=4),
+              SamplingParams(temperature=2e-6, seed=5)]
+    out = Sampler(seed=0)(logits, [make_request(p) for p in params]).token_ids
+    assert [out[i] for i in (0, 1, 2, 3, 5)] == [argmax[i] for i in (0, 1, 2, 3, 5)]
+    assert 0 < out[4] < logits.shape[1] - 1 and logits[4, out[4]] > -40  # a real draw from the full row
+
+
+def test_a_top_k_beyond_any_vocabulary_keeps_every_token():
+    logits, _ = peaked_logits(1)
+    out = Sampler(seed=0)(logits, [make_request(SamplingParams(top_k=2**70, seed=1))]).token_ids
+    assert 0 < out[0] < logits.shape[1] - 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("vocab", [5, 3000], ids=["narrow", "wider-than-top-p-candidates"])
+@pytest.mark.parametrize("top_k", [0, 2], ids=["all", "top-2"])
+def test_rows_with_nan_or_infinite_logits_give_their_largest_number_not_the_last_token(temperature, vocab, top_k):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.full((5, vocab), -inf)
+    logits[:, :5] = torch.tensor([[0.0, 2.0, nan, 1.0, 0.5],  # NaN is not a number, let alone the largest
+                                  [nan, nan, nan, nan, nan],
+                                  [-inf, -inf, -inf, -inf, -inf],
+                                  [0.0, inf, 1.0, -inf, 3.0],
+                                  [-inf, 1.0, -inf, 0.0, -inf]])
+    logits[[0, 3, 4], 5:] = -50.0
+    out = sample(logits, torch.full((5,), temperature), [torch.Generator().manual_seed(i) for i in range(5)],
+                 top_k=torch.full((5,), top_k), top_p=torch.full((5,), 1e-9))
+    assert out.tolist() == [1, 0, 0, 1, 1]

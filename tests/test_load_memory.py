@@ -1,0 +1,174 @@
+"""What a load needs in memory, the refusal of a load that does not fit, the packed/dequantized choice,
+and out-of-memory errors reported as such (no big allocation: the free memory is faked)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import gptoss
+from gptoss import memory
+from gptoss.checkpoint import CheckpointReader
+from gptoss.errors import CheckpointError, InsufficientMemoryError
+from gptoss.load import _memory_options, estimate_load, estimate_load_bytes
+
+GIB = 1 << 30
+
+
+def expert_weights(preset: str) -> int:
+    """Hand count: per layer and expert, gate_up [2I, H] and down [H, I]."""
+    c = gptoss.get_preset(preset)
+    return c.num_hidden_layers * c.num_local_experts * 3 * c.intermediate_size * c.hidden_size
+
+
+def test_the_released_models_need_what_hand_figures_say():
+    # 120b: 114.7e9 expert weights; 4.25 bits each = 60.9e9 bytes, bf16 = 229.3e9 bytes.
+    assert expert_weights("gpt-oss-120b") == pytest.approx(114.7e9, rel=1e-3)
+    big = gptoss.get_preset("gpt-oss-120b")
+    packed = estimate_load(big, torch.bfloat16, packed_experts=True)
+    dequantized = estimate_load(big, torch.bfloat16, packed_experts=False)
+    assert packed.expert_bytes == pytest.approx(60.9e9, rel=0.01)
+    assert dequantized.expert_bytes == pytest.approx(229.3e9, rel=0.01)
+    # ~2.2e9 replicated weights (embedding + unembedding 1.16e9, attention + router 1.0e9), bf16.
+    assert packed.replicated_bytes == dequantized.replicated_bytes == pytest.approx(4.33e9, rel=0.02)
+    assert estimate_load_bytes(big, torch.bfloat16, True) / GIB == pytest.approx(61, rel=0.03)
+    assert estimate_load_bytes(big, torch.bfloat16, False) / GIB == pytest.approx(218, rel=0.02)
+    # 20b: the experts alone are ~38 GB in bf16, but the model is known to run in 16 GB packed.
+    small = gptoss.get_preset("gpt-oss-20b")
+    assert estimate_load(small, torch.bfloat16, False).expert_bytes == pytest.approx(38.2e9, rel=0.01)
+    assert 12 * GIB < estimate_load_bytes(small, torch.bfloat16, True) < 16 * GIB
+    # An EP rank's share: 120b over 8 ranks, ~7.6 GB of experts + ~4.3 GB replicated per rank (DESIGN.md).
+    share = estimate_load(big, torch.bfloat16, True, experts=list(range(16)))
+    assert share.expert_bytes == pytest.approx(7.6e9, rel=0.01)
+    # float32 doubles everything but the packed experts.
+    assert estimate_load(big, torch.float32, True).replicated_bytes == 2 * packed.replicated_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dequantized"])
+@pytest.mark.parametrize("experts", [None, [1, 2, 6]], ids=["all-experts", "a-share"])
+def test_the_estimate_counts_exactly_the_bytes_a_loaded_model_holds(tiny_checkpoint, dtype, packed, experts):
+    seen = []
+    model = gptoss.load_model(tiny_checkpoint, dtype=dtype, experts=experts, packed_experts=packed,
+                              progress_bytes=lambda done, total: seen.append((done, total)))
+    held = sum(t.nbytes for t in model.state_dict().values())
+    estimate = estimate_load(model.config, dtype, packed, experts)
+    assert estimate.resident_bytes == held
+    assert seen[-1] == (held, held) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
+
+
+def fake_free_memory(monkeypatch, free: int | None) -> None:
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+
+
+def test_a_load_that_does_not_fit_is_refused_before_reading_saying_need_free_and_options(tiny_checkpoint,
+                                                                                        monkeypatch):
+    config = gptoss.load_config(tiny_checkpoint)
+    need = estimate_load_bytes(config, torch.float32, False)
+    fake_free_memory(monkeypatch, need - 1)
+    reads = []
+    monkeypatch.setattr(CheckpointReader, "read_range", lambda *args: reads.append(args))
+    with pytest.raises(InsufficientMemoryError) as info:
+        gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=False)
+    message = str(info.value)
+    assert f"needs ~{need / GIB:.1f} GiB on cpu (8 experts dequantized to float32" in message
+    assert f"only {(need - 1) / GIB:.1f} GiB is available" in message
+    for option in ("packed_experts=True (~", "dtype=torch.bfloat16 (~", "an EP group of 2 ranks holds 4 experts",
+                   "check_memory=False"):
+        assert option in message
+    assert not reads and info.value.http_status == 500
+    # Skipping the check loads anyway.
+    monkeypatch.undo()
+    fake_free_memory(monkeypatch, need - 1)
+    gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=False, check_memory=False)
+
+
+def test_the_smallest_ep_group_that_fits_is_offered():
+    big = gptoss.get_preset("gpt-oss-120b")
+    options = _memory_options(big, torch.bfloat16, None, packed=True, free=20 * GIB)
+    # 32 experts a rank: 15.2e9 B of experts + 4.3e9 replicated + 1.2e9 transient = 19.2 GiB (2 ranks: ~33).
+    assert options == ["fewer experts per rank: an EP group of 4 ranks holds 32 experts a rank (~19.2 GiB each)",
+                       "check_memory=False to try anyway"]
+
+
+@pytest.mark.parametrize("free, packed", [(None, False), (64 * GIB, False), ("between", True)],
+                         ids=["unknown-free-memory", "plenty", "only-packed-fits"])
+def test_auto_keeps_experts_packed_only_when_dequantized_would_not_fit(tiny_checkpoint, monkeypatch, caplog,
+                                                                       free, packed):
+    config = gptoss.load_config(tiny_checkpoint)
+    if free == "between":
+        free = (estimate_load_bytes(config, torch.float32, True) + estimate_load_bytes(config, torch.float32, False)) // 2
+    fake_free_memory(monkeypatch, free)
+    with caplog.at_level(logging.INFO, logger="gptoss.load"):
+        model = gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+    assert all(block.mlp.experts.packed == packed for block in model.layers)
+    assert ("experts kept packed (MXFP4)" if packed else "experts kept dequantized to float32") in caplog.text
+
+
+@pytest.mark.parametrize("error", [
+    OSError(12, "Cannot allocate memory"),
+    OSError("Cannot allocate memory (os error 12)"),  # how safetensors words it, errno unset
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes."),
+    MemoryError(),
+], ids=["enomem", "safetensors-enomem", "torch-allocator", "memory-error"])
+def test_an_allocation_that_fails_while_reading_is_reported_as_out_of_memory(tiny_checkpoint, monkeypatch, error):
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(CheckpointReader, "read_range", fail)
+    with pytest.raises(InsufficientMemoryError, match="out of memory on cpu after loading .* the checkpoint is "
+                                                      "not at fault. Options: packed_experts=True"):
+        gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=False)
+
+
+def test_a_shard_that_cannot_be_mapped_for_lack_of_memory_is_not_called_unreadable(tiny_checkpoint, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise OSError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr("gptoss.checkpoint.safe_open", no_memory)
+    with pytest.raises(InsufficientMemoryError, match="out of memory while opening it .* the file is not at fault") \
+            as info:
+        gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+    assert "not a readable safetensors file" not in str(info.value)
+
+
+def test_other_read_errors_pass_through_unchanged(tiny_checkpoint, monkeypatch):
+    def broken(*args):
+        raise CheckpointError("shard.safetensors: broken")
+
+    monkeypatch.setattr(CheckpointReader, "read_range", broken)
+    with pytest.raises(CheckpointError, match="^shard.safetensors: broken$"):
+        gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cpu_free_memory_is_the_smaller_of_meminfo_and_the_tightest_cgroup_headroom(tmp_path, version):
+    write(tmp_path / "meminfo", "MemTotal: 64000000 kB\nMemAvailable:   50000000 kB\n")
+    mib = 1 << 20
+    if version == "v2":
+        write(tmp_path / "proc_cgroup", "0::/pod/app\n")
+        own, parent = tmp_path / "cg" / "pod" / "app", tmp_path / "cg" / "pod"
+        write(own / "memory.max", "max\n")
+        write(own / "memory.current", f"{3000 * mib}\n")
+        write(parent / "memory.max", f"{8000 * mib}\n")
+        write(parent / "memory.current", f"{5000 * mib}\n")
+        write(parent / "memory.stat", f"anon 1\ninactive_file {1000 * mib}\n")
+    else:
+        write(tmp_path / "proc_cgroup", "4:memory:/pod/app\n1:cpu:/\n0::/\n")
+        own = tmp_path / "cg" / "memory" / "pod" / "app"
+        write(own / "memory.limit_in_bytes", f"{8000 * mib}\n")
+        write(own / "memory.usage_in_bytes", f"{5000 * mib}\n")
+        write(own / "memory.stat", f"total_inactive_file {1000 * mib}\n")
+        write(own.parent / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+        write(own.parent / "memory.usage_in_bytes", f"{5000 * mib}\n")
+    free = memory.cpu_available_bytes(tmp_path / "meminfo", tmp_path / "cg", tmp_path / "proc_cgroup")
+    assert free == 4000 * mib  # 8000 - (5000 - 1000 inactive page cache) < 50 GB
+    assert memory.cpu_available_bytes(tmp_path / "meminfo", tmp_path / "none", tmp_path / "none") == 50000000 * 1024
+    assert memory.cpu_available_bytes(tmp_path / "none", tmp_path / "none", tmp_path / "none") is None
