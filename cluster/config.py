@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
+from gptoss.load import TORCH_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 COMMUNICATORS = ("auto", "torch_dist", "cupy_nccl")
 
@@ -64,7 +64,7 @@ class GroupConfig:
 
         need(isinstance(self.checkpoint, str) and bool(self.checkpoint), "checkpoint", "a checkpoint folder")
         need(isinstance(self.num_ranks, int) and self.num_ranks >= 1, "num_ranks", "an int >= 1")
-        need(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+        need(self.dtype in TORCH_DTYPES, "dtype", f"one of {sorted(TORCH_DTYPES)}")
         need(self.packed_experts in (None, True, False), "packed_experts", "True, False or None (auto)")
         need(self.device in DEVICES, "device", f"one of {DEVICES}")
         need(self.communicator in COMMUNICATORS, "communicator", f"one of {COMMUNICATORS}")
@@ -75,4 +75,4 @@ class GroupConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]

@@ -215,6 +215,7 @@ class Engine:
             num_kv_blocks_free=pool.num_free_blocks,
             num_kv_blocks_cached=pool.get_num_cached_free_blocks(),
             kv_block_bytes=self.kv_block_bytes,
+            max_model_len=self.max_model_len,
             prefix_cache_query_tokens=self.scheduler.prefix_cache_query_tokens,
             prefix_cache_hit_tokens=self.scheduler.prefix_cache_hit_tokens,
             num_steps=self._num_steps,

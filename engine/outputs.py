@@ -58,6 +58,7 @@ class EngineStats:
     num_kv_blocks_free: int  # not held by any request (cached-but-evictable blocks included)
     num_kv_blocks_cached: int  # free blocks that still hold a reusable prefix
     kv_block_bytes: int  # bytes of one block, all the layers it covers included
+    max_model_len: int  # prompt + output tokens one request may use (the context, capped by the pool)
     prefix_cache_query_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int  # of those, tokens found (not recomputed)
     num_steps: int

@@ -197,6 +197,29 @@ def _assistant_to_harmony(m: ChatMessage) -> list[Message]:
     return out
 
 
+def tool_call_prefill(name: str | None) -> list[int]:
+    """Tokens that start the assistant's reply as a call of function `name` (any function when None),
+    appended to a prompt from `render_prompt` to force a tool call (OpenAI's tool_choice "required"
+    or a named function). For a named function the header is complete and the model writes the JSON
+    arguments; for None it stops after "to=functions" and the model writes the name (".get_weather")
+    and the rest of the header, so the function name is tokenized as the model learned it.
+    """
+    header = (
+        Message.from_role_and_content(Role.ASSISTANT, "")
+        .with_channel("commentary")
+        .with_recipient(_FUNCTIONS_PREFIX + (name or "x"))
+        .with_content_type("<|constrain|>json")
+    )
+    encoding = get_encoding()
+    tokens = encoding.render(header)  # <|start|>assistant to=functions.NAME<|channel|>...<|message|>...
+    if name is None:
+        stop = tokens.index(encoding.encode("functions", allowed_special=set())[0], 2) + 1
+    else:
+        _check_tool_name(name, "name")
+        stop = tokens.index(MESSAGE_ID) + 1
+    return tokens[2:stop]  # what follows the prompt's <|start|>assistant
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """New text of a message on `channel` ("analysis", "commentary" preamble, or "final")."""
@@ -278,7 +301,7 @@ class StreamingParser:
         deltas: list[StreamDelta] = []
         for token in [token_ids] if isinstance(token_ids, int) else token_ids:
             self._process(token, deltas)
-        return _merge(deltas)
+        return merge_deltas(deltas)
 
     def finish(self) -> list[StreamDelta]:
         """End of the completion: flushes a message cut off mid-content (e.g. by max_tokens)."""
@@ -288,7 +311,7 @@ class StreamingParser:
             self._close(deltas)
         # A message cut off inside its header has no content yet, so there is nothing to flush.
         self._finished = True
-        return _merge(deltas)
+        return merge_deltas(deltas)
 
     def result(self) -> ParsedCompletion:
         """Everything parsed so far (the whole completion once finish() was called)."""
@@ -377,7 +400,7 @@ def _tool_name(recipient: str) -> str:
     return recipient.removeprefix(_FUNCTIONS_PREFIX)
 
 
-def _merge(deltas: list[StreamDelta]) -> list[StreamDelta]:
+def merge_deltas(deltas: list[StreamDelta]) -> list[StreamDelta]:
     """Join adjacent text (or argument) deltas of the same message, for chunked feeding."""
     merged: list[StreamDelta] = []
     for d in deltas:

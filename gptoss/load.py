@@ -97,6 +97,10 @@ def estimate_load_bytes(config: ModelConfig, dtype: torch.dtype, packed_experts:
     return estimate_load(config, dtype, packed_experts, experts).total_bytes
 
 
+# dtype names as configs and the CLI spell them.
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def load_config(path: str | Path) -> ModelConfig:
     return detect_layout(path).config
 

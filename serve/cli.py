@@ -9,19 +9,117 @@ import time
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import torch
+from gptoss.load import TORCH_DTYPES as DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PACKED_EXPERTS = {"auto": None, "yes": True, "no": False}  # --packed-experts -> load_model(packed_experts=)
-DEFAULT_PRESET = "tiny"
 
 
 def default_checkpoint_dir() -> Path:
     """The embedded default model: a random-weight `tiny` checkpoint in the release layout, written
     once under $GPTOSS_CACHE_DIR (no model hub is needed to try the system)."""
-    from gptoss.writer import cached_random_checkpoint
+    from serve.config import AppConfig
 
-    return cached_random_checkpoint(DEFAULT_PRESET, seed=0)
+    return Path(AppConfig().checkpoint_path())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Starts Ray (or joins --address), deploys the app, prints the endpoints, blocks until Ctrl-C."""
+    import signal
+
+    from serve.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+        config = _with_overrides(config, args)
+    except ConfigError as e:
+        print(f"gptoss-serve serve: error: {e}", file=sys.stderr)
+        return 2
+    if config.model.checkpoint is None:
+        print("(no model.checkpoint in the config: serving the embedded default model, random weights)",
+              file=sys.stderr)
+    checkpoint = config.checkpoint_path()  # writes the embedded model here first, when it is the one
+    problem = _check_against_checkpoint(config, checkpoint)
+    if problem:
+        print(f"gptoss-serve serve: error: {problem}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from serve.app import GRPC_SERVICER_FUNCTIONS, build_app_from_config
+
+    stop = _StopSignal()
+    ray.init(address=args.address, namespace="gptoss-serve")
+    try:
+        serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port),
+                    grpc_options=gRPCOptions(
+                        port=config.grpc.port, enable_reflection=True,
+                        grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if config.grpc.enabled else []))
+        print(f"deploying {config.served_model_name()!r} ({config.group.num_ranks} rank(s) per EP group, "
+              f"{config.model_server.num_replicas} group(s)); loading progress follows", file=sys.stderr)
+        serve.run(build_app_from_config(config), name="gptoss", route_prefix="/", blocking=False)
+        host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+        print(f"serving {config.served_model_name()!r}\n"
+              f"  OpenAI API: http://{host}:{config.http.port}/v1  (health: /health)\n"
+              + (f"  gRPC:       {host}:{config.grpc.port}  (gptoss.v1.GptossService, reflection on)\n"
+                 if config.grpc.enabled else "")
+              + "Ctrl-C stops it.", file=sys.stderr, flush=True)
+        stop.wait()
+        print("shutting down", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean shutdown
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+class _StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM ends `wait`."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self._event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._event.set())
+
+    def wait(self) -> None:
+        while not self._event.wait(0.5):
+            pass
+
+
+def _with_overrides(config, args: argparse.Namespace):
+    """The config with the command line's --checkpoint / --host / --http-port / --grpc-port applied."""
+    from serve.config import parse_config
+
+    raw = config.model_dump()
+    if args.checkpoint:
+        raw["model"]["checkpoint"] = args.checkpoint
+    for section, key, value in (("http", "host", args.host), ("http", "port", args.http_port),
+                                ("grpc", "port", args.grpc_port)):
+        if value is not None:
+            raw[section][key] = value
+    return parse_config(raw, "command line")
+
+
+def _check_against_checkpoint(config, checkpoint: str) -> str | None:
+    """What the config asks that this checkpoint cannot do (read here when the folder is readable)."""
+    from gptoss import load_config as read_model_config
+    from gptoss.errors import CheckpointError
+
+    if not Path(checkpoint).is_dir():
+        return None  # e.g. mounted only on the worker nodes: the ranks will say
+    try:
+        model = read_model_config(checkpoint)
+    except CheckpointError as e:
+        return str(e)
+    g, e = config.group.num_ranks, model.num_local_experts
+    if e % g:
+        return (f"group.num_ranks must divide the model's {e} experts, got {g}; one of "
+                f"{[d for d in range(1, e + 1) if e % d == 0]}")
+    return None
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -270,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-serve", description="Serve gpt-oss on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("serve", help="serve the model: OpenAI HTTP API and gRPC on Ray Serve (Ctrl-C stops)")
+    p.add_argument("config", nargs="?", help="app config YAML (default: the embedded default model)")
+    p.add_argument("--checkpoint", help="overrides model.checkpoint")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--host", help="overrides http.host (0.0.0.0: every interface)")
+    p.add_argument("--http-port", type=int, help="overrides http.port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="overrides grpc.port (default 9000)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("checkpoint", help="write a random-weight checkpoint in the released layout")
     p.add_argument("--preset", default="tiny", help="tiny, small, gpt-oss-20b or gpt-oss-120b")
     p.add_argument("--out", required=True, help="output folder")
@@ -308,11 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from gptoss.errors import GptossError
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gptoss-serve {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except GptossError as e:  # a server-side fault (a broken checkpoint, ...): said plainly, no traceback
+        print(f"gptoss-serve {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -75,3 +75,58 @@ def event_loop_thread():
     yield run
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_cluster):
+    """Ray Serve on the simulated cluster, HTTP and gRPC proxies on free loopback ports (head node only:
+    the simulated nodes share one address)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from serve.app import GRPC_SERVICER_FUNCTIONS
+
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(proxy_location="HeadOnly", http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    yield SimpleNamespace(http=f"http://127.0.0.1:{http_port}", grpc=f"127.0.0.1:{grpc_port}")
+    serve.shutdown()
+
+
+# The app most serving tests share: the tiny model in float32 (exact), one CPU rank, a small KV pool.
+SERVE_TEST_CONFIG = {
+    "model": {"dtype": "float32", "packed_experts": False},
+    "group": {"num_ranks": 1, "device": "cpu", "step_timeout_s": 30},
+    "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "kv_cache_gib": 0.02, "max_model_len": 2048},
+    "model_server": {"num_cpus": 0.1, "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 10},
+    "gateway": {"num_cpus": 0.1, "max_request_bytes": 1 << 20},
+}
+
+
+@pytest.fixture(scope="session")
+def serve_app(serve_instance, tiny_checkpoint):
+    """The shared app, deployed once; `.http`, `.grpc` endpoints, `.config`, `.model_server` (a handle)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve.app import MODEL_SERVER_NAME, build_app_from_config
+    from serve.config import parse_config
+
+    raw = {**SERVE_TEST_CONFIG, "model": {**SERVE_TEST_CONFIG["model"], "checkpoint": str(tiny_checkpoint),
+                                          "name": "tiny-test"}}
+    config = parse_config(raw)
+    serve.run(build_app_from_config(config), name="main", route_prefix="/")
+    yield SimpleNamespace(http=serve_instance.http, grpc=serve_instance.grpc, config=config, name="tiny-test",
+                          model_server=serve.get_deployment_handle(MODEL_SERVER_NAME, app_name="main"))
+    serve.delete("main")

@@ -1,0 +1,82 @@
+"""`build_app`: validate the config -> build the two deployments -> bind them into one application.
+
+    model server (one EP group per replica)  <--DeploymentHandle--  gateway (ingress: OpenAI HTTP + gRPC)
+
+`build_app(args)` is the `import_path` target of Ray's own tooling (`serve run serve.app:build_app`,
+`serve deploy`, KubeRay's serveConfigV2), with `args` the app config's mapping; `gptoss-serve serve`
+calls `build_app_from_config`. gRPC needs the servicers of `GRPC_SERVICER_FUNCTIONS` in the Serve
+instance's `grpc_options` (which `gptoss-serve serve` sets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from serve.config import AppConfig, parse_config
+from serve.gateway import Pipeline
+from serve.grpc_api import GrpcApi
+from serve.model_server import ModelServer, replica_bundles
+from serve.openai_api import make_openai_app
+
+GRPC_SERVICER_FUNCTIONS = [
+    "serve.proto.gptoss.v1.gptoss_pb2_grpc.add_GptossServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+MODEL_SERVER_NAME = "ModelServer"
+GATEWAY_NAME = "Gateway"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The application for `serve run serve.app:build_app` / a Serve config's `import_path`."""
+    return build_app_from_config(parse_config(args, "args"))
+
+
+def build_app_from_config(config: AppConfig) -> Application:
+    device = resolve_device(config.group.device)
+    ms = config.model_server
+    model_server = serve.deployment(ModelServer).options(
+        name=MODEL_SERVER_NAME,
+        num_replicas=ms.num_replicas,
+        ray_actor_options={"num_cpus": ms.num_cpus},
+        placement_group_bundles=replica_bundles(config, device),
+        placement_group_strategy="PACK",
+        max_ongoing_requests=config.max_ongoing_requests_per_replica(),
+        max_queued_requests=ms.max_queued_requests,
+        health_check_period_s=ms.health_check_period_s,
+        health_check_timeout_s=ms.health_check_timeout_s,
+        graceful_shutdown_timeout_s=ms.graceful_shutdown_timeout_s,
+    ).bind(config, device)
+    gw = config.gateway
+    return serve.deployment(Gateway).options(
+        name=GATEWAY_NAME,
+        num_replicas=gw.num_replicas,
+        ray_actor_options={"num_cpus": gw.num_cpus},
+        max_ongoing_requests=gw.max_ongoing_requests,
+    ).bind(model_server, config)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" becomes "cuda" when the cluster has GPUs, else "cpu" (decided once, at build time, so a
+    replica's bundles and its ranks agree; set it explicitly where GPU nodes join later by autoscaling)."""
+    if device != "auto":
+        return device
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    return "cuda" if has_gpus else "cpu"
+
+
+@serve.ingress()
+class Gateway(GrpcApi):
+    """The ingress: the OpenAI HTTP API (FastAPI) and the gRPC methods in one deployment, sharing one
+    pipeline; it scales apart from the model servers."""
+
+    def __init__(self, model_server, config: AppConfig):
+        self.pipeline = Pipeline(model_server, config.served_model_name(), config.gateway.max_n)
+        self.max_request_bytes = config.gateway.max_request_bytes
+
+    def __serve_build_asgi_app__(self):
+        """Called by Serve after the constructor: the FastAPI app, bound to this replica's pipeline."""
+        return make_openai_app(self.pipeline, self.max_request_bytes)

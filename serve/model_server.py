@@ -1,0 +1,158 @@
+"""`ModelServer`: the Ray Serve deployment behind the gateway. One replica = one EP group.
+
+The replica declares its placement group itself: its own small CPU bundle first, then one bundle per
+rank (`{"GPU": 1}` on GPU clusters, CPUs only on CPU machines), PACKed. Its group starts inside that
+placement group (using the last G bundles), so Serve owns the bundles and frees them with the replica.
+Serve's health check is the group's health: a failed group makes Serve replace the whole replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from cluster import EPGroup, GroupStats, LoadProgress
+from cluster.placement import rank_bundle
+from engine.outputs import RequestOutput
+from serve.config import AppConfig
+from serve.protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth
+
+logger = logging.getLogger("ray.serve")  # what Serve writes to the replica's log
+
+_DRAIN_MARGIN_S = 5.0  # of the graceful shutdown timeout, kept for stopping the ranks
+
+
+def replica_bundles(config: AppConfig, device: str) -> list[dict[str, float]]:
+    """The replica's placement group: its own bundle, then one per rank (the group uses the last G)."""
+    rank = rank_bundle(device, config.group.num_cpus_per_rank)
+    return [{"CPU": config.model_server.num_cpus}] + [dict(rank) for _ in range(config.group.num_ranks)]
+
+
+class ModelServer:
+    """generate / abort / info / stats / health over one EPGroup; Serve calls `check_health` and, on
+    graceful shutdown, `__del__` (which drains the group)."""
+
+    async def __init__(self, config: AppConfig, device: str):
+        self.config = config
+        replica = serve.get_replica_context().replica_id.unique_id
+        checkpoint = config.checkpoint_path()  # the embedded default model is written here on first use
+        self.group = EPGroup(config.group_config(checkpoint, name=f"group-{replica}", device=device))
+        self._stream_interval_s = config.model_server.stream_interval_ms / 1000
+        self._last_progress_log = 0.0
+        start = time.monotonic()
+        logger.info("starting an EP group of %d ranks on %s from %s", config.group.num_ranks, device, checkpoint)
+        await self.group.start(on_progress=self._log_progress)
+        stats = await self.group.stats()
+        engine = stats.ranks[0].engine
+        model = await asyncio.to_thread(_load_model_config, checkpoint)
+        self.info = ModelInfo(
+            max_model_len=engine.max_model_len, vocab_size=model.vocab_size,
+            num_hidden_layers=model.num_hidden_layers, num_local_experts=model.num_local_experts,
+            num_experts_per_tok=model.num_experts_per_tok, num_ranks=config.group.num_ranks,
+            dtype=config.model.dtype, device=self.group.device, max_logprobs=config.engine.max_logprobs)
+        logger.info("EP group ready in %.1f s: %d ranks on %s, %d KV blocks per rank, max_model_len %d",
+                    time.monotonic() - start, config.group.num_ranks, self.group.device, engine.num_kv_blocks,
+                    engine.max_model_len)
+
+    def _log_progress(self, progress: list[LoadProgress]) -> None:
+        now = time.monotonic()
+        done = all(p.stage == "ready" for p in progress)
+        if not done and now - self._last_progress_log < 5.0:
+            return
+        self._last_progress_log = now
+        logger.info("loading: %s", ", ".join(
+            f"rank {p.rank} {p.stage} {p.tensors_done}/{p.tensors_total} tensors" for p in progress))
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def generate(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        """Streams the request's tokens; a caller that goes away (Serve cancels this generator)
+        aborts the request in its engine, freeing its KV blocks."""
+        outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling)
+        async for chunk in merge_outputs(outputs, self._stream_interval_s):
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.group.abort(request_id)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def get_info(self) -> ModelInfo:
+        return self.info
+
+    async def stats(self) -> GroupStats:
+        return await self.group.stats()
+
+    def health(self) -> ReplicaHealth:
+        health = self.group.health()
+        return ReplicaHealth(health.ok, health.state, health.error)
+
+    def check_health(self) -> None:
+        """Serve's health check: raising makes Serve replace this replica (the group is the unit of failure)."""
+        health = self.group.health()
+        if health.state not in ("healthy", "draining"):
+            raise RuntimeError(f"EP group is {health.state}: {health.error}")
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown: open requests had `graceful_shutdown_timeout_s` to finish; what is
+        left is aborted, then the ranks stop."""
+        await self.group.drain(timeout_s=max(1.0, self.config.model_server.graceful_shutdown_timeout_s
+                                             - _DRAIN_MARGIN_S))
+
+
+def _load_model_config(checkpoint: str):
+    import gptoss
+
+    return gptoss.load_config(checkpoint)
+
+
+async def merge_outputs(outputs: AsyncIterator[RequestOutput], interval_s: float) -> AsyncIterator[ModelChunk]:
+    """Each request output as a chunk, merging the ones that are ready together: when the caller reads
+    slower than the engine samples, a chunk carries several steps' tokens (fewer messages through
+    Ray). With `interval_s` > 0 a chunk after the first also waits until that long after the previous.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def read() -> None:
+        try:
+            async for output in outputs:
+                queue.put_nowait(output)
+            queue.put_nowait(end)
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait(e)
+
+    reader = asyncio.create_task(read())
+    last_sent = 0.0
+    try:
+        while True:
+            items = [await queue.get()]
+            if interval_s > 0 and last_sent:
+                await asyncio.sleep(max(0.0, last_sent + interval_s - time.monotonic()))
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            finished = [item for item in items if item is end or isinstance(item, Exception)]
+            merged = [item for item in items if isinstance(item, RequestOutput)]
+            if merged:
+                yield _merge(merged)
+                last_sent = time.monotonic()
+            if finished:
+                if isinstance(finished[0], Exception):
+                    raise finished[0]
+                return
+    finally:
+        reader.cancel()  # the caller left: the group's generator aborts the request
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+def _merge(outputs: list[RequestOutput]) -> ModelChunk:
+    last = outputs[-1]
+    logprobs = None
+    if any(o.new_logprobs is not None for o in outputs):
+        logprobs = tuple(lp for o in outputs for lp in (o.new_logprobs or ()))
+    return ModelChunk(tuple(t for o in outputs for t in o.new_token_ids), logprobs, last.finish_reason,
+                      last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)

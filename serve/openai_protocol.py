@@ -1,0 +1,303 @@
+"""The OpenAI API's request shapes (validated with pydantic, unknown fields refused) and the builders of
+its response bodies from the pipeline's events.
+
+Fields OpenAI defines that this server cannot honour (response_format other than text, logit_bias,
+audio, echo, suffix, ...) are refused with a 400 naming them, never silently ignored; fields that do
+not change the result (user, metadata, store, service_tier, parallel_tool_calls) are accepted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.outputs import TokenLogprobs
+from gptoss.harmony import TextDelta, ToolCallArgsDelta, ToolCallStart
+from gptoss.tokenizer import token_bytes
+from serve.gateway import ChoiceEvent, ChoiceUsage
+
+_PENALTY = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _refuse_unsupported(values: dict, names: tuple[str, ...], empty_ok: tuple = (None,)) -> None:
+    for name in names:
+        if values.get(name) not in empty_ok:
+            raise ValueError(f"{name} is not supported by this server")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None  # an earlier assistant turn's chain of thought
+    reasoning_content: str | None = None  # the same, as older clients name it
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # extension (vLLM): 0 keeps every token
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension (vLLM)
+    n: Annotated[int, Field(ge=1)] = 1
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    presence_penalty: _PENALTY = 0.0
+    frequency_penalty: _PENALTY = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; the request is aborted past it
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    include_reasoning: bool = True
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        _refuse_unsupported(self.__dict__, ("audio", "prediction", "web_search_options"))
+        _refuse_unsupported(self.__dict__, ("modalities",), (None, ["text"]))
+        _refuse_unsupported(self.__dict__, ("logit_bias",), (None, {}))
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format other than {\"type\": \"text\"} is not supported by this server")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        _refuse_unsupported(self.__dict__, ("echo",), (False,))
+        _refuse_unsupported(self.__dict__, ("suffix",))
+        _refuse_unsupported(self.__dict__, ("logit_bias",), (None, {}))
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage_body(usages: list[ChoiceUsage | None], n: int) -> dict:
+    """OpenAI's usage over a request's choices; choices come n per prompt, each prompt counted once."""
+    done = [u for u in usages if u is not None]
+    prompt = sum(u.num_prompt_tokens for u in usages[::n] if u is not None)
+    completion = sum(u.num_output_tokens for u in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.num_cached_tokens for u in usages[::n] if u is not None)},
+            "completion_tokens_details": {"reasoning_tokens": sum(u.num_reasoning_tokens for u in done)}}
+
+
+def token_text(token_id: int) -> str:
+    return token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def chat_logprobs(logprobs: tuple[TokenLogprobs, ...]) -> list[dict]:
+    """OpenAI's chat `logprobs.content` entries."""
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token": token_text(token_id), "logprob": logprob, "bytes": list(token_bytes(token_id))}
+
+    return [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in
+                                                                zip(lp.top_token_ids, lp.top_logprobs, strict=True)]}
+            for lp in logprobs]
+
+
+def completion_logprobs(logprobs: tuple[TokenLogprobs, ...], text_offset: int) -> dict:
+    """OpenAI's legacy completions `logprobs` object; `text_offset` is where these tokens' text starts."""
+    tokens = [token_text(lp.token_id) for lp in logprobs]
+    offsets, at = [], text_offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_text(t): v for t, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+class ChatDeltaBuilder:
+    """Per request: the OpenAI chat delta of each event (tool-call ids made once per call)."""
+
+    def __init__(self, include_reasoning: bool):
+        self.include_reasoning = include_reasoning
+        self._call_ids: dict[tuple[int, int], str] = {}
+        self._started: set[int] = set()
+
+    def call_id(self, choice: int, index: int) -> str:
+        return self._call_ids.setdefault((choice, index), f"call_{uuid.uuid4().hex[:24]}")
+
+    def delta(self, event: ChoiceEvent) -> dict:
+        delta: dict[str, Any] = {}
+        if event.index not in self._started:
+            self._started.add(event.index)
+            delta["role"] = "assistant"
+        content = "".join(d.text for d in event.deltas if isinstance(d, TextDelta) and d.channel != "analysis")
+        reasoning = "".join(d.text for d in event.deltas if isinstance(d, TextDelta) and d.channel == "analysis")
+        if content:
+            delta["content"] = content
+        if reasoning and self.include_reasoning:
+            delta["reasoning"] = delta["reasoning_content"] = reasoning
+        calls = []
+        for d in event.deltas:
+            if isinstance(d, ToolCallStart):
+                calls.append({"index": d.index, "id": self.call_id(event.index, d.index), "type": "function",
+                              "function": {"name": d.name, "arguments": ""}})
+            elif isinstance(d, ToolCallArgsDelta):
+                if calls and calls[-1]["index"] == d.index:
+                    calls[-1]["function"]["arguments"] += d.arguments
+                else:
+                    calls.append({"index": d.index, "function": {"arguments": d.arguments}})
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+
+class ChatChoiceAccumulator:
+    """A non-streamed chat choice, built from its events."""
+
+    def __init__(self, index: int, builder: ChatDeltaBuilder, want_logprobs: bool):
+        self.index, self.builder, self.want_logprobs = index, builder, want_logprobs
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[dict] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.finish_reason: str | None = None
+        self.usage: ChoiceUsage | None = None
+
+    def add(self, event: ChoiceEvent) -> None:
+        for d in event.deltas:
+            if isinstance(d, TextDelta):
+                (self.reasoning if d.channel == "analysis" else self.content).append(d.text)
+            elif isinstance(d, ToolCallStart):
+                self.calls.append({"id": self.builder.call_id(self.index, d.index), "type": "function",
+                                   "function": {"name": d.name, "arguments": ""}})
+            elif isinstance(d, ToolCallArgsDelta):
+                self.calls[-1]["function"]["arguments"] += d.arguments
+        self.logprobs += event.logprobs
+        if event.finish_reason is not None:
+            self.finish_reason, self.usage = event.finish_reason, event.usage
+
+    def body(self) -> dict:
+        content = "".join(self.content)
+        reasoning = "".join(self.reasoning) if self.builder.include_reasoning else ""
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if self.calls else ""),
+                                   "reasoning": reasoning or None, "reasoning_content": reasoning or None}
+        if self.calls:
+            message["tool_calls"] = self.calls
+        return {"index": self.index, "message": message, "finish_reason": self.finish_reason,
+                "logprobs": {"content": chat_logprobs(tuple(self.logprobs))} if self.want_logprobs else None}

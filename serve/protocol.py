@@ -1,0 +1,50 @@
+"""What crosses between the gateway and the model server replicas (Serve handles pickle it): small
+frozen dataclasses of plain values. Token ids only: tokenization and harmony stay in the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.outputs import FinishReason, TokenLogprobs
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class ModelChunk:
+    """New tokens of one request, possibly several steps' worth merged; the last has the finish reason."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] | None  # one per token when logprobs were asked for
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # generated so far
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway needs to know of the model its replicas serve (the same for every replica)."""
+
+    max_model_len: int  # prompt + output tokens one request may use
+    vocab_size: int
+    num_hidden_layers: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    num_ranks: int  # G, ranks per EP group
+    dtype: str
+    device: str
+    max_logprobs: int
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    healthy: bool
+    state: str  # the EP group's state
+    error: str
