@@ -166,7 +166,10 @@ def chat_prompt(chat: pb.Chat) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if effort not in ("low", "medium", "high"):
         raise InvalidRequestError("chat.reasoning_effort", f"chat.reasoning_effort must be low, medium or high, "
                                                            f"got {effort!r}")
-    return render_chat(messages, tools, tool_choice, effort)
+    try:
+        return render_chat(messages, tools, tool_choice, effort)
+    except InvalidRequestError as e:  # name the field as the proto spells it
+        raise InvalidRequestError(f"chat.{e.param}", f"chat.{e}") from None
 
 
 # --- responses -------------------------------------------------------------------------------------

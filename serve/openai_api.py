@@ -124,7 +124,7 @@ async def model_card(request: Request) -> dict:
     card = {"id": pipeline.model_name, "object": "model", "created": request.app.state.started_at,
             "owned_by": "gptoss-serve"}
     with contextlib.suppress(asyncio.TimeoutError):  # no replica up yet: the card without the length
-        card["max_model_len"] = (await asyncio.wait_for(pipeline.info(), timeout=5.0)).max_model_len
+        card["max_model_len"] = (await asyncio.wait_for(pipeline.info(), timeout=2.0)).max_model_len
     return card
 
 

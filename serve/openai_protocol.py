@@ -23,7 +23,8 @@ _PENALTY = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON types as sent: "1" is not a number, 1 is not a boolean; NaN and infinities are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _refuse_unsupported(values: dict, names: tuple[str, ...], empty_ok: tuple = (None,)) -> None:

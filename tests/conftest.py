@@ -130,3 +130,12 @@ def serve_app(serve_instance, tiny_checkpoint):
     yield SimpleNamespace(http=serve_instance.http, grpc=serve_instance.grpc, config=config, name="tiny-test",
                           model_server=serve.get_deployment_handle(MODEL_SERVER_NAME, app_name="main"))
     serve.delete("main")
+
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory) -> Path:
+    """The `tiny` layout as a bigram machine whose greedy reply to any rendered prompt is the
+    get_weather tool call of tests/scripted_model.py (TOOL_CALL_COMPLETION)."""
+    from tests.scripted_model import TOOL_CALL_SCRIPT, write_scripted_checkpoint
+
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("scripted"), TOOL_CALL_SCRIPT)
