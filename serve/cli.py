@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import GRPC_SERVICER_FUNCTIONS, build_app_from_config
 
     stop = _StopSignal()
-    ray.init(address=args.address, namespace="gptoss-serve")
+    # Without --address (or RAY_ADDRESS) a Ray of its own: plain ray.init() would join any Ray already
+    # running on this machine and could replace another app's routes there.
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", namespace="gptoss-serve")
     try:
         serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port),
                     grpc_options=gRPCOptions(
@@ -135,7 +138,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import Engine, EngineConfig
     from gptoss import load_model
-    from gptoss.errors import InsufficientMemoryError, ServerError
+    from gptoss.errors import CheckpointError, InsufficientMemoryError, ServerError
 
     lines = read_batch_file(args.batch_file) if args.batch_file else None  # a bad file fails before loading
     checkpoint = args.checkpoint or default_checkpoint_dir()
@@ -151,7 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hint = ("\n(here: --packed-experts yes, --dtype bfloat16, or --skip-memory-check)"
                 if isinstance(e, InsufficientMemoryError) else "")
         print(f"gptoss-serve generate: error: {e}{hint}", file=sys.stderr)
-        return 1
+        # The checkpoint is the command line's: a wrong one is a usage error (2), as in `serve`.
+        return 2 if isinstance(e, CheckpointError) else 1
     printer.finish()
     engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_mib << 20))
     if lines is not None:
@@ -371,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model: OpenAI HTTP API and gRPC on Ray Serve (Ctrl-C stops)")
     p.add_argument("config", nargs="?", help="app config YAML (default: the embedded default model)")
     p.add_argument("--checkpoint", help="overrides model.checkpoint")
-    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--address", help="join this Ray cluster (`auto`: the one running on this machine) "
+                                     "instead of starting one; default: $RAY_ADDRESS, else a new local Ray")
     p.add_argument("--host", help="overrides http.host (0.0.0.0: every interface)")
     p.add_argument("--http-port", type=int, help="overrides http.port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="overrides grpc.port (default 9000)")
