@@ -3,6 +3,7 @@
 `paged_attention` is the one call per layer; a GPU kernel (Triton, FlashInfer, ...) can replace it
 behind the same signature. `AttentionMetadata` says where this step's queries and keys are; it is built
 once per step and KV group and shared by the group's layers, so the per-layer work is tensor ops only.
+`PagedAttentionContext` hands both to the model's own forward (it is a `gptoss.model.AttentionContext`).
 
 Cache layout per layer: K and V each [Hkv, num_blocks, block_size, D]. Gathering a batch's blocks along
 dim 1 yields [Hkv, B, S, D] directly, the layout batched matmuls want, with one contiguous copy per
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
+
+from gptoss.model import Attention
 
 # Prefill chunks are padded to a common [queries x keys] shape in buckets of similar sizes; a bucket
 # takes the next chunk while its padded area stays within this factor of the real one, or wastes
@@ -50,6 +53,26 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None  # [Bd * nb] long: blocks each decode reads (null-padded)
     decode_bias: torch.Tensor | None  # [Bd, 1, nb * bs] float32: 0 where a key is visible, -inf elsewhere
     prefills: tuple[PrefillBucket, ...]
+
+
+@dataclass(frozen=True)
+class PagedAttentionContext:
+    """One step over the paged cache, as the model's forward sees it (a `gptoss.model.AttentionContext`):
+    each layer writes its new K/V at the step's slots and attends with its group's metadata."""
+
+    token_positions: torch.Tensor  # [T] long: the step's tokens' positions, request after request
+    layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: its K and V cache [Hkv, blocks, bs, D]
+    layer_metadata: Sequence[AttentionMetadata]  # per layer: its KV group's (one object per group)
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        assert num_tokens == self.token_positions.shape[0], (num_tokens, self.token_positions.shape)
+        return self.token_positions
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.layer_kv[attn.layer]
+        meta = self.layer_metadata[attn.layer]
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, attn.sinks, attn.scale, meta)
 
 
 def build_attention_metadata(start_positions: Sequence[int], num_tokens: Sequence[int], num_decodes: int,

@@ -1,9 +1,9 @@
 """`ModelRunner`: one step of the model over the paged KV cache.
 
-The model's own modules do the math (norms, projections, RoPE, the MoE, which an expert-parallel MoE
-may have replaced); the runner feeds them the step's tokens as one flat batch [T] and swaps the
-reference attention for `paged_attention`. Index tensors are built once per step and KV group, then
-shared by all the layers of the group.
+The model's own forward does the math (an expert-parallel MoE may have replaced its MoE layers); the
+runner owns the paged cache and feeds the forward the step's tokens as one flat batch [T] with a
+`PagedAttentionContext`, so attention reads and writes the pages. Index tensors are built once per
+step and KV group, then shared by all the layers of the group.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
+from engine.attention import PagedAttentionContext, build_attention_metadata
 from engine.kv_cache_manager import KVCacheGroup
 from engine.scheduler import SchedulerOutput
 from gptoss.config import ModelConfig
-from gptoss.model import Transformer, linear
+from gptoss.model import Transformer
 
 
 def kv_block_bytes(config: ModelConfig, groups: tuple[KVCacheGroup, ...], block_size: int,
@@ -31,8 +31,7 @@ def kv_block_bytes(config: ModelConfig, groups: tuple[KVCacheGroup, ...], block_
 @dataclass(frozen=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: tuple[AttentionMetadata, ...]  # per KV group
+    context: PagedAttentionContext  # the tokens' positions and where each layer's K/V go
     sample_rows: torch.Tensor  # [num_sampled]: rows whose logits are sampled
 
 
@@ -84,28 +83,10 @@ class ModelRunner:
                                      positions_t, self.device, request_of_token_t)
             for gi, group in enumerate(self.groups))
         dev = self.device
-        return StepInputs(torch.tensor(input_ids, dtype=torch.long).to(dev), positions_t.to(dev), metadata,
+        context = PagedAttentionContext(positions_t.to(dev), self.layer_kv,
+                                        tuple(metadata[g] for g in self.group_of_layer))
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long).to(dev), context,
                           torch.tensor(sample_rows, dtype=torch.long).to(dev))
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        model = self.model
-        x = model.embed_tokens(inputs.input_ids)  # [T, H]
-        cos, sin = model.rotary.cos_sin(inputs.positions)
-        for i, block in enumerate(model.layers):
-            meta = inputs.metadata[self.group_of_layer[i]]
-            x = x + self._attention(block.self_attn, block.input_layernorm(x), cos, sin, *self.layer_kv[i], meta)
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        hidden = model.norm(x[inputs.sample_rows])  # only the rows that are sampled need logits
-        return linear(hidden, model.lm_head.weight).float()
-
-    @staticmethod
-    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The model's attention block (`attn`, a gptoss Attention) over the paged cache; x [T, H] normed."""
-        t = x.shape[0]
-        if t == 0:
-            return torch.zeros_like(x)
-        q, k, v = attn.project_qkv(x, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, attn.sinks, attn.scale, meta)
-        return linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        return self.model(inputs.input_ids, inputs.context, logit_rows=inputs.sample_rows)

@@ -44,7 +44,6 @@ class SchedulerOutput:
     requests: tuple[ScheduledRequest, ...]  # single-token requests (decodes) first, then prefill chunks
     num_decodes: int  # len of that first part
     num_scheduled_tokens: int
-    preempted_request_ids: tuple[str, ...]
 
 
 class Scheduler:
@@ -94,7 +93,7 @@ class Scheduler:
         budget = self._schedule_running(budget, scheduled, preempted)
         if not preempted:
             self._admit_waiting(budget, scheduled)
-        return self._build_output(scheduled, preempted)
+        return self._build_output(scheduled)
 
     def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
         """Running requests, oldest first, preempting the newest when blocks run out; returns the budget left."""
@@ -152,7 +151,7 @@ class Scheduler:
             scheduled.append((request, n))
             budget -= n
 
-    def _build_output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
+    def _build_output(self, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each part in FCFS order
         bs = self.kv.block_size
         items = []
@@ -172,7 +171,6 @@ class Scheduler:
             requests=tuple(items),
             num_decodes=sum(1 for _, n in scheduled if n == 1),
             num_scheduled_tokens=sum(n for _, n in scheduled),
-            preempted_request_ids=tuple(r.request_id for r in preempted),
         )
 
     # --- after the forward ---------------------------------------------------------------------

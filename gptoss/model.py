@@ -1,14 +1,17 @@
 """The gpt-oss network in PyTorch, device-agnostic, float32 or bfloat16.
 
 Module and attribute names equal the HF checkpoint's tensor names (minus the `model.` prefix), so the
-loader maps names one to one. Attention and the MoE are split into pieces the engine (paged attention)
-and the expert-parallel layer (dispatch between ranks) reuse without subclassing.
+loader maps names one to one. There is one forward pass for every caller: where attention keeps its
+keys and values is an `AttentionContext` passed in (the reference's contiguous `KVCache`, or the
+engine's paged cache), and the expert-parallel layer replaces each block's `mlp` with a module of the
+same call.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +117,36 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     return out.reshape(t, hq * d).to(q.dtype)
 
 
+class AttentionContext(Protocol):
+    """Where one forward pass's attention stores and reads keys and values.
+
+    The model does the same math whatever the cache layout; the context owns the layout and the
+    attention over it: `KVCache` (contiguous, one sequence) for the reference path, a paged cache for
+    a batch of sequences in the engine (engine/attention.py).
+    """
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] long on the model's device: the positions of the pass's new tokens."""
+        ...
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Stores the new tokens' k, v for layer `attn.layer` and attends q over every key each query
+        sees (causal, within `attn.window`, with `attn.sinks`, scaled by `attn.scale`).
+
+        Args:
+            attn: the calling layer's module: its index, window, sinks and scale.
+            q: [T, Hq, D]; k, v: [T, Hkv, D], RoPE applied; T >= 1.
+        Returns:
+            [T, Hq * D] in q's dtype.
+        """
+        ...
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, dtype=None, device=None):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = 1.0 / math.sqrt(d)
@@ -128,22 +157,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, h, bias=True, **kw)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads, **kw), requires_grad=False)
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [T, H] (normed) -> q [T, Hq, D], k, v [T, Hkv, D] with RoPE applied to q and k."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: AttentionContext) -> torch.Tensor:
+        """x [T, H] (normed); cos, sin [T, head_dim / 2] -> [T, H]."""
         t = x.shape[0]
+        if t == 0:
+            # An idle rank of an EP group still runs every layer (for the MoE's all-to-all): no attention work.
+            return torch.zeros_like(x)
         q = linear(x, self.q_proj.weight, self.q_proj.bias).view(t, self.num_heads, self.head_dim)
         k = linear(x, self.k_proj.weight, self.k_proj.bias).view(t, self.num_kv_heads, self.head_dim)
         v = linear(x, self.v_proj.weight, self.v_proj.bias).view(t, self.num_kv_heads, self.head_dim)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: LayerKV | None = None) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, cos, sin)
-        k_positions = positions
-        if cache is not None:
-            k, v, k_positions = cache.append(k, v, positions)
-        mask = attention_mask(positions, k_positions, self.window)
-        out = sink_attention(q, k, v, self.sinks, mask, self.scale)
+        out = context.attend(self, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -244,7 +268,10 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router + experts. The expert-parallel layer replaces `experts_forward` with dispatch/combine."""
+    """Router + experts. `parallel.moe.apply_expert_parallel` swaps the whole module for an
+    `ExpertParallelMoE` with the same call: the same router, this rank's share of the experts run with
+    `Experts.run_grouped`, and tokens sent to and back from the experts' ranks (dispatch/combine) in
+    place of `Experts.forward`'s local gather and weighted sum."""
 
     def __init__(self, config: ModelConfig, expert_ids=None, packed=False, dtype=None, device=None):
         super().__init__()
@@ -264,37 +291,48 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MoE(config, expert_ids, packed, dtype, device)
 
-    def forward(self, x, cos, sin, positions, cache: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
 class LayerKV:
-    """A growing, contiguous K/V cache of one layer for one sequence (the reference path's cache;
-    the engine has its own paged cache)."""
+    """Contiguous K/V of one layer, growing with each pass; row s holds position s."""
 
     k: torch.Tensor | None = None  # [S, Hkv, D]
     v: torch.Tensor | None = None
-    positions: torch.Tensor | None = None  # [S]
 
-    def append(self, k, v, positions):
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None:
-            self.k, self.v, self.positions = k, v, positions
+            self.k, self.v = k, v
         else:
             self.k = torch.cat((self.k, k))
             self.v = torch.cat((self.v, v))
-            self.positions = torch.cat((self.positions, positions))
-        return self.k, self.v, self.positions
+        return self.k, self.v
 
 
 @dataclass
 class KVCache:
-    layers: list[LayerKV] = field(default_factory=list)
+    """The reference path's `AttentionContext`: one sequence from position 0, contiguous K/V per layer,
+    eager attention. Each pass continues the tokens already cached."""
+
+    device: torch.device
+    layers: list[LayerKV]
 
     @property
     def num_tokens(self) -> int:
         return 0 if not self.layers or self.layers[0].k is None else self.layers[0].k.shape[0]
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        return torch.arange(self.num_tokens, self.num_tokens + num_tokens, device=self.device)
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = self.layers[attn.layer].append(k, v)
+        k_positions = torch.arange(k.shape[0], device=k.device)
+        mask = attention_mask(k_positions[-q.shape[0]:], k_positions, attn.window)
+        return sink_attention(q, k, v, attn.sinks, mask, attn.scale)
 
 
 class Transformer(nn.Module):
@@ -326,18 +364,29 @@ class Transformer(nn.Module):
             experts.global_to_local = experts.global_to_local_table(self.config).to(device)
 
     def new_cache(self) -> KVCache:
-        return KVCache([LayerKV() for _ in self.layers])
+        return KVCache(self.device, [LayerKV() for _ in self.layers])
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """token_ids [T] -> logits [T, vocab] float32. With `cache`, the tokens continue the cached ones."""
+    def forward(self, token_ids: torch.Tensor, context: AttentionContext | None = None,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's one forward pass, for the reference path and the engine alike.
+
+        Args:
+            token_ids: [T] the pass's new tokens (T may be 0: an idle EP rank still runs every layer).
+            context: where attention keeps K/V and which positions the tokens have: a `new_cache()`
+                the tokens continue, or an engine's paged step; None: a sequence from position 0.
+            logit_rows: [N] long, the rows of token_ids whose logits are wanted; None: all.
+        Returns:
+            float32 logits [T, vocab], or [N, vocab] with `logit_rows`.
+        """
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D [T], got shape {tuple(token_ids.shape)}")
         token_ids = token_ids.to(self.device)
-        start = cache.num_tokens if cache is not None else 0
-        positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
-        cos, sin = self.rotary.cos_sin(positions)
+        context = self.new_cache() if context is None else context
+        cos, sin = self.rotary.cos_sin(context.positions(token_ids.shape[0]))
         x = self.embed_tokens(token_ids)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, positions, cache.layers[i] if cache is not None else None)
+        for block in self.layers:
+            x = block(x, cos, sin, context)
+        if logit_rows is not None:
+            x = x[logit_rows]  # the unembedding is the largest matmul: only for the rows that are sampled
         return linear(self.norm(x), self.lm_head.weight).float()

@@ -200,7 +200,15 @@ def test_a_stop_token_ends_the_request_and_is_part_of_its_output(model):
     ref = reference_greedy(model, prompt, 8)
     [done] = make_engine(model).generate([prompt], SamplingParams.greedy(max_tokens=8, stop_token_ids=(ref[3],)))
     assert list(done.token_ids) == ref[:ref.index(ref[3]) + 1] and done.finish_reason == "stop"
-    assert DEFAULT_STOP_TOKEN_IDS == SamplingParams().stop_token_ids
+
+
+def test_the_default_stop_tokens_are_harmonys_return_and_call():
+    from gptoss.tokenizer import CALL_ID, RETURN_ID, STOP_TOKEN_IDS, get_encoding
+
+    # engine/sampling_params.py spells the ids out (it does not import the tokenizer): check the literal.
+    assert set(DEFAULT_STOP_TOKEN_IDS) == set(STOP_TOKEN_IDS) == {RETURN_ID, CALL_ID}
+    assert set(DEFAULT_STOP_TOKEN_IDS) == set(get_encoding().stop_tokens_for_assistant_actions())
+    assert len(DEFAULT_STOP_TOKEN_IDS) == len(set(DEFAULT_STOP_TOKEN_IDS))
 
 
 def test_logprobs_are_the_models_distribution_at_each_generated_position(model):
@@ -287,6 +295,20 @@ def test_an_empty_step_still_runs_every_moe_layer_on_zero_tokens(model):
             hook.remove()
     assert seen == [0] * WINDOW_CONFIG.num_hidden_layers
     assert engine.get_stats().num_steps == 1 and not engine.has_work()
+
+
+def test_a_step_runs_through_the_models_own_attention_modules(model):
+    engine = make_engine(model)
+    seen: list[tuple[int, int]] = []
+    hooks = [block.self_attn.register_forward_hook(lambda mod, args, out: seen.append((mod.layer, args[0].shape[0])))
+             for block in model.layers]
+    try:
+        engine.add_request("a", make_prompts([5], seed=15)[0], greedy(1))
+        engine.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [(layer, 5) for layer in range(WINDOW_CONFIG.num_hidden_layers)]
 
 
 def test_stats_report_queues_blocks_and_tokens_per_step(model):

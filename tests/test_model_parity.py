@@ -52,6 +52,14 @@ def test_packed_experts_compute_the_same_logits(tiny_checkpoint, tiny_model):
     assert torch.equal(packed(ids), tiny_model(ids))
 
 
+def test_logit_rows_unembed_only_those_rows(tiny_model):
+    ids = torch.randint(0, 201088, (24,), generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([23, 4, 0])
+    got = tiny_model(ids, logit_rows=rows)
+    assert got.shape == (3, 201088)
+    torch.testing.assert_close(got, tiny_model(ids)[rows], rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_model_tracks_float32(tiny_checkpoint, tiny_model):
     bf16 = gptoss.load_model(tiny_checkpoint, dtype=torch.bfloat16)
     ids = torch.randint(0, 201088, (64,), generator=torch.Generator().manual_seed(4))
