@@ -81,7 +81,8 @@ class ModelServerSection(_Section):
     health_check_timeout_s: PositiveFloat = 30.0
     graceful_shutdown_timeout_s: PositiveFloat = Field(
         60.0, description="How long a removed replica lets its open requests finish.")
-    num_cpus: Annotated[float, Field(ge=0)] = Field(0.5, description="The replica's own bundle (not its ranks').")
+    num_cpus: PositiveFloat = Field(0.5, description="CPUs of the replica's own bundle (not its ranks'); a "
+                                                    "placement bundle cannot be empty, so > 0.")
 
 
 class GatewaySection(_Section):

@@ -66,14 +66,14 @@ class ChoiceUsage:
 
 @dataclass(frozen=True)
 class ChoiceEvent:
-    """What one choice added since its previous event; the last one has `finish_reason` and `usage`."""
+    """What one choice added since its previous event; the last one has `finish_reason`."""
 
     index: int
     token_ids: tuple[int, ...]
     deltas: tuple[StreamDelta, ...]  # text by channel ("final" for plain text), tool-call starts and args
     logprobs: tuple[TokenLogprobs, ...]  # of the tokens whose text is in the answer (or all, for plain text)
     finish_reason: str | None = None  # "stop", "length", "tool_calls", "abort" (cancelled by Abort)
-    usage: ChoiceUsage | None = None
+    usage: ChoiceUsage | None = None  # the choice's counts so far (final on the last event)
 
 
 class StopStrings:
@@ -133,10 +133,8 @@ class ChoiceAssembler:
         if finish_reason is None and chunk.finish_reason is not None:
             deltas += self._flush()
             finish_reason = self._finish_reason(chunk)
-        usage = None
-        if finish_reason is not None:
-            usage = ChoiceUsage(chunk.num_prompt_tokens, chunk.num_output_tokens, chunk.num_cached_tokens,
-                                self.num_reasoning_tokens)
+        usage = ChoiceUsage(chunk.num_prompt_tokens, chunk.num_output_tokens, chunk.num_cached_tokens,
+                            self.num_reasoning_tokens)
         if not self.generation.include_reasoning:
             deltas = [d for d in deltas if not (isinstance(d, TextDelta) and d.channel == "analysis")]
         return ChoiceEvent(self.index, chunk.token_ids, tuple(merge_deltas(deltas)), tuple(logprobs),

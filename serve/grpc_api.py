@@ -194,7 +194,7 @@ def responses(event: ChoiceEvent, request_id: str) -> list[pb.GenerateResponse]:
     first.logprobs.extend(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=lp.top_token_ids,
                                           top_logprobs=lp.top_logprobs) for lp in event.logprobs)
     last.finish_reason = _FINISH_REASONS[event.finish_reason]
-    if event.usage is not None:
+    if event.finish_reason is not None and event.usage is not None:
         u = event.usage
         last.usage.CopyFrom(pb.Usage(prompt_tokens=u.num_prompt_tokens, completion_tokens=u.num_output_tokens,
                                      cached_tokens=u.num_cached_tokens, reasoning_tokens=u.num_reasoning_tokens))

@@ -287,18 +287,31 @@ async def chat_chunks(first: ChoiceEvent, events: AsyncIterator[ChoiceEvent], ge
                       chat: ChatCompletionRequest, model: str) -> AsyncIterator[dict]:
     builder = ChatDeltaBuilder(chat.include_reasoning)
     base = {"id": generation.request_id, "object": "chat.completion.chunk", "created": now_s(), "model": model}
-    include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+    include_usage, every_chunk = usage_options(chat)
     usages: list[ChoiceUsage | None] = [None] * chat.n
     async for event in _chain(first, events):
         delta = builder.delta(event)
-        if not delta and event.finish_reason is None and not event.logprobs:
+        usages[event.index] = event.usage
+        if not delta and event.finish_reason is None and not event.logprobs and not every_chunk:
             continue  # harmony headers and held-back text: nothing to show yet
         choice = {"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
                   "logprobs": {"content": chat_logprobs(event.logprobs)} if chat.logprobs else None}
-        usages[event.index] = event.usage or usages[event.index]
-        yield base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
+        yield base | {"choices": [choice]} | chunk_usage(usages, chat.n, include_usage, every_chunk)
     if include_usage:
         yield base | {"choices": [], "usage": usage_body(usages, chat.n)}
+
+
+def usage_options(request) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage on every chunk: vLLM's continuous_usage_stats)."""
+    options = request.stream_options
+    return (options is not None and options.include_usage,
+            options is not None and options.include_usage and options.continuous_usage_stats)
+
+
+def chunk_usage(usages: list, n: int, include_usage: bool, every_chunk: bool) -> dict:
+    if every_chunk:
+        return {"usage": usage_body(usages, n)}
+    return {"usage": None} if include_usage else {}
 
 
 async def collect_completion(events: AsyncIterator, req: CompletionRequest, request_id: str, model: str) -> dict:
@@ -323,20 +336,20 @@ async def collect_completion(events: AsyncIterator, req: CompletionRequest, requ
 async def completion_chunks(first: tuple, events: AsyncIterator, req: CompletionRequest, request_id: str,
                             model: str) -> AsyncIterator[dict]:
     base = {"id": request_id, "object": "text_completion", "created": now_s(), "model": model}
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    include_usage, every_chunk = usage_options(req)
     num_choices = len(req.prompts()) * req.n
     offsets = [0] * num_choices
     usages: list[ChoiceUsage | None] = [None] * num_choices
     async for source, event in _chain(first, events):
         index = source * req.n + event.index
         text = "".join(d.text for d in event.deltas if isinstance(d, TextDelta))
-        if not text and event.finish_reason is None:
+        usages[index] = event.usage
+        if not text and event.finish_reason is None and not every_chunk:
             continue
         choice = {"index": index, "text": text, "finish_reason": event.finish_reason,
                   "logprobs": completion_logprobs(event.logprobs, offsets[index]) if req.logprobs is not None
                   else None}
         offsets[index] += len(text)
-        usages[index] = event.usage or usages[index]
-        yield base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
+        yield base | {"choices": [choice]} | chunk_usage(usages, req.n, include_usage, every_chunk)
     if include_usage:
         yield base | {"choices": [], "usage": usage_body(usages, req.n)}

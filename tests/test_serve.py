@@ -111,6 +111,10 @@ def test_chat_stream_and_whole_reply_agree_and_report_usage(client):
     assert usage.completion_tokens == 10 and usage.prompt_tokens == whole.usage.prompt_tokens
     # The same prompt again: its full blocks come from the prefix cache.
     assert usage.prompt_tokens_details.cached_tokens > 0
+    counted = [c.usage.completion_tokens for c in client.chat.completions.create(
+        model="tiny-test", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    assert counted == sorted(counted) and counted[-1] == 10 and len(counted) > 2  # usage on every chunk
 
 
 def test_n_choices_with_a_seed_are_reproducible(client):
