@@ -39,6 +39,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptoss import get_preset  # noqa: E402
+from gptoss.load import TORCH_DTYPES as DTYPES  # noqa: E402
 from parallel import (  # noqa: E402
     CupyNcclCommunicator,
     ExpertPlacement,
@@ -49,7 +50,7 @@ from parallel import (  # noqa: E402
 
 CONFIG = get_preset("gpt-oss-120b")
 HIDDEN, NUM_EXPERTS, TOP_K = CONFIG.hidden_size, CONFIG.num_local_experts, CONFIG.num_experts_per_tok
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
 COST_RATIO_MIN_TOKENS = 64
 # glibc's defaults return every freed multi-MB tensor to the OS and page-fault it back in on the next
 # allocation: on CPU that costs more than the dispatcher's arithmetic (3 ms vs 0.4 ms per layer at 64

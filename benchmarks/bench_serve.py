@@ -1,0 +1,253 @@
+"""What serving costs: streaming chat requests over HTTP (OpenAI API) and gRPC at 1 / 8 / 32 concurrent
+clients against one model server replica (G=1), next to the bare EP group driven in this process, in
+the same run, on the same checkpoint and prompts (greedy, fixed output length).
+
+    .venv/bin/python benchmarks/bench_serve.py [--concurrency 1 8 32] [--max-tokens 64] [--json]
+
+Per side and concurrency: output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (a chunk of k
+tokens after a gap g counts as k gaps of g/k), and the serving overhead against the group. The clients
+run in this process (aiohttp for HTTP/SSE, grpc.aio for gRPC) and share the cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import grpc  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from bench_common import checkpoint_or_default, git_revision  # noqa: E402
+
+from cluster import EPGroup  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from gptoss.harmony import ChatMessage  # noqa: E402
+from serve.config import parse_config  # noqa: E402
+from serve.gateway import ToolChoice, render_chat  # noqa: E402
+from serve.proto.gptoss.v1 import gptoss_pb2 as pb  # noqa: E402
+from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc  # noqa: E402
+
+WORDS = ("model serving expert parallel token cache group rank stream latency throughput gateway router "
+         "kernel memory request batch prefix window attention sink router gate").split()
+
+
+def make_questions(n: int, seed: int) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(8, 120, (1,),
+                                                                                            generator=gen)),),
+                                                                    generator=gen)) for _ in range(n)]
+
+
+class Trace:
+    """Arrival times of one request's tokens."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+        self.gaps_s: list[float] = []
+        self.num_tokens = 0
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            count -= 1
+            self.num_tokens += 1
+        if count:
+            self.gaps_s += [(now - self.last) / count] * count
+            self.num_tokens += count
+        self.last = now
+
+
+def summary(traces: list[Trace], wall_s: float) -> dict:
+    def pct(values, q):
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+    ttft = [t.first - t.start for t in traces if t.first is not None]
+    gaps = [g for t in traces for g in t.gaps_s]
+    tokens = sum(t.num_tokens for t in traces)
+    return {"tokens": tokens, "tokens_per_s": tokens / wall_s, "ttft_p50_ms": pct(ttft, 0.5),
+            "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99),
+            "ttft_mean_ms": statistics.fmean(ttft) * 1000 if ttft else float("nan")}
+
+
+async def drive(one_request, questions: list[str], concurrency: int) -> dict:
+    """`concurrency` clients, each sending its share of the questions one after another."""
+    traces: list[Trace] = []
+    queue = list(questions)
+
+    async def client():
+        while queue:
+            question = queue.pop()
+            trace = Trace()
+            await one_request(question, trace)
+            traces.append(trace)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return summary(traces, time.perf_counter() - start)
+
+
+async def measure(one_request, concurrency: int, per_client: int, seed: int) -> dict:
+    await drive(one_request, make_questions(concurrency, seed + 1000), concurrency)  # warm-up, same shapes
+    return await drive(one_request, make_questions(concurrency * per_client, seed), concurrency)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat_prompt(question: str) -> list[int]:
+    prompt, _ = render_chat([ChatMessage("user", question)], [], ToolChoice("none"), "low")
+    return list(prompt)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="default: a random `small` checkpoint written once to the cache")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="model_server.stream_interval_ms")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
+    args = parser.parse_args()
+
+    checkpoint = checkpoint_or_default(args.checkpoint)
+    cores = os.cpu_count() or 1
+    config = parse_config({
+        "model": {"checkpoint": checkpoint, "dtype": "float32", "packed_experts": False, "name": "bench"},
+        "group": {"num_ranks": 1, "device": "cpu", "num_cpus_per_rank": cores},
+        "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 1.0,
+                   "enable_prefix_caching": False},
+        "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms},
+        "gateway": {"num_cpus": 0},
+    })
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())
+    print(f"# bench_serve  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
+          f"ray {ray.__version__}")
+    print(f"# checkpoint {checkpoint} (float32), G=1, greedy, {args.max_tokens} tokens per request, chat prompts "
+          f"of 8-120 words; {args.requests_per_client} requests per client after a warm-up round; clients share "
+          f"the {cores} cores")
+
+    # Logical CPUs for scheduling only: the rank takes every core, the replica and gateway bundles a sliver.
+    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        asyncio.run(bench_group(config, sampling, args, results))
+        asyncio.run(bench_endpoints(config, args, results))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return report(results, args)
+
+
+async def bench_group(config, sampling: SamplingParams, args, results: dict) -> None:
+    group = EPGroup(config.group_config(config.checkpoint_path(), name="bench-group"))
+    await group.start()
+    ids = iter(range(10**9))
+
+    async def one(question: str, trace: Trace) -> None:
+        async for out in group.generate(f"q{next(ids)}", chat_prompt(question), sampling):
+            trace.tokens(len(out.new_token_ids))
+
+    try:
+        for n in args.concurrency:
+            results[("group", n)] = await measure(one, n, args.requests_per_client, seed=n)
+    finally:
+        await group.shutdown()
+
+
+async def bench_endpoints(config, args, results: dict) -> None:
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from serve.app import GRPC_SERVICER_FUNCTIONS, build_app_from_config
+
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    serve.run(build_app_from_config(config), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = pb_grpc.GptossServiceStub(channel)
+
+        async def over_http(question: str, trace: Trace) -> None:
+            body = {"model": "bench", "messages": [{"role": "user", "content": question}], "stream": True,
+                    "max_tokens": args.max_tokens, "temperature": 0, "reasoning_effort": "low",
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            seen = 0
+            async with session.post(url, json=body) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            trace.tokens(usage["completion_tokens"] - seen)
+                            seen = usage["completion_tokens"]
+
+        async def over_grpc(question: str, trace: Trace) -> None:
+            request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=question)],
+                                                      reasoning_effort="low"),
+                                         sampling=pb.SamplingParams(max_tokens=args.max_tokens, temperature=0))
+            async for reply in stub.Generate(request):
+                trace.tokens(len(reply.token_ids))
+
+        for n in args.concurrency:  # the two APIs alternate at each level
+            results[("http", n)] = await measure(over_http, n, args.requests_per_client, seed=n)
+            results[("grpc", n)] = await measure(over_grpc, n, args.requests_per_client, seed=n)
+
+
+def report(results: dict, args) -> int:
+    print(f"{'side':<7}{'clients':>8}{'tokens/s':>10}{'vs group':>10}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}"
+          f"{'p99':>8}{'+TTFT p50':>11}")
+    rows = []
+    for (side, n), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0] != "group", item[0][0])):
+        base = results[("group", n)]
+        r["vs_group"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["ttft_overhead_p50_ms"] = r["ttft_p50_ms"] - base["ttft_p50_ms"]
+        print(f"{side:<7}{n:>8}{r['tokens_per_s']:>10.1f}{r['vs_group']:>9.2f}x{r['ttft_p50_ms']:>10.1f}"
+              f"{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['ttft_overhead_p50_ms']:>+11.1f}")
+        rows.append({"side": side, "concurrency": n} | r)
+    print("(ms; +TTFT: serving minus the bare group at the same concurrency)")
+    if args.json:
+        top, low = max(args.concurrency), min(args.concurrency)
+        print(json.dumps({
+            "benchmark": "bench_serve", "git": git_revision(),
+            f"http_vs_group_at_{top}": results[("http", top)]["vs_group"],
+            f"grpc_vs_group_at_{top}": results[("grpc", top)]["vs_group"],
+            "ttft_overhead_p50_ms": max(results[("http", low)]["ttft_overhead_p50_ms"],
+                                        results[("grpc", low)]["ttft_overhead_p50_ms"]),
+            "results": rows,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
