@@ -73,13 +73,15 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    sampling: SamplingParams | None = None) -> None:
+                    sampling: SamplingParams | None = None, cache_salt: str = "") -> None:
         """Queues a request; it runs from the next `step`.
 
         Args:
             request_id: unique among this engine's unfinished requests.
             prompt_token_ids: the rendered prompt, token ids in [0, vocab_size).
             sampling: sampling and stop rules; default `SamplingParams()`.
+            cache_salt: requests reuse each other's cached prefix blocks only under the same salt
+                (the serving layer passes the tenant of the API key).
         Raises:
             InvalidRequestError (a ValueError) naming the field, for a request that can never run:
             empty or out-of-vocabulary prompt, prompt + max_tokens beyond `max_model_len` (the model
@@ -110,7 +112,10 @@ class Engine:
             raise invalid("max_tokens", f"<= {room} ({self.max_model_len} tokens of {self._max_model_len_reason} "
                                         f"- {len(prompt)} prompt tokens)", max_tokens)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        self.scheduler.add_request(Request(request_id, prompt, sampling, max_tokens, next(self._arrivals), generator))
+        if not isinstance(cache_salt, str):
+            raise invalid("cache_salt", "a string", type(cache_salt).__name__)
+        self.scheduler.add_request(Request(request_id, prompt, sampling, max_tokens, next(self._arrivals), generator,
+                                           cache_salt))
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         try:

@@ -56,7 +56,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self._tables: dict[str, list[list[KVBlock]]] = {}  # request id -> per group, block per position // bs
         self._num_registered: dict[str, int] = {}  # request id -> leading full blocks already in the prefix map
-        self._hash_seed = os.urandom(16)  # parent of a request's first block
+        self._hash_seed = os.urandom(16)  # secret: with the cache salt, the parent of a request's first block
+        self._salted_seeds: dict[str, bytes] = {"": self._hash_seed}
 
     # --- sizing --------------------------------------------------------------------------------
 
@@ -88,7 +89,18 @@ class KVCacheManager:
         hashes, bs, tokens = request.block_hashes, self.block_size, request.token_ids
         while len(hashes) < num_tokens // bs:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else self._hash_seed, tokens[i * bs:(i + 1) * bs]))
+            parent = hashes[-1] if hashes else self._first_parent(request.cache_salt)
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs]))
+
+    def _first_parent(self, cache_salt: str) -> bytes:
+        """The first block's parent hash under a salt: the same prompt under two salts (two API keys)
+        shares no block, so a tenant cannot learn another's prompts from cache hits."""
+        seed = self._salted_seeds.get(cache_salt)
+        if seed is None:
+            if len(self._salted_seeds) > 100_000:  # bounded: a seed is cheap to recompute
+                self._salted_seeds = {"": self._hash_seed}
+            seed = self._salted_seeds[cache_salt] = hash_block(self._hash_seed + cache_salt.encode(), ())
+        return seed
 
     def get_computed_blocks(self, request: Request) -> tuple[list[list[KVBlock]], int]:
         """The longest cached prefix of a request about to be admitted: per group the blocks to reuse

@@ -24,8 +24,9 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 arrival_index: int, generator: torch.Generator | None):
+                 arrival_index: int, generator: torch.Generator | None, cache_salt: str = ""):
         self.request_id = request_id
+        self.cache_salt = cache_salt  # requests share cached blocks only under the same salt (tenant)
         self.sampling = sampling
         self.max_tokens = max_tokens  # sampling.max_tokens, or what the context leaves
         self.arrival_index = arrival_index  # FCFS order; preemption takes the highest first

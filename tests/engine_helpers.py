@@ -51,7 +51,7 @@ def drive(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], Samplin
             engine.add_request(rid, prompt, params)
             tokens[rid] = []
         for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
         step += 1

@@ -81,6 +81,25 @@ def test_prefix_cache_hit_computes_only_the_new_tokens_and_gives_identical_outpu
     assert_pool_empty(engine)
 
 
+def test_the_same_prompt_under_two_cache_salts_shares_no_block_and_gives_the_same_tokens(model):
+    engine = make_engine(model, max_num_batched_tokens=64)
+    prompt = make_prompts([30], seed=16)[0]
+
+    def run(rid: str, salt: str):
+        engine.add_request(rid, prompt, greedy(4), cache_salt=salt)
+        return drive(engine, {})[0][rid], engine.get_stats().prefix_cache_hit_tokens
+
+    tokens_a, hits = run("a", "tenant-a")
+    assert hits == 0
+    tokens_b, hits = run("b", "tenant-b")  # another tenant: nothing of tenant a's cache is used
+    assert hits == 0 and tokens_b == tokens_a
+    tokens_a2, hits = run("a2", "tenant-a")  # the first tenant again: its blocks are there
+    assert hits == 28 and tokens_a2 == tokens_a
+    with pytest.raises(InvalidRequestError, match="cache_salt"):
+        engine.add_request("bad", prompt, greedy(1), cache_salt=b"bytes")
+    assert_pool_empty(engine)
+
+
 def test_sliding_window_layers_hold_a_bounded_number_of_blocks_as_a_sequence_grows(model):
     engine = make_engine(model, max_num_batched_tokens=16)
     prompt = make_prompts([10], seed=4)[0]
