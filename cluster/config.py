@@ -55,6 +55,7 @@ class GroupConfig:
     collective_timeout_s: float = 60.0
     load_timeout_s: float = 1800.0
     step_timeout_s: float = 120.0
+    affinity_max_extra_requests: int = 8
     name: str = "ep-group"
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class GroupConfig:
         need(self.device in DEVICES, "device", f"one of {DEVICES}")
         need(self.communicator in COMMUNICATORS, "communicator", f"one of {COMMUNICATORS}")
         need(self.num_cpus_per_rank > 0, "num_cpus_per_rank", "> 0")
+        need(isinstance(self.affinity_max_extra_requests, int) and self.affinity_max_extra_requests >= 0,
+             "affinity_max_extra_requests", "an int >= 0")
         for name in ("placement_timeout_s", "start_timeout_s", "join_timeout_s", "collective_timeout_s",
                      "load_timeout_s", "step_timeout_s"):
             need(getattr(self, name) > 0, name, "> 0")

@@ -38,6 +38,7 @@ from cluster.rank import (
 )
 from cluster.telemetry import Percentiles, RateWindow
 from engine.outputs import RequestOutput
+from engine.routing import PrefixAffinity, prefix_routing_keys
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
 
@@ -108,6 +109,7 @@ class EPGroup:
         self._call_ids = itertools.count()
         self._num_open_per_rank: list[int] = []
         self._busyness: list[RankBusyness] = []
+        self._affinity = PrefixAffinity()  # prompt prefix -> the rank that holds it (reset by each start)
         self._generation = 0
         self._token_rate = RateWindow()
         self._delivery_ms = Percentiles()
@@ -178,6 +180,7 @@ class EPGroup:
         self._streams, self._open_ids = {}, {}
         self._num_open_per_rank = [0] * cfg.num_ranks
         self._busyness = [RankBusyness(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
+        self._affinity = PrefixAffinity()
         self._tasks = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
         self._tasks.append(asyncio.create_task(self._watch_steps()))
         self.state = "healthy"
@@ -308,10 +311,11 @@ class EPGroup:
     # --- requests --------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       sampling: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+                       sampling: SamplingParams | None = None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs as they are sampled; the last one has the finish reason.
 
-        Leaving the loop early (or the caller going away) aborts the request.
+        Leaving the loop early (or the caller going away) aborts the request. `cache_salt` (the
+        tenant) keeps its prefix-cache blocks and its rank affinity apart from other salts'.
         Raises:
             InvalidRequestError: the engine rejected the request (names the field).
             GroupFailedError: the group lost a rank while the request ran, or is failed.
@@ -323,7 +327,7 @@ class EPGroup:
                                                     f"got {request_id!r} twice")
         # The ranks see a per-call id, so a retried request id never receives a predecessor's late outputs.
         engine_id = f"{request_id}#{next(self._call_ids)}"
-        rank = self._pick_rank()
+        rank = self._pick_rank(prefix_routing_keys(prompt_token_ids, self.config.engine.block_size, cache_salt))
         generation = self._generation
         stream = self._streams[engine_id] = _Stream(rank, generation, request_id)
         self._open_ids[request_id] = engine_id
@@ -331,7 +335,7 @@ class EPGroup:
         try:
             try:
                 await self._ranks[rank].add_request.remote(engine_id, list(prompt_token_ids),
-                                                           sampling or SamplingParams())
+                                                           sampling or SamplingParams(), cache_salt)
             except ray.exceptions.RayError as e:
                 self._fail(f"rank {rank} unreachable: {e}")
             for other, handle in enumerate(self._ranks):
@@ -373,14 +377,23 @@ class EPGroup:
         if self.state != "healthy":
             raise GroupDrainingError(f"{self.config.name} is {self.state} and admits no requests")
 
-    def _pick_rank(self) -> int:
-        """The rank with the fewest open requests (counted here, so exact at once); ties go to the
-        most free KV blocks, then the fewest waiting, as the ranks last reported."""
+    def _pick_rank(self, prefix_keys: tuple[bytes, ...]) -> int:
+        """The rank that served this prompt's longest prefix before (its blocks are cached there),
+        unless it has `affinity_max_extra_requests` more open requests than the least busy rank; else
+        the least busy: fewest open requests (counted here, so exact at once), then the most free KV
+        blocks, then the fewest waiting, as the ranks last reported."""
         def busyness(rank: int) -> tuple:
             report = self._busyness[rank]
             return self._num_open_per_rank[rank], -report.num_kv_blocks_free, report.num_waiting, rank
 
-        return min(range(len(self._ranks)), key=busyness)
+        least = min(range(len(self._ranks)), key=busyness)
+        affine, _ = self._affinity.lookup(prefix_keys)
+        rank = least
+        if affine is not None and (self._num_open_per_rank[affine] - self._num_open_per_rank[least]
+                                   <= self.config.affinity_max_extra_requests):
+            rank = affine
+        self._affinity.record(prefix_keys, rank)
+        return rank
 
     async def _pump(self, rank: int, handle) -> None:
         try:

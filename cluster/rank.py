@@ -128,6 +128,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    cache_salt: str
 
 
 @dataclass(frozen=True)
@@ -257,11 +258,12 @@ class RankActor:
 
     # --- requests ----------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    cache_salt: str = "") -> None:
         """Queues a request for the engine thread; a rejection comes back through `take_outputs`."""
         if self._failed:
             raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
-        self._commands.append(_Add(request_id, prompt_token_ids, sampling))
+        self._commands.append(_Add(request_id, prompt_token_ids, sampling, cache_salt))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -336,7 +338,8 @@ class RankActor:
                                                      len(command.prompt_token_ids), 0, 0), self.rank, time.monotonic()))
                 continue
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
+                                        command.cache_salt)
             except InvalidRequestError as e:
                 news.append(RequestRejected(command.request_id, e.param, str(e)))
         return news

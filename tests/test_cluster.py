@@ -117,6 +117,35 @@ def test_work_on_one_rank_only_keeps_the_others_in_lockstep(group4, event_loop_t
         assert after[r].num_steps - before[r].num_steps == after[0].num_steps - before[0].num_steps
 
 
+def test_a_prompt_sharing_a_served_prefix_goes_to_the_rank_that_caches_it(group4, event_loop_thread):
+    """Ranks 0 and 1 busy, the first turn lands on rank 2; once rank 1 is free again the least busy
+    rank would be 1, but the second turn follows its prefix to rank 2 and finds it cached."""
+    run = event_loop_thread
+    shared = make_prompts(1, seed=7)[0] + make_prompts(1, seed=8)[0] + list(range(1000, 1030))
+    long = SamplingParams(max_tokens=400, temperature=0.0)
+
+    async def scenario():
+        holders = [asyncio.ensure_future(collect(group4, f"hold{i}", p, long))
+                   for i, p in enumerate(make_prompts(2, seed=9))]
+        await asyncio.sleep(0)  # both holders picked their rank (0, then 1)
+        _, first = await collect(group4, "turn1", shared + [1, 2, 3])
+        await group4.abort("hold1")
+        await holders[1]
+        before = await group4.stats()
+        _, second = await collect(group4, "turn2", shared + [4, 5, 6, 7])
+        after = await group4.stats()
+        await group4.abort("hold0")
+        await holders[0]
+        return first, second, before, after
+
+    first, second, before, after = run(scenario())
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens >= 8 * (len(shared) // 8) - 8  # the shared full blocks (window aside)
+    worked = [a.engine.num_scheduled_tokens - b.engine.num_scheduled_tokens
+              for a, b in zip(after.ranks, before.ranks, strict=True)]
+    assert worked[2] > 0 and worked[1] == worked[3] == 0, worked
+
+
 def process_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
