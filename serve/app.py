@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from serve.config import AppConfig, parse_config
 from serve.gateway import Pipeline
@@ -40,7 +41,8 @@ def build_app_from_config(config: AppConfig) -> Application:
     ms = config.model_server
     model_server = serve.deployment(ModelServer).options(
         name=MODEL_SERVER_NAME,
-        num_replicas=ms.num_replicas,
+        **replica_count_options(config),
+        request_router_config=request_router_config(config),
         ray_actor_options={"num_cpus": ms.num_cpus},
         placement_group_bundles=replica_bundles(config, device),
         placement_group_strategy="PACK",
@@ -59,6 +61,31 @@ def build_app_from_config(config: AppConfig) -> Application:
     ).bind(model_server, config)
 
 
+def replica_count_options(config: AppConfig) -> dict:
+    """`num_replicas`, or Serve's `autoscaling_config` in whole EP groups (one replica = one group)."""
+    a = config.model_server.autoscaling
+    if a is None:
+        return {"num_replicas": config.model_server.num_replicas or 1}
+    return {"autoscaling_config": AutoscalingConfig(
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, initial_replicas=a.initial_replicas,
+        target_ongoing_requests=a.target_ongoing_requests, upscale_delay_s=a.upscale_delay_s,
+        downscale_delay_s=a.downscale_delay_s, look_back_period_s=a.look_back_period_s)}
+
+
+def request_router_config(config: AppConfig) -> RequestRouterConfig:
+    """Our prefix-affinity router (or Serve's default), fed by the replicas' `record_routing_stats`."""
+    r, ms = config.model_server.router, config.model_server
+    period = {"request_routing_stats_period_s": ms.stats_period_s,
+              "request_routing_stats_timeout_s": max(ms.stats_period_s, 5.0)}
+    if r.policy == "power_of_two":
+        return RequestRouterConfig(**period)
+    return RequestRouterConfig(
+        request_router_class="serve.router.PrefixAffinityRouter",
+        request_router_kwargs={"max_extra_requests": r.max_extra_requests, "max_keys": r.max_keys,
+                               "stats_max_age_s": 5 * ms.stats_period_s + 5.0},
+        **period)
+
+
 def resolve_device(device: str) -> str:
     """"auto" becomes "cuda" when the cluster has GPUs, else "cpu" (decided once, at build time, so a
     replica's bundles and its ranks agree; set it explicitly where GPU nodes join later by autoscaling)."""
@@ -74,7 +101,7 @@ class Gateway(GrpcApi):
     pipeline; it scales apart from the model servers."""
 
     def __init__(self, model_server, config: AppConfig):
-        self.pipeline = Pipeline(model_server, config.served_model_name(), config.gateway.max_n)
+        self.pipeline = Pipeline(model_server, config)
         self.max_request_bytes = config.gateway.max_request_bytes
 
     def __serve_build_asgi_app__(self):

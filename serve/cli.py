@@ -55,16 +55,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # running on this machine and could replace another app's routes there.
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", namespace="gptoss-serve")
     try:
-        serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port),
+        h = config.http
+        serve.start(http_options=HTTPOptions(host=h.host, port=h.port, ssl_certfile=h.ssl_certfile,
+                                             ssl_keyfile=h.ssl_keyfile, ssl_keyfile_password=h.ssl_keyfile_password,
+                                             ssl_ca_certs=h.ssl_ca_certs),
                     grpc_options=gRPCOptions(
                         port=config.grpc.port, enable_reflection=True,
                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if config.grpc.enabled else []))
+        a = config.model_server.autoscaling
+        groups = (f"{a.min_replicas}-{a.max_replicas} groups, autoscaled" if a is not None
+                  else f"{config.model_server.num_replicas or 1} group(s)")
         print(f"deploying {config.served_model_name()!r} ({config.group.num_ranks} rank(s) per EP group, "
-              f"{config.model_server.num_replicas} group(s)); loading progress follows", file=sys.stderr)
+              f"{groups}); loading progress follows", file=sys.stderr)
         serve.run(build_app_from_config(config), name="gptoss", route_prefix="/", blocking=False)
         host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+        scheme = "https" if h.ssl_certfile else "http"
         print(f"serving {config.served_model_name()!r}\n"
-              f"  OpenAI API: http://{host}:{config.http.port}/v1  (health: /health)\n"
+              f"  OpenAI API: {scheme}://{host}:{config.http.port}/v1  (health: /health)\n"
               + (f"  gRPC:       {host}:{config.grpc.port}  (gptoss.v1.GptossService, reflection on)\n"
                  if config.grpc.enabled else "")
               + "Ctrl-C stops it.", file=sys.stderr, flush=True)

@@ -67,8 +67,52 @@ class EngineSection(_Section):
     max_logprobs: Annotated[int, Field(ge=0)] = 20
 
 
+class AutoscalingSection(_Section):
+    """Serve's autoscaling of the model server, in whole EP groups (one replica = one group)."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest groups (0 allows scaling to zero; "
+                                                                     "the first request then waits for a load).")
+    max_replicas: PositiveInt = Field(2, description="Most groups.")
+    initial_replicas: Annotated[int, Field(ge=0)] | None = Field(None, description="Groups at deploy time "
+                                                                                    "(default: min_replicas).")
+    target_ongoing_requests: PositiveFloat = Field(
+        32.0, description="Open requests per group Serve aims for: more per group adds a group.")
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(30.0, description="Load must stay high this long "
+                                                                             "before a group is added.")
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(600.0, description="Load must stay low this "
+                                                                                "long before a group is removed.")
+    look_back_period_s: PositiveFloat = Field(30.0, description="Window over which the load is averaged.")
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> AutoscalingSection:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in [min_replicas, max_replicas] "
+                             f"= [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+
+class RouterSection(_Section):
+    """How the gateway picks a model server replica (an EP group) for each request."""
+
+    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+        "prefix_affinity", description="prefix_affinity: the group that served the prompt's longest prefix "
+                                       "(its KV blocks are cached there), unless it is much busier than the "
+                                       "least busy; power_of_two: Ray Serve's default router.")
+    max_extra_requests: Annotated[int, Field(ge=0)] = Field(
+        16, description="prefix_affinity: the affine group is skipped when it has this many more open "
+                        "requests than the least busy group (a hot prefix spills over).")
+    prefix_blocks: PositiveInt = Field(256, description="Leading KV blocks of a prompt keyed for affinity.")
+    max_keys: PositiveInt = Field(200_000, description="Prefix keys remembered per gateway replica (LRU).")
+
+
 class ModelServerSection(_Section):
-    num_replicas: PositiveInt = Field(1, description="EP groups (each a Serve replica of G ranks).")
+    num_replicas: PositiveInt | None = Field(
+        None, description="EP groups (each a Serve replica of G ranks); default 1. Leave unset with autoscaling.")
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Scale the number of groups with the load (instead of num_replicas).")
+    router: RouterSection = RouterSection()
     max_ongoing_requests: PositiveInt | None = Field(
         None, description="Requests one replica takes at once (default: 4 x max_num_seqs x G); the engine "
                           "queues what it cannot schedule.")
@@ -83,6 +127,15 @@ class ModelServerSection(_Section):
         60.0, description="How long a removed replica lets its open requests finish.")
     num_cpus: PositiveFloat = Field(0.5, description="CPUs of the replica's own bundle (not its ranks'); a "
                                                     "placement bundle cannot be empty, so > 0.")
+    stats_period_s: PositiveFloat = Field(
+        2.0, description="How often a replica polls its group's figures (KV use, queues, prefix cache, step "
+                         "times, experts, health), publishes them to the router and exports them as metrics.")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> ModelServerSection:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both (autoscaling sets the group count)")
+        return self
 
 
 class GatewaySection(_Section):
@@ -91,11 +144,49 @@ class GatewaySection(_Section):
     max_ongoing_requests: PositiveInt = 1000
     max_n: PositiveInt = Field(8, description="Largest `n` (choices per request) accepted.")
     max_request_bytes: PositiveInt = Field(8 << 20, description="Largest HTTP request body accepted.")
+    max_prompt_tokens: PositiveInt | None = Field(
+        None, description="Longest prompt accepted, in tokens (default: what the model's context allows).")
+    max_output_tokens: PositiveInt | None = Field(
+        None, description="Largest max_tokens accepted; also the cap when a request sets none "
+                          "(default: what the context leaves).")
+    max_retries: Annotated[int, Field(ge=0)] = Field(
+        2, description="A request whose group fails before its first token is sent to another group "
+                       "this many times (its client sees nothing of it).")
+
+
+class AuthSection(_Section):
+    """API keys, checked on HTTP (`Authorization: Bearer KEY`) and gRPC (`authorization` metadata).
+    With neither source set, every request is admitted."""
+
+    api_keys_file: str | None = Field(
+        None, description="A file of keys, one per line (`KEY`, or `TENANT KEY` to share a tenant's prefix "
+                          "cache between its keys); `#` starts a comment. Re-read when it changes (rotation).")
+    api_keys_env: str | None = Field(
+        None, description="The name of an environment variable (of the gateway's processes) holding keys "
+                          "separated by commas or newlines.")
+    reload_period_s: PositiveFloat = Field(2.0, description="How often the keys file is checked for changes.")
+    public_health: bool = Field(True, description="Let /health and grpc.health.v1 answer without a key "
+                                                  "(for load balancers and Kubernetes probes).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_keys_file is not None or self.api_keys_env is not None
 
 
 class HTTPSection(_Section):
     host: str = Field("127.0.0.1", description="0.0.0.0 to listen on every interface (e.g. in a pod).")
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    ssl_certfile: str | None = Field(None, description="TLS certificate (PEM) of the HTTP endpoint; with "
+                                                       "ssl_keyfile it serves HTTPS.")
+    ssl_keyfile: str | None = Field(None, description="The certificate's private key (PEM).")
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = Field(None, description="CA bundle to verify client certificates against.")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> HTTPSection:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
+        return self
 
 
 class GRPCSection(_Section):
@@ -111,6 +202,7 @@ class AppConfig(_Section):
     engine: EngineSection = EngineSection()
     model_server: ModelServerSection = ModelServerSection()
     gateway: GatewaySection = GatewaySection()
+    auth: AuthSection = AuthSection()
     http: HTTPSection = HTTPSection()
     grpc: GRPCSection = GRPCSection()
 

@@ -33,6 +33,18 @@ class ContextLengthError(ClientError):
     """Prompt (+ max_tokens) longer than the model's context: OpenAI's `context_length_exceeded`."""
 
 
+class ReplicaUnavailableError(UnavailableError):
+    """A model server replica's group cannot serve (failed or draining). `replica_id` names the replica,
+    so the gateway routes around it and may send a request that got no token yet elsewhere."""
+
+    def __init__(self, message: str, replica_id: str = ""):
+        super().__init__(message)
+        self.replica_id = replica_id
+
+    def __reduce__(self):  # crosses Ray: rebuild with both fields
+        return type(self), (str(self), self.replica_id)
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The exception a deployment raised, out of Ray's wrapper (RayTaskError keeps it as `cause`)."""
     while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None and exc.cause is not exc:

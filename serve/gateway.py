@@ -17,9 +17,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ray.serve.exceptions import RequestCancelledError
+import ray
+from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
 from engine.outputs import TokenLogprobs
+from engine.routing import prefix_routing_keys
 from engine.sampling_params import SamplingParams
 from gptoss.errors import AuthenticationError, InvalidRequestError, NotFoundError, UnavailableError
 from gptoss.harmony import (
@@ -34,8 +36,12 @@ from gptoss.harmony import (
     tool_call_prefill,
 )
 from gptoss.tokenizer import CALL_ID, IncrementalDecoder
-from serve.errors import ContextLengthError
+from serve.auth import ApiKeys
+from serve.config import AppConfig
+from serve.errors import ContextLengthError, ReplicaUnavailableError, unwrap
+from serve.metrics import GatewayMetrics
 from serve.protocol import ModelChunk, ModelInfo, ModelRequest
+from serve.router import note_unavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,6 +60,7 @@ class Generation:
     harmony: bool = True  # parse the completion as harmony (chat), else plain text (completions)
     prefill_token_ids: tuple[int, ...] = ()  # the start of the reply, already at the prompt's end
     include_reasoning: bool = True
+    cache_salt: str = ""  # the caller's tenant (from its API key): its own prefix-cache namespace
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class ChoiceEvent:
     logprobs: tuple[TokenLogprobs, ...]  # of the tokens whose text is in the answer (or all, for plain text)
     finish_reason: str | None = None  # "stop", "length", "tool_calls", "abort" (cancelled by Abort)
     usage: ChoiceUsage | None = None  # the choice's counts so far (final on the last event)
+    replica_id: str = ""  # the model server replica (EP group) serving the choice
 
 
 class StopStrings:
@@ -138,7 +146,7 @@ class ChoiceAssembler:
         if not self.generation.include_reasoning:
             deltas = [d for d in deltas if not (isinstance(d, TextDelta) and d.channel == "analysis")]
         return ChoiceEvent(self.index, chunk.token_ids, tuple(merge_deltas(deltas)), tuple(logprobs),
-                           finish_reason, usage)
+                           finish_reason, usage, chunk.replica_id)
 
     def _token_deltas(self, token: int) -> list[StreamDelta]:
         if self.parser is not None:
@@ -224,8 +232,16 @@ def render_chat(messages: list[ChatMessage], tools: list[FunctionTool], tool_cho
     return tuple(prompt + prefill), tuple(prefill)
 
 
-def allow_everyone(credential: str | None) -> None:
-    """The authenticator when no API keys are configured."""
+def allow_everyone(credential: str | None) -> str:
+    """The authenticator when no API keys are configured: everyone is the one tenant ""."""
+    return ""
+
+
+def build_authenticator(config: AppConfig) -> Callable[[str | None], str]:
+    auth = config.auth
+    if not auth.enabled:
+        return allow_everyone
+    return ApiKeys(auth.api_keys_file, auth.api_keys_env, auth.reload_period_s).check
 
 
 @dataclass
@@ -237,24 +253,33 @@ class _OpenRequest:
 class Pipeline:
     """One per gateway replica. `run` streams a generation's events; `abort` ends a running one."""
 
-    def __init__(self, model_server, model_name: str, max_n: int,
-                 authenticate: Callable[[str | None], None] = allow_everyone):
+    def __init__(self, model_server, config: AppConfig,
+                 authenticate: Callable[[str | None], str] | None = None):
         self.model_server = model_server  # DeploymentHandle of the ModelServer deployment
         self._streaming = model_server.options(stream=True)
-        self.model_name = model_name
-        self.max_n = max_n
-        self._authenticate = authenticate
+        self.model_name = config.served_model_name()
+        self.limits = config.gateway
+        self.auth = config.auth
+        self.block_size = config.engine.block_size
+        self.prefix_blocks = config.model_server.router.prefix_blocks
+        self._authenticate = authenticate or build_authenticator(config)
+        self.metrics = GatewayMetrics(self.model_name)
         self._info: ModelInfo | None = None
         self._open: dict[str, _OpenRequest] = {}
 
-    def authenticate(self, credential: str | None) -> None:
-        """Raises AuthenticationError unless the credential (an API key) is accepted."""
+    def authenticate(self, credential: str | None) -> str:
+        """The caller's tenant. Raises AuthenticationError unless the credential (an API key) is accepted."""
         try:
-            self._authenticate(credential)
+            return self._authenticate(credential)
         except AuthenticationError:
             raise
         except Exception as e:  # an authenticator's bug must not let a request in
             raise AuthenticationError("the credential could not be checked") from e
+
+    def authenticate_health(self, credential: str | None) -> None:
+        """Health endpoints answer without a key unless `auth.public_health` is off."""
+        if not self.auth.public_health:
+            self.authenticate(credential)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -275,16 +300,29 @@ class Pipeline:
             return False
         return health.healthy
 
-    async def check_lengths(self, generation: Generation) -> None:
-        """Refuses, before any work, a prompt or max_tokens that cannot fit the model's context."""
+    async def check_lengths(self, generation: Generation) -> Generation:
+        """Refuses, before any work, a prompt or max_tokens that cannot fit the model's context or the
+        gateway's limits; returns the generation with max_tokens capped by `max_output_tokens`."""
         info = await self.info()
         num_prompt = len(generation.prompt_token_ids)
+        prompt_field = "messages" if generation.harmony else "prompt"
+        limits = self.limits
+        if limits.max_prompt_tokens is not None and num_prompt > limits.max_prompt_tokens:
+            raise ContextLengthError(f"the prompt has {num_prompt} tokens; this server accepts at most "
+                                     f"{limits.max_prompt_tokens} (gateway.max_prompt_tokens)", prompt_field)
         if num_prompt >= info.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {info.max_model_len} tokens; the prompt has "
-                f"{num_prompt} tokens and at least one must be generated", "messages" if generation.harmony
-                else "prompt")
+                f"{num_prompt} tokens and at least one must be generated", prompt_field)
         max_tokens = generation.sampling.max_tokens
+        if limits.max_output_tokens is not None:
+            if max_tokens is not None and max_tokens > limits.max_output_tokens:
+                raise InvalidRequestError("max_tokens", f"max_tokens must be <= {limits.max_output_tokens} "
+                                                        f"(gateway.max_output_tokens), got {max_tokens}")
+            if max_tokens is None:
+                max_tokens = min(limits.max_output_tokens, info.max_model_len - num_prompt)
+                generation = dataclasses.replace(
+                    generation, sampling=dataclasses.replace(generation.sampling, max_tokens=max_tokens))
         if max_tokens is not None and num_prompt + max_tokens > info.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {info.max_model_len} tokens; the prompt has "
@@ -296,8 +334,9 @@ class Pipeline:
         if generation.sampling.logprobs is not None and generation.sampling.logprobs > info.max_logprobs:
             raise InvalidRequestError("top_logprobs", f"top_logprobs must be <= {info.max_logprobs}, "
                                                       f"got {generation.sampling.logprobs}")
-        if generation.n > self.max_n:
-            raise InvalidRequestError("n", f"n must be <= {self.max_n}, got {generation.n}")
+        if generation.n > limits.max_n:
+            raise InvalidRequestError("n", f"n must be <= {limits.max_n}, got {generation.n}")
+        return generation
 
     async def run(self, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         """The generation's events, choices interleaved as they arrive; leaving early cancels it all.
@@ -305,7 +344,7 @@ class Pipeline:
         Raises:
             ClientError (names the field), UnavailableError, and what the model server raised.
         """
-        await self.check_lengths(generation)
+        generation = await self.check_lengths(generation)
         if generation.request_id in self._open:
             raise InvalidRequestError("request_id", f"request_id {generation.request_id!r} is already running")
         request = self._open[generation.request_id] = _OpenRequest([])
@@ -328,27 +367,53 @@ class Pipeline:
             stream.cancel()
         return True
 
-    async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest
-                          ) -> AsyncIterator[ChoiceEvent]:
+    def _model_request(self, generation: Generation, index: int) -> ModelRequest:
         sampling = generation.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**63)
-        stream = self._streaming.generate.remote(
-            ModelRequest(f"{generation.request_id}-{index}", generation.prompt_token_ids, sampling))
-        request.streams.append(stream)
+        keys = prefix_routing_keys(generation.prompt_token_ids, self.block_size, generation.cache_salt,
+                                   self.prefix_blocks)
+        return ModelRequest(f"{generation.request_id}-{index}", generation.prompt_token_ids, sampling,
+                            generation.cache_salt, keys)
+
+    async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest
+                          ) -> AsyncIterator[ChoiceEvent]:
+        model_request = self._model_request(generation, index)
         assembler = ChoiceAssembler(index, generation)
-        try:
-            async for chunk in stream:
-                event = assembler.add(chunk)
-                yield event
-                if event.finish_reason is not None:
-                    return
-        except (RequestCancelledError, asyncio.CancelledError):
-            if not request.aborted:
-                raise
+        for attempt in range(self.limits.max_retries + 1):
+            stream = self._streaming.generate.remote(model_request)
+            request.streams.append(stream)
+            started = False
+            try:
+                async for chunk in stream:
+                    started = True
+                    event = assembler.add(chunk)
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+            except (RequestCancelledError, asyncio.CancelledError):
+                if not request.aborted:
+                    raise
+                break
+            except Exception as e:
+                if started or request.aborted or attempt == self.limits.max_retries or not _retryable(e):
+                    raise
+                cause = unwrap(e)
+                if isinstance(cause, ReplicaUnavailableError):
+                    note_unavailable(cause.replica_id)  # the router avoids it until Serve replaces it
+                logger.warning("a model server replica failed before the first token (%s); retrying "
+                               "elsewhere (%d of %d)", type(cause).__name__, attempt + 1, self.limits.max_retries)
+                continue
+            break
         # Aborted: the model server's stream ended early.
         yield ChoiceEvent(index, (), (), (), "abort", ChoiceUsage(len(generation.prompt_token_ids), 0, 0, 0))
 
+
+def _retryable(exc: BaseException) -> bool:
+    """A failure of the replica, not of the request: another group may serve it."""
+    cause = unwrap(exc)
+    return isinstance(cause, ReplicaUnavailableError | DeploymentUnavailableError | ray.exceptions.RayActorError
+                      | ray.exceptions.ActorUnavailableError)
 
 
 async def interleave(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -4,6 +4,7 @@ code and details on the call's context and raises, which the proxy sends as that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from serve.gateway import ChoiceEvent, Generation, Pipeline, ToolChoice, render_
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 
 SERVICE_NAME = "gptoss.v1.GptossService"
+REPLICA_METADATA = "x-gptoss-replica"  # trailing metadata: the model server replica that served the call
 MAX_REQUEST_ID_CHARS = 256
 
 _CHANNELS = {"final": pb.CHANNEL_FINAL, "analysis": pb.CHANNEL_ANALYSIS, "commentary": pb.CHANNEL_COMMENTARY}
@@ -34,22 +36,27 @@ class GrpcApi:
     pipeline: Pipeline
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:  # noqa: N802
+        self.pipeline.metrics.request("grpc")
         try:
-            self.pipeline.authenticate(metadata_token(grpc_context))
+            tenant = self.pipeline.authenticate(metadata_token(grpc_context))
             self.pipeline.check_model(request.model)
-            generation = generation_from_proto(request)
+            generation = dataclasses.replace(generation_from_proto(request), cache_salt=tenant)
+            replica_sent = False
             async for event in self.pipeline.run(generation):
+                if not replica_sent and event.replica_id:
+                    grpc_context.set_trailing_metadata([(REPLICA_METADATA, event.replica_id)])
+                    replica_sent = True
                 for message in responses(event, generation.request_id):
                     yield message
         except Exception as e:
-            fail(grpc_context, e)
+            fail(grpc_context, e, self.pipeline)
 
     async def Abort(self, request: pb.AbortRequest, grpc_context) -> pb.AbortResponse:  # noqa: N802
         try:
             self.pipeline.authenticate(metadata_token(grpc_context))
             return pb.AbortResponse(aborted=self.pipeline.abort(request.request_id))
         except Exception as e:
-            fail(grpc_context, e)
+            fail(grpc_context, e, self.pipeline)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:  # noqa: N802
         try:
@@ -62,10 +69,14 @@ class GrpcApi:
                                 num_experts_per_tok=info.num_experts_per_tok, num_ranks_per_group=info.num_ranks,
                                 dtype=info.dtype, device=info.device, max_logprobs=info.max_logprobs)
         except Exception as e:
-            fail(grpc_context, e)
+            fail(grpc_context, e, self.pipeline)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:  # noqa: N802
         """grpc.health.v1: SERVING when a model server replica has a healthy EP group."""
+        try:
+            self.pipeline.authenticate_health(metadata_token(grpc_context))
+        except Exception as e:
+            fail(grpc_context, e, self.pipeline)
         if request.service not in ("", SERVICE_NAME):
             fail(grpc_context, NotFoundError(f"unknown service {request.service!r}; this server has {SERVICE_NAME!r}",
                                              "service"))
@@ -74,9 +85,11 @@ class GrpcApi:
         return health_pb2.HealthCheckResponse(status=status)
 
 
-def fail(grpc_context, exc: Exception):
+def fail(grpc_context, exc: Exception, pipeline: Pipeline | None = None):
     """Sends `exc` as the call's status (the proxy needs the code set, then an exception)."""
     reply = error_reply(exc)
+    if pipeline is not None:
+        pipeline.metrics.error("grpc", reply.http_status)
     grpc_context.set_code(grpc.StatusCode[reply.grpc_code])
     grpc_context.set_details(reply.message)
     raise exc

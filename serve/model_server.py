@@ -9,6 +9,7 @@ Serve's health check is the group's health: a failed group makes Serve replace t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +19,12 @@ from ray import serve
 from cluster import EPGroup, GroupStats, LoadProgress
 from cluster.placement import rank_bundle
 from engine.outputs import RequestOutput
+from gptoss.errors import UnavailableError
 from serve.config import AppConfig
+from serve.errors import ReplicaUnavailableError
+from serve.metrics import ModelServerMetrics
 from serve.protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth
+from serve.router import ReplicaLoad
 
 logger = logging.getLogger("ray.serve")  # what Serve writes to the replica's log
 
@@ -33,14 +38,15 @@ def replica_bundles(config: AppConfig, device: str) -> list[dict[str, float]]:
 
 
 class ModelServer:
-    """generate / abort / info / stats / health over one EPGroup; Serve calls `check_health` and, on
-    graceful shutdown, `__del__` (which drains the group)."""
+    """generate / abort / info / stats / health over one EPGroup; Serve calls `check_health`,
+    `record_routing_stats` and, on graceful shutdown, `__del__` (which drains the group)."""
 
     async def __init__(self, config: AppConfig, device: str):
         self.config = config
-        replica = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         checkpoint = config.checkpoint_path()  # the embedded default model is written here on first use
-        self.group = EPGroup(config.group_config(checkpoint, name=f"group-{replica}", device=device))
+        self.group = EPGroup(config.group_config(checkpoint, name=f"group-{self.replica_id}", device=device))
+        self.metrics = ModelServerMetrics(config.served_model_name(), self.replica_id)
         self._stream_interval_s = config.model_server.stream_interval_ms / 1000
         self._last_progress_log = 0.0
         start = time.monotonic()
@@ -53,7 +59,13 @@ class ModelServer:
             max_model_len=engine.max_model_len, vocab_size=model.vocab_size,
             num_hidden_layers=model.num_hidden_layers, num_local_experts=model.num_local_experts,
             num_experts_per_tok=model.num_experts_per_tok, num_ranks=config.group.num_ranks,
-            dtype=config.model.dtype, device=self.group.device, max_logprobs=config.engine.max_logprobs)
+            dtype=config.model.dtype, device=self.group.device, max_logprobs=config.engine.max_logprobs,
+            block_size=config.engine.block_size)
+        self._stats: GroupStats = stats
+        self._was_healthy = True
+        self.metrics.group_stats(stats)
+        self.metrics.group_state(self.group.health().state, was_healthy=False)
+        self._poller = asyncio.create_task(self._poll_stats())
         logger.info("EP group ready in %.1f s: %d ranks on %s, %d KV blocks per rank, max_model_len %d",
                     time.monotonic() - start, config.group.num_ranks, self.group.device, engine.num_kv_blocks,
                     engine.max_model_len)
@@ -67,14 +79,48 @@ class ModelServer:
         logger.info("loading: %s", ", ".join(
             f"rank {p.rank} {p.stage} {p.tensors_done}/{p.tensors_total} tensors" for p in progress))
 
+    async def _poll_stats(self) -> None:
+        """The group's figures every `stats_period_s`: for the router (`record_routing_stats`) and
+        the metrics."""
+        period_s = self.config.model_server.stats_period_s
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self._stats = await self.group.stats()
+                self.metrics.group_stats(self._stats)
+            except Exception:  # noqa: BLE001 - figures are best effort; health is checked apart
+                logger.exception("polling the EP group's stats failed")
+            state = self.group.health().state
+            self.metrics.group_state(state, self._was_healthy)
+            self._was_healthy = state in ("healthy", "draining")
+
     # --- requests --------------------------------------------------------------------------------
 
     async def generate(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
         """Streams the request's tokens; a caller that goes away (Serve cancels this generator)
-        aborts the request in its engine, freeing its KV blocks."""
-        outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling)
-        async for chunk in merge_outputs(outputs, self._stream_interval_s):
-            yield chunk
+        aborts the request in its engine, freeing its KV blocks.
+
+        Raises:
+            ReplicaUnavailableError (naming this replica): the group failed or is draining.
+        """
+        arrival = time.monotonic()
+        last_chunk_at: float | None = None
+        try:
+            outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
+                                          request.cache_salt)
+            async for chunk in merge_outputs(outputs, self._stream_interval_s):
+                now = time.monotonic()
+                if chunk.token_ids:
+                    if last_chunk_at is None:
+                        self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
+                    else:
+                        self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
+                    last_chunk_at = now
+                if chunk.finish_reason is not None:
+                    self.metrics.request_finished(chunk.finish_reason, chunk.num_prompt_tokens, now - arrival)
+                yield dataclasses.replace(chunk, replica_id=self.replica_id)
+        except UnavailableError as e:
+            raise ReplicaUnavailableError(str(e), self.replica_id) from None
 
     async def abort(self, request_id: str) -> bool:
         return await self.group.abort(request_id)
@@ -97,9 +143,16 @@ class ModelServer:
         if health.state not in ("healthy", "draining"):
             raise RuntimeError(f"EP group is {health.state}: {health.error}")
 
+    def record_routing_stats(self) -> dict:
+        """What the request routers weigh (serve/router.py): health and load, as of the last poll."""
+        stats = self._stats
+        return ReplicaLoad(self.group.health().ok, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free,
+                           stats.num_kv_blocks_used + stats.num_kv_blocks_free, time.time()).to_dict()
+
     async def __del__(self) -> None:
         """Serve's graceful shutdown: open requests had `graceful_shutdown_timeout_s` to finish; what is
         left is aborted, then the ranks stop."""
+        self._poller.cancel()
         await self.group.drain(timeout_s=max(1.0, self.config.model_server.graceful_shutdown_timeout_s
                                              - _DRAIN_MARGIN_S))
 

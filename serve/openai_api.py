@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator
@@ -41,6 +42,7 @@ from serve.openai_protocol import (
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+REPLICA_HEADER = "x-gptoss-replica"
 
 
 def make_openai_app(pipeline: Pipeline, max_request_bytes: int) -> FastAPI:
@@ -62,35 +64,41 @@ def make_openai_app(pipeline: Pipeline, max_request_bytes: int) -> FastAPI:
 
 async def chat_completions(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
+    pipeline.metrics.request("chat")
     try:
-        pipeline.authenticate(bearer_token(request))
+        tenant = pipeline.authenticate(bearer_token(request))
         chat = parse_body(ChatCompletionRequest, await read_json(request))
         pipeline.check_model(chat.model)
-        generation = chat_generation(chat)
+        generation = dataclasses.replace(chat_generation(chat), cache_salt=tenant)
         events = with_deadline(pipeline.run(generation), chat.timeout)
         if not chat.stream:
-            return JSONResponse(await collect_chat(events, generation, chat, pipeline.model_name))
+            body, replica = await collect_chat(events, generation, chat, pipeline.model_name)
+            return JSONResponse(body, headers=replica_header(replica))
         first = await anext(events)  # errors before the first token still get their HTTP status
-        return event_stream(chat_chunks(first, events, generation, chat, pipeline.model_name))
+        return event_stream(chat_chunks(first, events, generation, chat, pipeline.model_name),
+                            pipeline, "chat", first.replica_id)
     except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
-        return error_response(e)
+        return error_response(e, pipeline, "chat")
 
 
 async def completions(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
+    pipeline.metrics.request("completions")
     try:
-        pipeline.authenticate(bearer_token(request))
+        tenant = pipeline.authenticate(bearer_token(request))
         req = parse_body(CompletionRequest, await read_json(request))
         pipeline.check_model(req.model)
         request_id = new_id("cmpl")
-        generations = completion_generations(req, request_id)
+        generations = completion_generations(req, request_id, tenant)
         events = with_deadline(interleave([pipeline.run(g) for g in generations]), req.timeout)
         if not req.stream:
-            return JSONResponse(await collect_completion(events, req, request_id, pipeline.model_name))
+            body, replica = await collect_completion(events, req, request_id, pipeline.model_name)
+            return JSONResponse(body, headers=replica_header(replica))
         first = await anext(events)
-        return event_stream(completion_chunks(first, events, req, request_id, pipeline.model_name))
+        return event_stream(completion_chunks(first, events, req, request_id, pipeline.model_name),
+                            pipeline, "completions", first[1].replica_id)
     except Exception as e:  # noqa: BLE001
-        return error_response(e)
+        return error_response(e, pipeline, "completions")
 
 
 async def list_models(request: Request) -> Response:
@@ -99,7 +107,7 @@ async def list_models(request: Request) -> Response:
         pipeline.authenticate(bearer_token(request))
         return JSONResponse({"object": "list", "data": [await model_card(request)]})
     except Exception as e:  # noqa: BLE001
-        return error_response(e)
+        return error_response(e, pipeline, "models")
 
 
 async def get_model(request: Request, model_id: str) -> Response:
@@ -109,14 +117,24 @@ async def get_model(request: Request, model_id: str) -> Response:
         pipeline.check_model(model_id)
         return JSONResponse(await model_card(request))
     except Exception as e:  # noqa: BLE001
-        return error_response(e)
+        return error_response(e, pipeline, "models")
 
 
 async def health(request: Request) -> Response:
     """200 when a model server replica answers with a healthy EP group, else 503."""
-    if await request.app.state.pipeline.healthy():
+    pipeline: Pipeline = request.app.state.pipeline
+    try:
+        pipeline.authenticate_health(bearer_token(request))
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, pipeline, "health")
+    if await pipeline.healthy():
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "unavailable"}, status_code=503)
+
+
+def replica_header(replica_id: str) -> dict[str, str] | None:
+    """Which model server replica (EP group) served the request: for operators tracing a request."""
+    return {REPLICA_HEADER: replica_id} if replica_id else None
 
 
 async def model_card(request: Request) -> dict:
@@ -207,7 +225,7 @@ def chat_message(m: ChatMessageIn, i: int) -> ChatMessage:
         raise InvalidRequestError(f"messages.{i}", f"messages.{i}: {e}") from None
 
 
-def completion_generations(req: CompletionRequest, request_id: str) -> list[Generation]:
+def completion_generations(req: CompletionRequest, request_id: str, tenant: str = "") -> list[Generation]:
     sampling = sampling_params(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
                                frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=req.logprobs,
@@ -218,7 +236,7 @@ def completion_generations(req: CompletionRequest, request_id: str) -> list[Gene
         if not ids:
             raise InvalidRequestError("prompt", "prompt must not be empty")
         generations.append(Generation(f"{request_id}-{i}", tuple(ids), sampling, req.n, req.stop_strings(),
-                                      harmony=False))
+                                      harmony=False, cache_salt=tenant))
     return generations
 
 
@@ -240,8 +258,10 @@ async def with_deadline(events: AsyncIterator, timeout_s: float | None) -> Async
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, pipeline: Pipeline | None = None, api: str = "") -> JSONResponse:
     reply = error_reply(exc)
+    if pipeline is not None:
+        pipeline.metrics.error(api, reply.http_status)
     headers = {"Retry-After": str(math.ceil(reply.retry_after_s))} if reply.retry_after_s else None
     return JSONResponse(reply.openai_body(), status_code=reply.http_status, headers=headers)
 
@@ -255,16 +275,19 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return JSONResponse(body, status_code=exc.status_code)
 
 
-def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def event_stream(chunks: AsyncIterator[dict], pipeline: Pipeline, api: str, replica_id: str) -> StreamingResponse:
     async def sse() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - a stream that already started can only report in-band
-            yield f"data: {json.dumps(error_reply(e).openai_body(), ensure_ascii=False)}\n\n"
+            reply = error_reply(e)
+            pipeline.metrics.error(api, reply.http_status)
+            yield f"data: {json.dumps(reply.openai_body(), ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache"} | (replica_header(replica_id) or {})
+    return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
 
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
@@ -274,13 +297,16 @@ async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
 
 
 async def collect_chat(events: AsyncIterator[ChoiceEvent], generation: Generation, chat: ChatCompletionRequest,
-                       model: str) -> dict:
+                       model: str) -> tuple[dict, str]:
+    """(the chat.completion body, the replica that served the first choice)."""
     builder = ChatDeltaBuilder(chat.include_reasoning)
     choices = [ChatChoiceAccumulator(i, builder, chat.logprobs) for i in range(chat.n)]
+    replica = ""
     async for event in events:
         choices[event.index].add(event)
+        replica = replica or event.replica_id
     return {"id": generation.request_id, "object": "chat.completion", "created": now_s(), "model": model,
-            "choices": [c.body() for c in choices], "usage": usage_body([c.usage for c in choices], chat.n)}
+            "choices": [c.body() for c in choices], "usage": usage_body([c.usage for c in choices], chat.n)}, replica
 
 
 async def chat_chunks(first: ChoiceEvent, events: AsyncIterator[ChoiceEvent], generation: Generation,
@@ -314,14 +340,18 @@ def chunk_usage(usages: list, n: int, include_usage: bool, every_chunk: bool) ->
     return {"usage": None} if include_usage else {}
 
 
-async def collect_completion(events: AsyncIterator, req: CompletionRequest, request_id: str, model: str) -> dict:
+async def collect_completion(events: AsyncIterator, req: CompletionRequest, request_id: str,
+                             model: str) -> tuple[dict, str]:
+    """(the text_completion body, the replica that served the first choice)."""
     num_choices = len(req.prompts()) * req.n
+    replica = ""
     texts: list[list[str]] = [[] for _ in range(num_choices)]
     logprobs: list[list] = [[] for _ in range(num_choices)]
     finish: list[str | None] = [None] * num_choices
     usages: list[ChoiceUsage | None] = [None] * num_choices
     async for source, event in events:
         index = source * req.n + event.index
+        replica = replica or event.replica_id
         texts[index] += [d.text for d in event.deltas if isinstance(d, TextDelta)]
         logprobs[index] += event.logprobs
         if event.finish_reason is not None:
@@ -330,7 +360,7 @@ async def collect_completion(events: AsyncIterator, req: CompletionRequest, requ
                 "logprobs": completion_logprobs(tuple(logprobs[i]), 0) if req.logprobs is not None else None}
                for i in range(num_choices)]
     return {"id": request_id, "object": "text_completion", "created": now_s(), "model": model, "choices": choices,
-            "usage": usage_body(usages, req.n)}
+            "usage": usage_body(usages, req.n)}, replica
 
 
 async def completion_chunks(first: tuple, events: AsyncIterator, req: CompletionRequest, request_id: str,

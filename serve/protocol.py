@@ -14,6 +14,8 @@ class ModelRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    cache_salt: str = ""  # the tenant: prefix-cache blocks are shared only within one salt
+    prefix_keys: tuple[bytes, ...] = ()  # engine.routing.prefix_routing_keys, for the request router
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ModelChunk:
     num_prompt_tokens: int
     num_output_tokens: int  # generated so far
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    replica_id: str = ""  # the model server replica (EP group) that produced it
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ModelInfo:
     dtype: str
     device: str
     max_logprobs: int
+    block_size: int  # of the KV cache: the unit of prefix routing keys
 
 
 @dataclass(frozen=True)

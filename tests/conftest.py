@@ -18,6 +18,10 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(_TMP / "cupy"))
 # set before ray is imported, Ray takes 127.0.0.1 as every node's address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Metrics and autoscaling figures reach their consumers within a second or two instead of ten.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 
 import shutil  # noqa: E402
 

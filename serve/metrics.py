@@ -1,0 +1,147 @@
+"""Prometheus metrics, through Ray's metrics export (each node's metrics agent, which KubeRay's
+Prometheus scrapes). Names follow vLLM's (`vllm:time_to_first_token_seconds` ->
+`gptoss_time_to_first_token_seconds`) so existing dashboards map; Ray's exporter adds its `ray_`
+namespace on the wire: `ray_gptoss_time_to_first_token_seconds`.
+
+`ModelServerMetrics` is kept by each model server replica (labels `model`, `replica`, and `rank`
+where it applies): per-request latencies and tokens as they happen, and the group's engine figures
+from a periodic stats poll (gauges set, counters advanced by what changed since the last poll).
+`GatewayMetrics` counts the errors the gateway answers, by status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from cluster import GroupStats
+
+TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                  20.0, 40.0, 80.0, 160.0, 640.0]
+ITL_BUCKETS_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0]
+E2E_BUCKETS_S = [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+STEP_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24]
+
+_SERVER = ("model", "replica")
+
+
+class ModelServerMetrics:
+    def __init__(self, model: str, replica: str):
+        self.tags = {"model": model, "replica": replica}
+        t = self.tags
+        self.running = Gauge("gptoss_num_requests_running", "Requests in the group's engines' running batches.",
+                             _SERVER).set_default_tags(t)
+        self.waiting = Gauge("gptoss_num_requests_waiting", "Requests queued in the group's engines.",
+                             _SERVER).set_default_tags(t)
+        self.kv_usage = Gauge("gptoss_kv_cache_usage_perc", "Fraction of the group's KV blocks held by requests "
+                              "(0-1).", _SERVER).set_default_tags(t)
+        self.healthy = Gauge("gptoss_group_healthy", "1 while the replica's EP group is healthy, else 0.",
+                             _SERVER).set_default_tags(t)
+        self.group_starts = Counter("gptoss_group_starts_total", "EP groups started (a replica replaced after a "
+                                    "failure starts a new one).", _SERVER).set_default_tags(t)
+        self.group_failures = Counter("gptoss_group_failures_total", "EP groups seen failed (a rank died, a "
+                                      "collective timed out, a step stalled).", _SERVER).set_default_tags(t)
+        self.ttft = Histogram("gptoss_time_to_first_token_seconds", "From the request's arrival at the model "
+                              "server to its first token.", TTFT_BUCKETS_S, _SERVER).set_default_tags(t)
+        self.itl = Histogram("gptoss_inter_token_latency_seconds", "Between consecutive output tokens of a "
+                             "request (a merged chunk of k tokens counts k gaps of 1/k).", ITL_BUCKETS_S,
+                             _SERVER).set_default_tags(t)
+        self.e2e = Histogram("gptoss_e2e_request_latency_seconds", "From arrival to the last token.",
+                             E2E_BUCKETS_S, _SERVER).set_default_tags(t)
+        self.prompt_tokens = Counter("gptoss_prompt_tokens_total", "Prompt tokens of finished requests.",
+                                     _SERVER).set_default_tags(t)
+        self.generation_tokens = Counter("gptoss_generation_tokens_total", "Generated tokens.",
+                                         _SERVER).set_default_tags(t)
+        self.finished = Counter("gptoss_request_success_total", "Finished requests by finish reason (stop, "
+                                "length, abort).", (*_SERVER, "finished_reason")).set_default_tags(t)
+        self.prefix_queries = Counter("gptoss_prefix_cache_queries_total", "Prompt tokens looked up in the "
+                                      "prefix cache.", _SERVER).set_default_tags(t)
+        self.prefix_hits = Counter("gptoss_prefix_cache_hits_total", "Of those, tokens found cached.",
+                                   _SERVER).set_default_tags(t)
+        self.preemptions = Counter("gptoss_num_preemptions_total", "Requests preempted for lack of KV blocks.",
+                                   _SERVER).set_default_tags(t)
+        self.step_time = Histogram("gptoss_step_time_seconds", "Mean engine step time of a rank over each "
+                                   "stats period.", STEP_BUCKETS_S, (*_SERVER, "rank")).set_default_tags(t)
+        self.expert_tokens = Counter("gptoss_expert_tokens_total", "Tokens routed to each expert of each layer "
+                                     "(the input of expert load balancing; EP groups of G > 1).",
+                                     (*_SERVER, "layer", "expert")).set_default_tags(t)
+        self._last: dict[str, float] = {}  # cumulative figures at the previous poll
+        self._last_rank: dict[int, tuple[int, float]] = {}  # rank -> (steps, step time)
+        self._last_experts: list[list[int]] = []
+        self.group_starts.inc()
+
+    # --- per request -------------------------------------------------------------------------------
+
+    def request_finished(self, finish_reason: str, num_prompt_tokens: int, e2e_s: float) -> None:
+        self.finished.inc(tags={"finished_reason": finish_reason})
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.e2e.observe(e2e_s)
+
+    def first_tokens(self, count: int, ttft_s: float) -> None:
+        """A request's first chunk: `count` tokens, `ttft_s` after its arrival."""
+        self.ttft.observe(ttft_s)
+        self.generation_tokens.inc(count)
+
+    def more_tokens(self, count: int, gap_s: float) -> None:
+        """A later chunk of `count` tokens, `gap_s` after the previous chunk."""
+        if count <= 0:
+            return
+        self.generation_tokens.inc(count)
+        for _ in range(count):
+            self.itl.observe(gap_s / count)
+
+    # --- per stats poll ----------------------------------------------------------------------------
+
+    def group_state(self, state: str, was_healthy: bool) -> None:
+        healthy = state in ("healthy", "draining")
+        self.healthy.set(1.0 if healthy else 0.0)
+        if was_healthy and state == "failed":
+            self.group_failures.inc()
+
+    def group_stats(self, stats: GroupStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        total = stats.num_kv_blocks_used + stats.num_kv_blocks_free
+        self.kv_usage.set(stats.num_kv_blocks_used / total if total else 0.0)
+        engines = [r.engine for r in stats.ranks]
+        self._advance(self.prefix_queries, "prefix_queries", sum(e.prefix_cache_query_tokens for e in engines))
+        self._advance(self.prefix_hits, "prefix_hits", sum(e.prefix_cache_hit_tokens for e in engines))
+        self._advance(self.preemptions, "preemptions", sum(e.num_preemptions for e in engines))
+        for r in stats.ranks:
+            steps, step_s = self._last_rank.get(r.rank, (0, 0.0))
+            if r.engine.num_steps > steps:
+                self.step_time.observe((r.engine.step_time_s - step_s) / (r.engine.num_steps - steps),
+                                       tags={"rank": str(r.rank)})
+            self._last_rank[r.rank] = (r.engine.num_steps, r.engine.step_time_s)
+        self._advance_experts(stats.expert_token_counts)
+
+    def _advance(self, counter: Counter, name: str, total: float) -> None:
+        delta = total - self._last.get(name, 0.0)
+        if delta > 0:
+            counter.inc(delta)
+        self._last[name] = total
+
+    def _advance_experts(self, counts: Sequence[Sequence[int]]) -> None:
+        for layer, row in enumerate(counts):
+            last = self._last_experts[layer] if layer < len(self._last_experts) else [0] * len(row)
+            for expert, (now, before) in enumerate(zip(row, last, strict=True)):
+                if now > before:
+                    self.expert_tokens.inc(now - before, tags={"layer": str(layer), "expert": str(expert)})
+        self._last_experts = [list(row) for row in counts]
+
+
+class GatewayMetrics:
+    def __init__(self, model: str):
+        self.errors = Counter("gptoss_request_errors_total", "Requests the gateway answered with an error, by "
+                              "HTTP status and API.", ("model", "status", "api")).set_default_tags({"model": model})
+        self.requests = Counter("gptoss_gateway_requests_total", "Requests the gateway received, by API.",
+                                ("model", "api")).set_default_tags({"model": model})
+
+    def request(self, api: str) -> None:
+        self.requests.inc(tags={"api": api})
+
+    def error(self, api: str, http_status: int) -> None:
+        self.errors.inc(tags={"api": api, "status": str(http_status)})
