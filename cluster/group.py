@@ -64,6 +64,7 @@ class GroupHealth:
 
 @dataclass(frozen=True)
 class GroupStats:
+    name: str  # the group's config.name
     state: str
     ranks: tuple[RankStats, ...]  # the ranks that answered (none while starting or stopped)
     num_running: int
@@ -493,6 +494,7 @@ class EPGroup:
                 counts[layer] = [a + b for a, b in zip(counts[layer], row, strict=True)]
         reservation = self._reservation
         return GroupStats(
+            name=self.config.name,
             state=self.state,
             ranks=ranks,
             num_running=sum(r.engine.num_running for r in ranks),

@@ -229,7 +229,7 @@ class RankActor:
     def _load(self, communicator_spec, placement) -> None:
         import gptoss
         from engine.engine import Engine
-        from parallel import apply_expert_parallel, create_communicator
+        from parallel import apply_expert_parallel, count_expert_tokens, create_communicator
 
         if communicator_spec is not None:
             self._progress = LoadProgress(self.rank, "joining communicator", 0, 0)
@@ -244,6 +244,8 @@ class RankActor:
         self.expert_ids = tuple(experts if experts is not None else range(model.config.num_local_experts))
         if self.communicator is not None:
             self.expert_counts = apply_expert_parallel(model, self.communicator, placement)
+        else:  # one rank: no dispatcher counts the routed tokens, hooks on the routers do
+            self.expert_counts = count_expert_tokens(model)
         self.engine = Engine(model, self.config.engine)
         self._snapshot_stats()
         done = self._progress.tensors_total

@@ -40,11 +40,11 @@ from parallel.comm import (
 from parallel.cupy_nccl import CupyNcclCommunicator, make_nccl_unique_id
 from parallel.dispatcher import DispatchHandle, ExpertLoad, TokenDispatcher
 from parallel.loopback import LoopbackCommunicator, LoopbackGroup
-from parallel.moe import ExpertParallelMoE, apply_expert_parallel, select_experts
+from parallel.moe import ExpertParallelMoE, apply_expert_parallel, count_expert_tokens, select_experts
 from parallel.placement import ExpertPlacement
 from parallel.torch_dist import TorchDistCommunicator
 
 __all__ = ["Communicator", "CommunicatorError", "CommunicatorSpec", "CommunicatorTimeout", "CupyNcclCommunicator",
            "DispatchHandle", "ExpertLoad", "ExpertParallelMoE", "ExpertPlacement", "LoopbackCommunicator",
-           "LoopbackGroup", "TokenDispatcher", "TorchDistCommunicator", "apply_expert_parallel",
+           "LoopbackGroup", "TokenDispatcher", "TorchDistCommunicator", "apply_expert_parallel", "count_expert_tokens",
            "create_communicator", "make_nccl_unique_id", "select_experts"]

@@ -76,6 +76,27 @@ def apply_expert_parallel(model: Transformer, communicator: Communicator, placem
     return load
 
 
+def count_expert_tokens(model: Transformer, load: ExpertLoad | None = None) -> ExpertLoad:
+    """Counts the tokens each layer routes to each expert of a model that is not expert-parallel
+    (an EP group of one rank), as the dispatchers of an expert-parallel one do; in place.
+
+    Returns:
+        the per-layer per-expert token counters (on the model's device).
+    """
+    config = model.config
+    if load is None:
+        load = ExpertLoad(config.num_hidden_layers, config.num_local_experts, model.device)
+    for layer, block in enumerate(model.layers):
+        if isinstance(block.mlp, ExpertParallelMoE):
+            raise ValueError(f"layer {layer} is expert-parallel: its dispatcher counts already")
+
+        def count(router, args, output, layer=layer):
+            load.add(layer, output[0])  # the router returns (topk_ids [T, k], topk_weights [T, k])
+
+        block.mlp.router.register_forward_hook(count)
+    return load
+
+
 def select_experts(experts: Experts, expert_ids: list[int], config: ModelConfig) -> Experts:
     """A new `Experts` holding `expert_ids` (in that order), taken from `experts` (which must hold them)."""
     missing = sorted(set(expert_ids) - set(experts.expert_ids))

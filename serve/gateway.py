@@ -41,7 +41,6 @@ from serve.config import AppConfig
 from serve.errors import ContextLengthError, ReplicaUnavailableError, unwrap
 from serve.metrics import GatewayMetrics
 from serve.protocol import ModelChunk, ModelInfo, ModelRequest
-from serve.router import note_unavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -244,6 +243,26 @@ def build_authenticator(config: AppConfig) -> Callable[[str | None], str]:
     return ApiKeys(auth.api_keys_file, auth.api_keys_env, auth.reload_period_s).check
 
 
+class RecentFailures:
+    """Model server replicas whose group this gateway replica saw fail, for a while: new requests ask
+    the router to avoid them until Serve's health check has replaced them (new replicas, new ids)."""
+
+    def __init__(self, remember_s: float = 60.0):
+        self.remember_s = remember_s
+        self._until: dict[str, float] = {}
+
+    def note(self, replica_id: str) -> None:
+        if replica_id:
+            self._until[replica_id] = time.monotonic() + self.remember_s
+
+    def current(self) -> tuple[str, ...]:
+        if not self._until:
+            return ()
+        now = time.monotonic()
+        self._until = {rid: until for rid, until in self._until.items() if until > now}
+        return tuple(self._until)
+
+
 @dataclass
 class _OpenRequest:
     streams: list  # the request's DeploymentResponseGenerators
@@ -264,6 +283,7 @@ class Pipeline:
         self.prefix_blocks = config.model_server.router.prefix_blocks
         self._authenticate = authenticate or build_authenticator(config)
         self.metrics = GatewayMetrics(self.model_name)
+        self._failed_replicas = RecentFailures()
         self._info: ModelInfo | None = None
         self._open: dict[str, _OpenRequest] = {}
 
@@ -374,7 +394,7 @@ class Pipeline:
         keys = prefix_routing_keys(generation.prompt_token_ids, self.block_size, generation.cache_salt,
                                    self.prefix_blocks)
         return ModelRequest(f"{generation.request_id}-{index}", generation.prompt_token_ids, sampling,
-                            generation.cache_salt, keys)
+                            generation.cache_salt, keys, self._failed_replicas.current())
 
     async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest
                           ) -> AsyncIterator[ChoiceEvent]:
@@ -396,11 +416,14 @@ class Pipeline:
                     raise
                 break
             except Exception as e:
-                if started or request.aborted or attempt == self.limits.max_retries or not _retryable(e):
-                    raise
                 cause = unwrap(e)
                 if isinstance(cause, ReplicaUnavailableError):
-                    note_unavailable(cause.replica_id)  # the router avoids it until Serve replaces it
+                    self._failed_replicas.note(cause.replica_id)  # route around it until Serve replaces it
+                if started or request.aborted or attempt == self.limits.max_retries or not _retryable(e):
+                    raise
+                if isinstance(cause, ReplicaUnavailableError):
+                    model_request = dataclasses.replace(
+                        model_request, avoid_replica_ids=(*model_request.avoid_replica_ids, cause.replica_id))
                 logger.warning("a model server replica failed before the first token (%s); retrying "
                                "elsewhere (%d of %d)", type(cause).__name__, attempt + 1, self.limits.max_retries)
                 continue

@@ -55,8 +55,8 @@ class ModelServerMetrics:
                                      _SERVER).set_default_tags(t)
         self.generation_tokens = Counter("gptoss_generation_tokens_total", "Generated tokens.",
                                          _SERVER).set_default_tags(t)
-        self.finished = Counter("gptoss_request_success_total", "Finished requests by finish reason (stop, "
-                                "length, abort).", (*_SERVER, "finished_reason")).set_default_tags(t)
+        self.finished = Counter("gptoss_request_success_total", "Ended requests by how they ended: stop, "
+                                "length, abort (cancelled, or the client went away), error.", (*_SERVER, "finished_reason")).set_default_tags(t)
         self.prefix_queries = Counter("gptoss_prefix_cache_queries_total", "Prompt tokens looked up in the "
                                       "prefix cache.", _SERVER).set_default_tags(t)
         self.prefix_hits = Counter("gptoss_prefix_cache_hits_total", "Of those, tokens found cached.",

@@ -105,6 +105,8 @@ class ModelServer:
         """
         arrival = time.monotonic()
         last_chunk_at: float | None = None
+        ended_as = "abort"  # unless a finish reason or an error comes: the caller went away
+        num_prompt = len(request.prompt_token_ids)
         try:
             outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
                                           request.cache_salt)
@@ -117,10 +119,16 @@ class ModelServer:
                         self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
                     last_chunk_at = now
                 if chunk.finish_reason is not None:
-                    self.metrics.request_finished(chunk.finish_reason, chunk.num_prompt_tokens, now - arrival)
+                    ended_as = chunk.finish_reason
                 yield dataclasses.replace(chunk, replica_id=self.replica_id)
         except UnavailableError as e:
+            ended_as = "error"
             raise ReplicaUnavailableError(str(e), self.replica_id) from None
+        except Exception:
+            ended_as = "error"
+            raise
+        finally:
+            self.metrics.request_finished(ended_as, num_prompt, time.monotonic() - arrival)
 
     async def abort(self, request_id: str) -> bool:
         return await self.group.abort(request_id)

@@ -16,6 +16,7 @@ class ModelRequest:
     sampling: SamplingParams
     cache_salt: str = ""  # the tenant: prefix-cache blocks are shared only within one salt
     prefix_keys: tuple[bytes, ...] = ()  # engine.routing.prefix_routing_keys, for the request router
+    avoid_replica_ids: tuple[str, ...] = ()  # replicas whose group the gateway saw fail: route elsewhere
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@ still holds those KV blocks in its prefix cache: keyed by `engine.routing.prefix
 prompt's token ids, the same keys the group uses to pick a rank), unless that group is much busier
 than the least busy one (`max_extra_requests` more open requests) or short of free KV blocks: then the
 load wins, and a hot prefix spills over to a second group. A prompt no group has seen goes to the
-least busy group. Requests without keys, and any decision without load figures, fall back to
-power-of-two choices on Serve's own queue lengths.
+least busy group. Requests without keys fall back to power-of-two choices on Serve's own queue
+lengths.
 
 Load is what this router knows exactly (the requests it has in flight on each replica) combined with
 what the replicas publish through `record_routing_stats` (running, waiting, free KV blocks, health)
-and Serve's queue-length probes. A replica whose group failed is skipped from the moment any request
-in this process saw it fail (`note_unavailable`) or it published itself unhealthy, until Serve
-replaces it.
+and Serve's queue-length probes. A replica is skipped when the request names it in
+`avoid_replica_ids` (the gateway saw its group fail: a retry, or a new request soon after) or it
+published itself unhealthy, until Serve replaces it.
 
 One router runs in each process that holds a handle to the model server (each gateway replica): each
 remembers the prefixes it routed itself.
@@ -34,26 +34,7 @@ from engine.routing import PrefixAffinity
 
 logger = logging.getLogger("ray.serve")
 
-# Replica ids (their unique_id) whose group failed, as seen by requests in this process, and until
-# when to avoid them. Serve replaces such a replica within its health check period; this closes
-# the gap before that, so new requests do not go to a group that is known to be down.
-_UNAVAILABLE_UNTIL: dict[str, float] = {}
-_AVOID_S = 60.0
-
-
-def note_unavailable(replica_unique_id: str) -> None:
-    """A request saw this replica's group fail: route around it (in this process) for a while."""
-    _UNAVAILABLE_UNTIL[replica_unique_id] = time.monotonic() + _AVOID_S
-
-
-def is_noted_unavailable(replica_unique_id: str) -> bool:
-    until = _UNAVAILABLE_UNTIL.get(replica_unique_id)
-    if until is None:
-        return False
-    if until < time.monotonic():
-        del _UNAVAILABLE_UNTIL[replica_unique_id]
-        return False
-    return True
+_CHOSEN_S = 5.0  # a choice not confirmed routed within this long was dropped (cancelled, retried)
 
 
 @dataclass(frozen=True)
@@ -92,6 +73,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self.affinity = PrefixAffinity(max_keys)
         self._in_flight: dict[ReplicaID, int] = defaultdict(int)
         self._replica_of: dict[str, ReplicaID] = {}  # internal request id -> replica
+        # Chosen but not yet confirmed routed (Serve awaits the replica's acceptance in between): counted
+        # as load, so a burst of requests decided together does not all pick the same replica.
+        self._chosen: dict[str, tuple[ReplicaID, float]] = {}
         self._known: set[ReplicaID] = set()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -99,28 +83,32 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # back off between rounds, never spin
         self._forget_gone(candidate_replicas)
-        candidates = self._usable(candidate_replicas)
+        candidates = self._usable(candidate_replicas, _model_request_field(pending_request, "avoid_replica_ids"))
         if not candidates:
             return []
         keys = request_prefix_keys(pending_request)
         if not keys:
             return [self._power_of_two(candidates)]
         by_id = {r.replica_id: r for r in candidates}
-        loads = {r.replica_id: self._load(r) for r in candidates}
+        loads = self._loads(candidates)
         least = min(candidates, key=lambda r: (loads[r.replica_id], random.random()))
         affine_id, _ = self.affinity.lookup(keys, allowed=set(by_id))
         if affine_id is None:
-            return [[least], self._power_of_two(candidates)]
-        affine = by_id[affine_id]
-        if loads[affine_id] - loads[least.replica_id] > self.max_extra_requests or self._short_of_kv(affine, keys):
-            return [[least], [affine]]  # the load wins; the affine group is the fallback
-        return [[affine], [least]]
+            ranks = [[least], self._power_of_two(candidates)]
+        elif loads[affine_id] - loads[least.replica_id] > self.max_extra_requests or self._short_of_kv(
+                by_id[affine_id], keys):
+            ranks = [[least], [by_id[affine_id]]]  # the load wins; the affine group is the fallback
+        else:
+            ranks = [[by_id[affine_id]], [least]]
+        self._chosen[pending_request.metadata.internal_request_id] = (ranks[0][0].replica_id, time.monotonic())
+        return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         keys = request_prefix_keys(pending_request)
         if keys:
             self.affinity.record(keys, replica_id)
         request_id = pending_request.metadata.internal_request_id
+        self._chosen.pop(request_id, None)
         if request_id not in self._replica_of:
             self._replica_of[request_id] = replica_id
             self._in_flight[replica_id] += 1
@@ -132,28 +120,37 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _usable(self, candidates: list[RunningReplica]) -> list[RunningReplica]:
+    def _usable(self, candidates: list[RunningReplica], avoid: tuple[str, ...]) -> list[RunningReplica]:
         """Candidates without a known-failed group (all of them when every one looks failed: a stale
         mark must not stop all traffic)."""
         usable = []
         for r in candidates:
             load = ReplicaLoad.from_stats(r.routing_stats, self.stats_max_age_s)
-            if is_noted_unavailable(r.replica_id.unique_id) or (load is not None and not load.healthy):
+            if r.replica_id.unique_id in avoid or (load is not None and not load.healthy):
                 continue
             usable.append(r)
         return usable or list(candidates)
 
-    def _load(self, replica: RunningReplica) -> float:
-        """Open requests on the replica: the most of what this router has in flight there, what
-        Serve last saw queued there, and what the group last published (running + waiting)."""
-        figures = [self._in_flight.get(replica.replica_id, 0)]
-        queued = self.replica_queue_len_cache.get(replica.replica_id)
-        if queued is not None:
-            figures.append(queued)
-        load = ReplicaLoad.from_stats(replica.routing_stats, self.stats_max_age_s)
-        if load is not None:
-            figures.append(load.num_running + load.num_waiting)
-        return max(figures)
+    def _loads(self, candidates: list[RunningReplica]) -> dict[ReplicaID, float]:
+        """Open requests per replica: the more of what this router has in flight or just chose there
+        (exact, at once) and what Serve last saw ongoing there (all callers' requests, as of the last
+        acceptance or probe). The published running + waiting lag by a stats period or more, so they
+        only break ties."""
+        now = time.monotonic()
+        self._chosen = {rid: (replica, at) for rid, (replica, at) in self._chosen.items() if now - at < _CHOSEN_S}
+        chosen: dict[ReplicaID, int] = defaultdict(int)
+        for replica, _ in self._chosen.values():
+            chosen[replica] += 1
+        loads = {}
+        for r in candidates:
+            figures = [self._in_flight.get(r.replica_id, 0) + chosen[r.replica_id]]
+            queued = self.replica_queue_len_cache.get(r.replica_id)
+            if queued is not None:
+                figures.append(queued)
+            load = ReplicaLoad.from_stats(r.routing_stats, self.stats_max_age_s)
+            published = (load.num_running + load.num_waiting) if load is not None else 0
+            loads[r.replica_id] = max(figures) + published / 1e6
+        return loads
 
     def _short_of_kv(self, replica: RunningReplica, keys: tuple[bytes, ...]) -> bool:
         """Whether the group published too few free KV blocks for even this prompt's prefix."""
@@ -175,7 +172,12 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
 def request_prefix_keys(pending_request: PendingRequest | None) -> tuple[bytes, ...]:
     """The prefix routing keys a `ModelRequest` carries (the gateway computed them), if this is one."""
+    return _model_request_field(pending_request, "prefix_keys")
+
+
+def _model_request_field(pending_request: PendingRequest | None, name: str) -> tuple:
+    """A tuple field of the request's `ModelRequest` argument; () for other calls (stats, health)."""
     if pending_request is None or not pending_request.args:
         return ()
-    keys = getattr(pending_request.args[0], "prefix_keys", ())
-    return keys if isinstance(keys, tuple) else ()
+    value = getattr(pending_request.args[0], name, ())
+    return value if isinstance(value, tuple) else ()

@@ -19,6 +19,7 @@ from parallel import (
     LoopbackGroup,
     TokenDispatcher,
     apply_expert_parallel,
+    count_expert_tokens,
     create_communicator,
 )
 from tests.parallel_helpers import EP_CONFIG, mute_experts
@@ -263,6 +264,23 @@ def test_ep_moe_layers_and_logits_equal_the_single_rank_model(reference, world_s
             assert total[layer, e] == 0
     expected_layer_counts = sum(token_counts) * 2 * EP_CONFIG.num_experts_per_tok  # MoE calls + the model
     assert total.sum(1).tolist() == [expected_layer_counts] * EP_CONFIG.num_hidden_layers
+
+
+def test_a_single_rank_model_counts_the_same_expert_load_as_an_ep_group(reference):
+    placement = ExpertPlacement.contiguous(E, 2)
+    group = LoopbackGroup(2, timeout_s=30)
+    models, loads = make_rank_models(reference, placement, group)
+    gen = torch.Generator().manual_seed(9)
+    token_ids = [torch.randint(0, EP_CONFIG.vocab_size, (n,), generator=gen) for n in (6, 11)]
+    group.run(lambda comm: models[comm.rank](token_ids[comm.rank]))
+    single = copy.deepcopy(reference)
+    load = count_expert_tokens(single)
+    for ids in token_ids:
+        single(ids)
+    assert torch.equal(load.get_counts(), sum(rank_load.get_counts() for rank_load in loads))
+    assert load.get_counts().sum() == 17 * EP_CONFIG.num_experts_per_tok * EP_CONFIG.num_hidden_layers
+    with pytest.raises(ValueError, match="expert-parallel"):
+        count_expert_tokens(models[0])
 
 
 def test_ep_moe_with_replicated_hot_experts_equals_the_single_rank_moe(reference):

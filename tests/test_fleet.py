@@ -1,0 +1,397 @@
+"""A fleet of EP groups behind one gateway, on the simulated two-node cluster: prefix-affinity routing
+against Serve's default router (on the prefix-cache hit counters), a hot prefix spilling over, a group
+failing while the other serves, a bounded soak of 500 concurrent requests with disconnects, aborts and
+malformed bodies, and the Prometheus metrics all that leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+from types import SimpleNamespace
+
+import aiohttp
+import grpc
+import openai
+import pytest
+import ray
+import requests
+
+from serve.proto.gptoss.v1 import gptoss_pb2 as pb
+from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+from tests.conftest import SERVE_TEST_CONFIG
+
+APP = "fleet"
+MODEL = "fleet-test"
+
+
+def fleet_config(checkpoint, policy: str):
+    from serve.config import parse_config
+
+    return parse_config({
+        **SERVE_TEST_CONFIG,
+        "model": {**SERVE_TEST_CONFIG["model"], "checkpoint": str(checkpoint), "name": MODEL},
+        "engine": {**SERVE_TEST_CONFIG["engine"], "kv_cache_gib": 0.05},
+        "model_server": {**SERVE_TEST_CONFIG["model_server"], "num_replicas": 2, "stats_period_s": 0.5,
+                         "router": {"policy": policy, "max_extra_requests": 4}},
+    })
+
+
+def deploy(config, app: str):
+    from ray import serve
+
+    from serve.app import MODEL_SERVER_NAME, build_app_from_config
+
+    serve.run(build_app_from_config(config), name=app, route_prefix=f"/{app}")
+    return serve.get_deployment_handle(MODEL_SERVER_NAME, app_name=app)
+
+
+@pytest.fixture(scope="module")
+def fleet(serve_instance, tiny_checkpoint):
+    from ray import serve
+
+    handle = deploy(fleet_config(tiny_checkpoint, "prefix_affinity"), APP)
+    yield SimpleNamespace(http=serve_instance.http, url=f"{serve_instance.http}/{APP}/v1", grpc=serve_instance.grpc,
+                          handle=handle)
+    serve.delete(APP)
+
+
+def replica_stats(handle, num_replicas: int = 2, timeout_s: float = 60.0, healthy: bool = False) -> dict:
+    """Each replica's GroupStats by replica id, asked until `num_replicas` distinct replicas (healthy ones,
+    if asked) have answered: the handle's router picks one replica per call."""
+    seen: dict = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            stats = handle.stats.remote().result(timeout_s=10)
+            if not healthy or stats.state == "healthy":
+                seen[stats.name.removeprefix("group-")] = stats
+        except Exception:  # noqa: BLE001 - a replica being replaced; ask again
+            pass
+        if len(seen) >= num_replicas:
+            return seen
+        assert time.monotonic() < deadline, f"only {sorted(seen)} of {num_replicas} replicas answered"
+        time.sleep(0.05)
+
+
+# --- routing -----------------------------------------------------------------------------------------
+
+
+def conversations(num: int, turns: int, seed: int, prefix_len: int = 160, turn_len: int = 48) -> list[list[list[int]]]:
+    """Token-id conversations: a long prefix of their own, then a user turn more at each request."""
+    rng = random.Random(seed)
+    result = []
+    for _ in range(num):
+        prompt = [rng.randrange(1000, 199000) for _ in range(prefix_len)]
+        conversation = []
+        for _ in range(turns):
+            prompt = prompt + [rng.randrange(1000, 199000) for _ in range(turn_len)]
+            conversation.append(prompt)
+        result.append(conversation)
+    return result
+
+
+async def run_conversations(base_url: str, convs) -> list[tuple[int, int, str]]:
+    """(prompt tokens, cached tokens, replica) of every request; conversations run concurrently, the
+    turns of one in order."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+    async def one(conversation):
+        out = []
+        for prompt in conversation:
+            raw = await client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                                                    temperature=0)
+            usage = raw.parse().usage
+            out.append((usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens,
+                        raw.headers["x-gptoss-replica"]))
+        return out
+
+    try:
+        return [row for rows in await asyncio.gather(*(one(c) for c in convs)) for row in rows]
+    finally:
+        await client.close()
+
+
+def hit_rate(rows) -> float:
+    return sum(cached for _, cached, _ in rows) / sum(prompt for prompt, _, _ in rows)
+
+
+def test_prefix_affinity_gets_a_higher_prefix_cache_hit_rate_than_serves_default_router(fleet, serve_instance,
+                                                                                        tiny_checkpoint):
+    from ray import serve
+
+    convs = conversations(8, 4, seed=1)
+    # Every turn after the first could reuse all of the previous turn's prompt (lengths are whole blocks).
+    ideal = sum(len(c[t - 1]) for c in convs for t in range(1, len(c))) / sum(len(p) for c in convs for p in c)
+    deploy(fleet_config(tiny_checkpoint, "power_of_two"), "fleet-default")
+    try:
+        default = hit_rate(asyncio.run(run_conversations(f"{serve_instance.http}/fleet-default/v1", convs)))
+    finally:
+        serve.delete("fleet-default")
+    rows = asyncio.run(run_conversations(fleet.url, convs))
+    ours = hit_rate(rows)
+    assert ours >= 0.9 * ideal, (ours, ideal)
+    assert ours >= 1.2 * default, (ours, default)
+    assert len({replica for _, _, replica in rows}) == 2  # conversations were spread over both groups
+
+
+def test_a_hot_prefix_under_heavy_load_spills_to_the_other_group(fleet):
+    prefix = [random.Random(2).randrange(1000, 199000) for _ in range(192)]
+    first = requests.post(f"{fleet.url}/completions", json={"prompt": prefix + [1], "max_tokens": 1}, timeout=60)
+    home = first.headers["x-gptoss-replica"]
+
+    async def burst():
+        async with aiohttp.ClientSession() as session:
+            async def one(i):
+                body = {"prompt": prefix + [2, i], "max_tokens": 48, "temperature": 0}
+                async with session.post(f"{fleet.url}/completions", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    usage = (await response.json())["usage"]
+                    return response.headers["x-gptoss-replica"], usage["prompt_tokens_details"]["cached_tokens"]
+
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    served = asyncio.run(burst())
+    counts = Counter(replica for replica, _ in served)
+    assert len(counts) == 2, counts  # the load won over affinity for part of the burst
+    assert counts[home] >= 5, counts  # but the group holding the prefix took requests until it was busier
+    assert all(cached >= 192 for replica, cached in served if replica == home)
+
+
+# --- a group fails while the other serves ------------------------------------------------------------
+
+
+def stream_completion(url: str, prompt: list[int], max_tokens: int, results: dict, key: str,
+                      started: threading.Event) -> None:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with requests.post(f"{url}/completions", json=body, stream=True, timeout=120) as response:
+        outcome = {"replica": response.headers.get("x-gptoss-replica"), "status": response.status_code,
+                   "finish": None, "error": None, "tokens": 0}
+        results[key] = outcome
+        started.set()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                outcome["error"] = event["error"]
+            for choice in event.get("choices", []):
+                outcome["finish"] = choice["finish_reason"] or outcome["finish"]
+            if event.get("usage"):
+                outcome["tokens"] = event["usage"]["completion_tokens"]
+
+
+def test_a_failed_group_fails_only_its_own_requests_while_new_ones_succeed_on_the_other(fleet):
+    before = replica_stats(fleet.handle, healthy=True)
+    results: dict = {}
+    threads = []
+    for i in range(6):  # long streams with distinct prompts, spread over both groups
+        started = threading.Event()
+        prompt = [random.Random(100 + i).randrange(1000, 199000) for _ in range(40)]
+        thread = threading.Thread(target=stream_completion, args=(fleet.url, prompt, 600, results, f"s{i}", started))
+        thread.start()
+        assert started.wait(60)
+        threads.append(thread)
+    assert {r["replica"] for r in results.values()} == set(before), results
+    victim, survivor = sorted(before)
+    os.kill(before[victim].ranks[0].pid, signal.SIGKILL)
+
+    # New requests from the moment of the kill until the group is replaced: every one succeeds.
+    outcomes = []
+    deadline = time.monotonic() + 180
+    while True:
+        response = requests.post(f"{fleet.url}/completions", json={"prompt": [7, 8, 9], "max_tokens": 4}, timeout=60)
+        outcomes.append((response.status_code, response.headers.get("x-gptoss-replica")))
+        assert response.status_code == 200, (response.status_code, response.text)
+        if len(outcomes) >= 5:
+            current = replica_stats(fleet.handle, timeout_s=5, num_replicas=1)
+            replaced = [rid for rid, s in current.items() if rid not in before and s.state == "healthy"]
+            if replaced:
+                break
+        assert time.monotonic() < deadline, "the failed group was not replaced"
+    assert victim not in {replica for _, replica in outcomes[1:]}  # routed around the failed group
+
+    for thread in threads:
+        thread.join(120)
+    for key, outcome in results.items():
+        if outcome["replica"] == victim:
+            assert outcome["error"] is not None and "failed" in outcome["error"]["message"], (key, outcome)
+        else:
+            assert outcome["error"] is None and outcome["finish"] == "length" and outcome["tokens"] == 600, outcome
+    after = replica_stats(fleet.handle, healthy=True, timeout_s=120)
+    assert survivor in after and victim not in after
+
+
+# --- soak --------------------------------------------------------------------------------------------
+
+
+def process_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def serving_pids(handle) -> list[int]:
+    from ray.util.state import list_actors
+
+    replicas = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:fleet:")]
+    ranks = [r.pid for stats in replica_stats(handle, healthy=True).values() for r in stats.ranks]
+    return replicas + ranks
+
+
+BAD_BODIES = [
+    b"{not json", b"[]", b'{"prompt": 5}', b'{"prompt": [1, 2], "max_tokens": -1}',
+    b'{"prompt": [1, 2], "temperature": "hot"}', b'{"prompt": [1, 2], "top_p": 3}',
+    b'{"prompt": [1, 2], "n": 0}', b'{"prompt": [999999999]}', b'{"prompt": [1, 2], "unknown_field": 1}',
+    b'{"prompt": "\xff\xfe"}',
+]
+
+
+def test_a_soak_of_500_concurrent_requests_with_disconnects_aborts_and_bad_bodies_leaves_nothing_behind(fleet):
+    pids = serving_pids(fleet.handle)
+    rss_before = {pid: process_rss_mb(pid) for pid in pids}
+    rng = random.Random(5)
+    kinds = ["good"] * 350 + ["disconnect"] * 60 + ["abort"] * 40 + ["bad"] * 50
+    rng.shuffle(kinds)
+
+    async def good(session, i):
+        body = {"prompt": [rng.randrange(1000, 199000) for _ in range(rng.randrange(4, 40))], "max_tokens": 6,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        async with session.post(f"{fleet.url}/completions", json=body) as response:
+            if response.status != 200:  # a clear refusal (429 when queues are full) is allowed, a hang is not
+                assert response.status in (429, 503), await response.text()
+                return "refused"
+            usage, done = None, False
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    usage = event.get("usage") or usage
+                done = done or line.startswith(b"data: [DONE]")
+            assert done and usage["completion_tokens"] == 6, usage
+            return "good"
+
+    async def disconnect(session, i):
+        body = {"prompt": [rng.randrange(1000, 199000) for _ in range(30)], "max_tokens": 400, "stream": True}
+        async with session.post(f"{fleet.url}/completions", json=body) as response:
+            await response.content.readline()
+            response.close()  # the client goes away mid-stream
+        return "disconnect"
+
+    async def abort(channel, i):
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[rng.randrange(1000, 199000) for _ in range(20)]),
+                                     sampling=pb.SamplingParams(max_tokens=400))
+        call = pb_grpc.GptossServiceStub(channel).Generate(request, metadata=[("application", APP)])
+        async for _ in call:
+            call.cancel()  # a cancelled call aborts the request
+            break
+        return "abort"
+
+    async def bad(session, i):
+        async with session.post(f"{fleet.url}/completions", data=BAD_BODIES[i % len(BAD_BODIES)],
+                                headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 400, await response.text()
+            assert (await response.json())["error"]["message"]
+        return "bad"
+
+    async def soak():
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=240)) as session, \
+                grpc.aio.insecure_channel(fleet.grpc) as channel:
+            jobs = {"good": lambda i: good(session, i), "disconnect": lambda i: disconnect(session, i),
+                    "abort": lambda i: abort(channel, i), "bad": lambda i: bad(session, i)}
+            return await asyncio.wait_for(asyncio.gather(*(jobs[k](i) for i, k in enumerate(kinds))), timeout=280)
+
+    outcomes = Counter(asyncio.run(soak()))
+    assert outcomes["good"] + outcomes["refused"] == 350 and outcomes["good"] >= 300, outcomes
+    assert outcomes["disconnect"] == 60 and outcomes["abort"] == 40 and outcomes["bad"] == 50
+
+    # Every group's KV pool back to empty (cached blocks stay, evictable) once aborts have landed.
+    deadline = time.monotonic() + 60
+    while True:
+        stats = replica_stats(fleet.handle, healthy=True)
+        busy = {rid: (s.num_running, s.num_waiting, s.num_kv_blocks_used, s.num_open_streams)
+                for rid, s in stats.items()}
+        if all(v == (0, 0, 0, 0) for v in busy.values()):
+            break
+        assert time.monotonic() < deadline, f"requests left behind: {busy}"
+        time.sleep(0.2)
+    for s in stats.values():
+        assert all(r.engine.num_kv_blocks_free == r.engine.num_kv_blocks for r in s.ranks)
+    rss_after = {pid: process_rss_mb(pid) for pid in pids}
+    for pid, before in rss_before.items():
+        assert rss_after[pid] < 1.3 * before + 150, (pid, before, rss_after[pid])
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def scrape() -> str:
+    """Every node's Prometheus export (Ray's metrics agent), concatenated."""
+    texts = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            texts.append(urllib.request.urlopen(url, timeout=10).read().decode())
+    return "\n".join(texts)
+
+
+def samples(text: str, name: str) -> list[tuple[dict, float]]:
+    out = []
+    for match in re.finditer(rf"^{re.escape(name)}{{(.*?)}} (\S+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        out.append((labels, float(match.group(2))))
+    return out
+
+
+def test_the_metrics_export_shows_requests_latencies_kv_prefix_cache_steps_experts_health_and_errors(fleet):
+    live = set(replica_stats(fleet.handle, healthy=True))
+    wanted = {
+        "ray_gptoss_request_success_total": lambda v: v > 0,
+        "ray_gptoss_time_to_first_token_seconds_count": lambda v: v > 0,
+        "ray_gptoss_inter_token_latency_seconds_count": lambda v: v > 0,
+        "ray_gptoss_e2e_request_latency_seconds_count": lambda v: v > 0,
+        "ray_gptoss_prompt_tokens_total": lambda v: v > 0,
+        "ray_gptoss_generation_tokens_total": lambda v: v > 0,
+        "ray_gptoss_num_requests_running": lambda v: v >= 0,
+        "ray_gptoss_num_requests_waiting": lambda v: v >= 0,
+        "ray_gptoss_kv_cache_usage_perc": lambda v: 0 <= v <= 1,
+        "ray_gptoss_prefix_cache_queries_total": lambda v: v > 0,
+        "ray_gptoss_prefix_cache_hits_total": lambda v: v > 0,
+        "ray_gptoss_step_time_seconds_count": lambda v: v > 0,
+        "ray_gptoss_expert_tokens_total": lambda v: v > 0,
+        "ray_gptoss_group_healthy": lambda v: v in (0.0, 1.0),
+        "ray_gptoss_group_starts_total": lambda v: v >= 1,
+        "ray_gptoss_request_errors_total": lambda v: v > 0,
+        "ray_gptoss_gateway_requests_total": lambda v: v > 0,
+    }
+    deadline = time.monotonic() + 60
+    while True:  # the agents export every second; wait for the live replicas' latest figures
+        text = scrape()
+        found = {name: [(labels, v) for labels, v in samples(text, name)
+                        if labels.get("model") == MODEL and labels.get("replica", next(iter(live))) in live]
+                 for name in wanted}
+        healthy = {labels["replica"] for labels, v in found["ray_gptoss_group_healthy"] if v == 1.0}
+        if all(found.values()) and healthy == live:
+            break
+        assert time.monotonic() < deadline, {name: len(v) for name, v in found.items()} | {"healthy": healthy}
+        time.sleep(1.0)
+    for name, ok in wanted.items():
+        assert all(ok(v) for _, v in found[name]), (name, found[name])
+    reasons = {labels["finished_reason"] for labels, _ in found["ray_gptoss_request_success_total"]}
+    assert "length" in reasons and "abort" in reasons
+    assert {labels["status"] for labels, _ in found["ray_gptoss_request_errors_total"]} >= {"400"}
+    # Tokens per expert: every layer routes each token to 4 experts, so the layers' totals agree.
+    per_layer = Counter()
+    for labels, v in found["ray_gptoss_expert_tokens_total"]:
+        per_layer[labels["layer"]] += v
+    assert len(set(per_layer.values())) == 1 and len(per_layer) == 2, per_layer  # tiny: 2 layers
+    assert {labels["rank"] for labels, _ in found["ray_gptoss_step_time_seconds_count"]} == {"0"}
