@@ -27,6 +27,7 @@ import requests
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from tests.conftest import SERVE_TEST_CONFIG
+from tests.serve_helpers import replica_stats, stream_completion
 
 APP = "fleet"
 MODEL = "fleet-test"
@@ -61,24 +62,6 @@ def fleet(serve_instance, tiny_checkpoint):
     yield SimpleNamespace(http=serve_instance.http, url=f"{serve_instance.http}/{APP}/v1", grpc=serve_instance.grpc,
                           handle=handle)
     serve.delete(APP)
-
-
-def replica_stats(handle, num_replicas: int = 2, timeout_s: float = 60.0, healthy: bool = False) -> dict:
-    """Each replica's GroupStats by replica id, asked until `num_replicas` distinct replicas (healthy ones,
-    if asked) have answered: the handle's router picks one replica per call."""
-    seen: dict = {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            stats = handle.stats.remote().result(timeout_s=10)
-            if not healthy or stats.state == "healthy":
-                seen[stats.name.removeprefix("group-")] = stats
-        except Exception:  # noqa: BLE001 - a replica being replaced; ask again
-            pass
-        if len(seen) >= num_replicas:
-            return seen
-        assert time.monotonic() < deadline, f"only {sorted(seen)} of {num_replicas} replicas answered"
-        time.sleep(0.05)
 
 
 # --- routing -----------------------------------------------------------------------------------------
@@ -166,27 +149,6 @@ def test_a_hot_prefix_under_heavy_load_spills_to_the_other_group(fleet):
 
 
 # --- a group fails while the other serves ------------------------------------------------------------
-
-
-def stream_completion(url: str, prompt: list[int], max_tokens: int, results: dict, key: str,
-                      started: threading.Event) -> None:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with requests.post(f"{url}/completions", json=body, stream=True, timeout=120) as response:
-        outcome = {"replica": response.headers.get("x-gptoss-replica"), "status": response.status_code,
-                   "finish": None, "error": None, "tokens": 0}
-        results[key] = outcome
-        started.set()
-        for line in response.iter_lines():
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                outcome["error"] = event["error"]
-            for choice in event.get("choices", []):
-                outcome["finish"] = choice["finish_reason"] or outcome["finish"]
-            if event.get("usage"):
-                outcome["tokens"] = event["usage"]["completion_tokens"]
 
 
 def test_a_failed_group_fails_only_its_own_requests_while_new_ones_succeed_on_the_other(fleet):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -56,33 +57,132 @@ def test_the_config_converts_to_the_lower_layers_configs():
         parse_config({"engine": {"max_model_len": 1}}).engine_config()
 
 
+def start_server(*args: str) -> subprocess.Popen:
+    """`gptoss-serve serve ARGS` as a subprocess with its own Ray instance (not the tests' cluster)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, **request_args) -> requests.Response:
+    """GET `url` until it answers 200 (bounded); the process must stay up meanwhile."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            response = requests.get(url, timeout=15, **request_args)
+            if response.status_code == 200:
+                return response
+        except requests.RequestException:  # not listening yet, or the app still deploying
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(1)
+
+
+def stop_server(process: subprocess.Popen) -> str:
+    """Ctrl-C, then the output of a clean exit."""
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    return output
+
+
 def test_the_default_config_serves_the_embedded_model_and_stops_on_ctrl_c(tmp_path):
     http_port, grpc_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the tests' cluster
-    process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--http-port", str(http_port),
-                                "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = start_server("--http-port", str(http_port), "--grpc-port", str(grpc_port))
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                models = requests.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=15)
-                if models.status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the app still deploying
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(1)
+        models = wait_until_serving(process, f"http://127.0.0.1:{http_port}/v1/models")
         [model] = models.json()["data"]
         assert model["id"] == "gpt-oss-tiny-random"
         reply = requests.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", timeout=60, json={
             "model": model["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
-        os.killpg(process.pid, signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output
+        output = stop_server(process)
         assert f"http://127.0.0.1:{http_port}/v1" in output and "shutting down" in output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def write_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, key, issuer: str, signer, ca: bool):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("gptoss-test-ca", ca_key, "gptoss-test-ca", ca_key, ca=True)
+    server = certificate("127.0.0.1", server_key, "gptoss-test-ca", ca_key, ca=False)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return paths
+
+
+def test_https_with_api_keys_works_with_the_ca_and_fails_without_it(tmp_path):
+    import grpc
+    import openai
+
+    from serve.proto.gptoss.v1 import gptoss_pb2 as pb
+    from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+
+    http_client = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient  # by SDK version
+    ca, cert, key = write_certificates(tmp_path)
+    (tmp_path / "keys").write_text("team sk-tls-test-key\n")
+    http_port, grpc_port = free_port(), free_port()
+    config = tmp_path / "tls.yaml"
+    config.write_text(f"""
+auth: {{api_keys_file: {tmp_path / "keys"}}}
+http: {{port: {http_port}, ssl_certfile: {cert}, ssl_keyfile: {key}}}
+grpc: {{port: {grpc_port}}}
+engine: {{kv_cache_gib: 0.05, max_num_seqs: 8, max_num_batched_tokens: 256}}
+""")
+    process = start_server(str(config))
+    base = f"https://127.0.0.1:{http_port}"
+    try:
+        wait_until_serving(process, f"{base}/health", verify=str(ca))  # health stays open by default
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="sk-tls-test-key", max_retries=0, timeout=60,
+                           http_client=http_client(verify=str(ca))) as client:
+            reply = client.completions.create(model=client.models.list().data[0].id, prompt=[1, 2, 3], max_tokens=4)
+            assert reply.usage.completion_tokens == 4
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="sk-tls-test-key", max_retries=0, timeout=30) as client:
+            with pytest.raises(openai.APIConnectionError):  # the server's CA is not among the system's
+                client.models.list()
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0, timeout=30,
+                           http_client=http_client(verify=str(ca))) as client:
+            with pytest.raises(openai.AuthenticationError):
+                client.models.list()
+        with pytest.raises(requests.ConnectionError):  # plain HTTP on the TLS port
+            requests.get(f"http://127.0.0.1:{http_port}/health", timeout=10)
+        # Ray Serve's gRPC proxy has no TLS: plaintext, with the key in the metadata.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams(max_tokens=2))
+            replies = list(pb_grpc.GptossServiceStub(channel).Generate(
+                request, metadata=[("authorization", "Bearer sk-tls-test-key")], timeout=60))
+            assert replies[-1].usage.completion_tokens == 2
+        assert f"https://127.0.0.1:{http_port}/v1" in stop_server(process)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
