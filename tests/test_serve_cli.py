@@ -28,8 +28,14 @@ from tests.conftest import free_port
     ("http:\n  port: 70000\n", "http.port"),
     ("engine: [1, 2\n", "not valid YAML"),
     ("- just\n- a list\n", "must be a mapping of sections"),
+    ("model_server:\n  num_replicas: 2\n  autoscaling: {max_replicas: 3}\n", "set num_replicas or autoscaling"),
+    ("model_server:\n  autoscaling: {min_replicas: 3, max_replicas: 2}\n", "max_replicas (2) must be >= min_replicas"),
+    ("model_server:\n  router: {policy: random}\n", "model_server.router.policy"),
+    ("http:\n  ssl_certfile: /tmp/cert.pem\n", "ssl_certfile and ssl_keyfile must be given together"),
+    ("auth:\n  api_keys_path: /keys\n", "auth.api_keys_path: unknown field"),
 ], ids=["zero-ranks", "wrong-type", "bad-choice", "unknown-key", "unknown-section", "cross-field", "port-range",
-        "yaml-syntax", "not-a-mapping"])
+        "yaml-syntax", "not-a-mapping", "replicas-and-autoscaling", "autoscaling-bounds", "router-policy",
+        "cert-without-key", "auth-unknown"])
 def test_a_bad_config_exits_non_zero_naming_the_field(tmp_path, capsys, yaml_text, named):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
