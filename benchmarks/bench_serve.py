@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import grpc  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from bench_common import checkpoint_or_default, git_revision  # noqa: E402
+from bench_stream import Trace, free_port, summary  # noqa: E402
 
 from cluster import EPGroup  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -52,43 +52,6 @@ def make_questions(n: int, seed: int) -> list[str]:
     return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(8, 120, (1,),
                                                                                             generator=gen)),),
                                                                     generator=gen)) for _ in range(n)]
-
-
-class Trace:
-    """Arrival times of one request's tokens."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: float | None = None
-        self.last = self.start
-        self.gaps_s: list[float] = []
-        self.num_tokens = 0
-
-    def tokens(self, count: int) -> None:
-        if count <= 0:
-            return
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-            count -= 1
-            self.num_tokens += 1
-        if count:
-            self.gaps_s += [(now - self.last) / count] * count
-            self.num_tokens += count
-        self.last = now
-
-
-def summary(traces: list[Trace], wall_s: float) -> dict:
-    def pct(values, q):
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
-
-    ttft = [t.first - t.start for t in traces if t.first is not None]
-    gaps = [g for t in traces for g in t.gaps_s]
-    tokens = sum(t.num_tokens for t in traces)
-    return {"tokens": tokens, "tokens_per_s": tokens / wall_s, "ttft_p50_ms": pct(ttft, 0.5),
-            "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99),
-            "ttft_mean_ms": statistics.fmean(ttft) * 1000 if ttft else float("nan")}
 
 
 async def drive(one_request, questions: list[str], concurrency: int) -> dict:
@@ -111,14 +74,6 @@ async def drive(one_request, questions: list[str], concurrency: int) -> dict:
 async def measure(one_request, concurrency: int, per_client: int, seed: int) -> dict:
     await drive(one_request, make_questions(concurrency, seed + 1000), concurrency)  # warm-up, same shapes
     return await drive(one_request, make_questions(concurrency * per_client, seed), concurrency)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat_prompt(question: str) -> list[int]:

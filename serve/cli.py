@@ -132,6 +132,47 @@ def _check_against_checkpoint(config, checkpoint: str) -> str | None:
     return None
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Runs every input row not yet in the output folder; Ctrl-C keeps what finished (rerun resumes)."""
+    from serve.config import ConfigError, load_config, parse_config
+
+    try:
+        config = load_config(args.config)
+        if args.checkpoint:
+            raw = config.model_dump()
+            raw["model"]["checkpoint"] = args.checkpoint
+            config = parse_config(raw, "command line")
+    except ConfigError as e:
+        print(f"gptoss-serve batch: error: {e}", file=sys.stderr)
+        return 2
+    if not Path(args.input).exists():
+        print(f"gptoss-serve batch: error: {args.input}: no such input file or folder", file=sys.stderr)
+        return 2
+    problem = _check_against_checkpoint(config, config.checkpoint_path())
+    if problem:
+        print(f"gptoss-serve batch: error: {problem}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from serve.batch import run_batch
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", namespace="gptoss-batch",
+             log_to_driver=False)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours reports rows, tokens/s, ETA
+        summary = run_batch(config, args.input, args.output, args.output_format, flush_rows=args.rows_per_part)
+    except KeyboardInterrupt:
+        print("interrupted: the rows that finished are written; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        ray.shutdown()
+    return 0 if summary.num_written + summary.num_skipped == summary.num_rows else 1
+
+
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from gptoss import write_random_checkpoint
 
@@ -388,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="overrides http.port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="overrides grpc.port (default 9000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="run a file of chats or token-id prompts on Ray Data (resumable)")
+    p.add_argument("--config", help="app config YAML: model, group, engine and its batch section "
+                                    "(default: the embedded default model)")
+    p.add_argument("--input", required=True, help="JSONL or Parquet rows: id, messages or prompt_token_ids, "
+                                                  "sampling fields")
+    p.add_argument("--output", required=True, help="folder of result parts; a rerun skips the ids there")
+    p.add_argument("--output-format", choices=("jsonl", "parquet"), default="jsonl")
+    p.add_argument("--rows-per-part", type=int, default=256, help="result rows per part file (a crash loses at "
+                                                                  "most the rows not yet in a part)")
+    p.add_argument("--checkpoint", help="overrides model.checkpoint")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one (default: $RAY_ADDRESS, "
+                                     "else a new local Ray)")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("checkpoint", help="write a random-weight checkpoint in the released layout")
     p.add_argument("--preset", default="tiny", help="tiny, small, gpt-oss-20b or gpt-oss-120b")

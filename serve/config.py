@@ -154,6 +154,18 @@ class GatewaySection(_Section):
                        "this many times (its client sees nothing of it).")
 
 
+class BatchSection(_Section):
+    """`gptoss-serve batch` / `serve.batch.batch_generate`: the pool of EP groups a batch job runs on."""
+
+    num_groups: PositiveInt = Field(1, description="EP groups (each a Ray Data actor owning G ranks).")
+    max_in_flight_per_group: PositiveInt | None = Field(
+        None, description="Rows a group holds at once (default 2 x max_num_seqs x G: a full running batch "
+                          "and as many waiting, so the group never drains between batches).")
+    rows_per_batch: PositiveInt = Field(16, description="Rows per Ray Data batch handed to a group.")
+    num_cpus_per_actor: Annotated[float, Field(ge=0)] = Field(
+        0.25, description="CPUs of each group's Ray Data actor (its ranks reserve their own).")
+
+
 class AuthSection(_Section):
     """API keys, checked on HTTP (`Authorization: Bearer KEY`) and gRPC (`authorization` metadata).
     With neither source set, every request is admitted."""
@@ -202,6 +214,7 @@ class AppConfig(_Section):
     engine: EngineSection = EngineSection()
     model_server: ModelServerSection = ModelServerSection()
     gateway: GatewaySection = GatewaySection()
+    batch: BatchSection = BatchSection()
     auth: AuthSection = AuthSection()
     http: HTTPSection = HTTPSection()
     grpc: GRPCSection = GRPCSection()

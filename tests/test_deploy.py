@@ -521,7 +521,12 @@ def test_batch_job_runs_the_batch_command_on_its_configmap():
     entrypoint = job["spec"]["entrypoint"].split()
     assert entrypoint[:4] == ["gptoss-serve", "batch", "--config", "/etc/gptoss/batch.yaml"]
     assert "--input" in entrypoint and "--output" in entrypoint
+    assert not Path(entrypoint[entrypoint.index("--output") + 1]).suffix  # a folder of parts (resumable)
     assert job["spec"]["shutdownAfterJobFinishes"] is True
+    config = app_config_of(job)
+    gpus = sum(int(group.get("replicas", 1)) * int(ray_container(group)["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for _, group in ray_pods(job["spec"]["rayClusterSpec"]))
+    assert gpus == config.batch.num_groups * config.group.num_ranks  # every group of the pool fits, none idles
     for group_name, group in ray_pods(job["spec"]["rayClusterSpec"]):  # the driver runs on the head
         pod = group["template"]["spec"]
         (mount,) = [m for m in ray_container(group)["volumeMounts"] if m["mountPath"] == "/etc/gptoss"]

@@ -1,0 +1,446 @@
+"""Batch inference on Ray Data, through the same app config, EP groups, harmony rendering and parsing as
+online serving.
+
+Input rows (JSONL or Parquet) carry an `id` (unique) and either
+- `messages`: an OpenAI chat request's fields (`messages`, `tools`, `tool_choice`, `reasoning_effort`,
+  `include_reasoning`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`,
+  penalties), validated exactly as `POST /v1/chat/completions` validates them; or
+- `prompt_token_ids`: token ids, with the same sampling fields. Generation stops at harmony's stop
+  tokens; a prompt that ends with `<|start|>assistant` (a rendered harmony conversation) is parsed back
+  with harmony, any other is decoded as plain text.
+
+Stages: read -> render (CPU tasks) -> generate (one Ray Data actor per EP group; each keeps its group
+full: batches overlap, the engine batches their rows continuously) -> parse (CPU tasks) -> result rows:
+`id`, `text`, `reasoning`, `tool_calls` (a JSON list, OpenAI's shape), `finish_reason`, `prompt_tokens`,
+`completion_tokens`, `cached_tokens`, `completion_token_ids`, `error`. A bad row gives a row with
+`error` set (naming the field), never a failed job.
+
+`batch_generate(ds, config)` is the Python API (a lazy Dataset in, one out); `run_batch` is
+`gptoss-serve batch`: it writes parts atomically into the output folder, skips the ids already written
+(so a rerun after a crash or Ctrl-C resumes), and reports progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.sampling_params import SamplingParams
+from gptoss.errors import ClientError, InvalidRequestError, UnavailableError
+from gptoss.tokenizer import START_ID, encode
+from serve.config import AppConfig
+from serve.gateway import ChoiceAssembler, Generation
+from serve.openai_protocol import (
+    ChatChoiceAccumulator,
+    ChatCompletionRequest,
+    ChatDeltaBuilder,
+    CompletionRequest,
+)
+from serve.protocol import ModelChunk
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ("id", "text", "reasoning", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
+                  "cached_tokens", "completion_token_ids", "error")
+_ROWS_PER_BLOCK = 32
+_RENDERED_COLUMNS = ("id", "prompt_token_ids", "prefill_token_ids", "sampling", "stop", "harmony",
+                     "include_reasoning", "error")
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+                    "frequency_penalty")
+
+
+# --- render (CPU) ------------------------------------------------------------------------------------
+
+def render_batch(table, jsonl: bool = False) -> dict[str, list]:
+    """A batch of input rows (a pyarrow Table; JSONL lines in its `text` column when `jsonl`) ->
+    rendered rows, one per input row, all of the same shape."""
+    rendered = [render_row(_parse_line(row["text"]) if jsonl else row) for row in table.to_pylist()]
+    return {name: [r[name] for r in rendered] for name in _RENDERED_COLUMNS}
+
+
+def _parse_line(line: str) -> dict[str, Any]:
+    """A JSONL line as a row; a line that is not a JSON object becomes a row without an id (an error row)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {"_error": f"the line is not JSON: {e}"}
+    return row if isinstance(row, dict) else {"_error": f"the line must be a JSON object, got {type(row).__name__}"}
+
+
+def render_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An input row -> the generation it asks for (prompt ids, sampling as JSON, how to parse the
+    reply), or the row's error."""
+    fields = {k: _plain(v) for k, v in row.items() if v is not None}
+    row_id = str(fields.pop("id", "") or "")
+    rendered = {"id": row_id, "prompt_token_ids": [], "prefill_token_ids": [], "sampling": "", "stop": [],
+                "harmony": False, "include_reasoning": True, "error": ""}
+    try:
+        if "_error" in fields:
+            raise InvalidRequestError("line", fields["_error"])
+        if not row_id:
+            raise InvalidRequestError("id", "id must be a non-empty string or number (it names the row's result)")
+        generation = _generation(row_id, fields)
+    except ClientError as e:
+        return rendered | {"error": f"{e.param}: {e}" if e.param and not str(e).startswith(e.param) else str(e)}
+    return rendered | {
+        "prompt_token_ids": list(generation.prompt_token_ids), "prefill_token_ids": list(generation.prefill_token_ids),
+        "sampling": json.dumps(dataclasses.asdict(generation.sampling)), "stop": list(generation.stop),
+        "harmony": generation.harmony, "include_reasoning": generation.include_reasoning}
+
+
+def _generation(row_id: str, fields: dict[str, Any]) -> Generation:
+    from serve.openai_api import chat_generation, parse_body
+
+    if "messages" in fields:
+        chat = parse_body(ChatCompletionRequest, fields)
+        if chat.n != 1 or chat.stream:
+            raise InvalidRequestError("n" if chat.n != 1 else "stream", "a batch row has one choice and no stream "
+                                                                       "(n: 1, stream: false)")
+        return dataclasses.replace(chat_generation(chat), request_id=row_id)
+    if "prompt_token_ids" in fields:
+        ids = fields.pop("prompt_token_ids")
+        unknown = sorted(set(fields) - set(_SAMPLING_FIELDS))
+        if unknown:
+            raise InvalidRequestError(unknown[0], f"{unknown[0]}: unknown field of a token-id row (allowed: "
+                                                  f"prompt_token_ids, {', '.join(_SAMPLING_FIELDS)})")
+        req = parse_body(CompletionRequest, {"prompt": ids, "max_tokens": None} | fields)
+        if not isinstance(req.prompt, list) or not all(isinstance(t, int) for t in req.prompt):
+            raise InvalidRequestError("prompt_token_ids", "prompt_token_ids must be a list of token ids")
+        sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty, seed=req.seed)
+        return Generation(row_id, tuple(req.prompt), sampling, 1, req.stop_strings(),
+                          harmony=_ends_with_assistant_start(req.prompt))
+    raise InvalidRequestError("messages", "a row needs `messages` (a chat) or `prompt_token_ids`")
+
+
+def _ends_with_assistant_start(ids: list[int]) -> bool:
+    tail = [START_ID, *encode("assistant")]
+    return ids[-len(tail):] == tail
+
+
+def _plain(value: Any) -> Any:
+    """Arrow/numpy values (Parquet rows) as plain Python: lists, dicts, ints, strings."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- generate (one actor per EP group) ---------------------------------------------------------------
+
+class GroupGenerator:
+    """A Ray Data actor owning one EP group. Each call gets a batch of rendered rows, runs them all in
+    the group at once and returns when the last is done; Ray Data keeps several calls in flight per
+    actor, so the group always has work while a batch's slowest row finishes."""
+
+    def __init__(self, raw_config: dict[str, Any]):
+        from serve.config import parse_config
+
+        self.config = parse_config(raw_config, "batch config")
+        self.group = None
+        self._starting: asyncio.Lock | None = None
+        self._ids = 0
+
+    async def _ensure_group(self):
+        """The actor's group: started on first use, restarted after a failure."""
+        from cluster import EPGroup
+
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.group is None:
+                checkpoint = self.config.checkpoint_path()
+                self.group = EPGroup(self.config.group_config(checkpoint, name=f"batch-group-{os.getpid()}"))
+                logger.info("starting an EP group of %d ranks from %s", self.config.group.num_ranks, checkpoint)
+                await self.group.start()
+            elif self.group.health().state == "failed":
+                logger.warning("the EP group failed (%s); restarting it", self.group.health().error)
+                await self.group.restart()
+        return self.group
+
+    async def __call__(self, batch) -> AsyncIterator[dict[str, list]]:
+        rows = batch.to_dict("records")
+        results = await asyncio.gather(*(self._generate(row) for row in rows))
+        yield {name: [r[name] for r in results] for name in results[0]} if results else {}
+
+    async def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's completion; a group failure restarts the group and runs the row once more."""
+        row = {k: _plain(v) for k, v in row.items()}
+        empty = {"completion_token_ids": [], "finish_reason": "", "num_prompt_tokens": len(row["prompt_token_ids"]),
+                 "num_cached_tokens": 0}
+        if row["error"]:
+            return row | empty
+        for attempt in range(2):
+            out = row | empty | {"completion_token_ids": []}
+            try:
+                await self._run(await self._ensure_group(), out)
+                return out
+            except ClientError as e:
+                return out | {"error": f"{e.param}: {e}" if e.param and not str(e).startswith(e.param) else str(e)}
+            except UnavailableError as e:
+                if attempt:
+                    return out | {"error": f"the EP group failed twice running this row: {e}"}
+        raise AssertionError("unreachable")
+
+    async def _run(self, group, out: dict[str, Any]) -> None:
+        sampling = SamplingParams(**json.loads(out["sampling"]))
+        stop = _StopWatch(out) if out["stop"] else None
+        self._ids += 1
+        outputs = group.generate(f"{out['id']}#{self._ids}", out["prompt_token_ids"], sampling)
+        async with contextlib.aclosing(outputs):  # leaving early aborts the request in its engine
+            async for output in outputs:
+                out["completion_token_ids"] += output.new_token_ids
+                out["num_cached_tokens"] = output.num_cached_tokens
+                if output.finish_reason is not None:
+                    out["finish_reason"] = output.finish_reason
+                elif stop is not None and stop.hit(output.new_token_ids):
+                    out["finish_reason"] = "stop"
+                    return
+
+
+class _StopWatch:
+    """Whether a stop string has appeared in the reply, so a row stops generating when online serving would."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.assembler = ChoiceAssembler(0, _row_generation(row))
+
+    def hit(self, token_ids: list[int]) -> bool:
+        event = self.assembler.add(ModelChunk(tuple(token_ids), None, None, 0, 0, 0))
+        return event.finish_reason == "stop"
+
+
+def _row_generation(row: dict[str, Any]) -> Generation:
+    return Generation(row["id"], tuple(row["prompt_token_ids"]), SamplingParams(), 1, tuple(row["stop"]),
+                      harmony=row["harmony"], prefill_token_ids=tuple(row["prefill_token_ids"]),
+                      include_reasoning=row["include_reasoning"])
+
+
+# --- parse (CPU) -------------------------------------------------------------------------------------
+
+def parse_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A generated row -> its result: text, reasoning and tool calls parsed as the online APIs do."""
+    row = {k: _plain(v) for k, v in row.items()}
+    result = {"id": row["id"], "text": "", "reasoning": "", "tool_calls": "[]", "finish_reason": "",
+              "prompt_tokens": int(row["num_prompt_tokens"]), "completion_tokens": len(row["completion_token_ids"]),
+              "cached_tokens": int(row["num_cached_tokens"]), "completion_token_ids": row["completion_token_ids"],
+              "error": row["error"]}
+    if row["error"]:
+        return result
+    assembler = ChoiceAssembler(0, _row_generation(row))
+    accumulator = ChatChoiceAccumulator(0, ChatDeltaBuilder(row["include_reasoning"]), False)
+    accumulator.add(assembler.add(ModelChunk(tuple(row["completion_token_ids"]), None,
+                                             row["finish_reason"] or "length", result["prompt_tokens"],
+                                             result["completion_tokens"], result["cached_tokens"])))
+    message = accumulator.body()["message"]
+    return result | {"text": message["content"] or "", "reasoning": message["reasoning"] or "",
+                     "tool_calls": json.dumps(message.get("tool_calls", [])),
+                     "finish_reason": accumulator.finish_reason or row["finish_reason"]}
+
+
+# --- the pipeline ------------------------------------------------------------------------------------
+
+def render(ds, jsonl: bool = False):
+    """Input rows (or, with `jsonl`, a `read_text` Dataset of JSONL lines) -> rendered rows (CPU tasks)."""
+    return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl})
+
+
+def generate_and_parse(rendered, config: AppConfig):
+    """Rendered rows -> result rows: generated on `batch.num_groups` EP groups, parsed by CPU tasks."""
+    import ray.data
+
+    b = config.batch
+    per_group = b.max_in_flight_per_group or 2 * config.engine.max_num_seqs * config.group.num_ranks
+    # Ray Data runs up to 4 batches of an async actor call at once: size the calls so a group gets
+    # about `per_group` rows in flight.
+    calls = max(1, math.ceil(per_group / (4 * b.rows_per_batch)))
+    generated = rendered.map_batches(
+        GroupGenerator, fn_constructor_kwargs={"raw_config": config.model_dump()}, batch_size=b.rows_per_batch,
+        batch_format="pandas", num_cpus=b.num_cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=b.num_groups, max_tasks_in_flight_per_actor=calls))
+    return generated.map(parse_row)
+
+
+def batch_generate(ds, config: AppConfig):
+    """The results of a Dataset of input rows (module docstring), lazily: render, generate on
+    `batch.num_groups` EP groups, parse.
+
+    Args:
+        ds: a `ray.data.Dataset` of input rows.
+        config: the app config (model, group, engine; its `batch` section sizes the pool).
+    Returns:
+        a `ray.data.Dataset` of result rows (RESULT_COLUMNS).
+    """
+    return generate_and_parse(render(ds), config)
+
+
+@dataclass
+class BatchSummary:
+    num_rows: int  # input rows
+    num_skipped: int  # already in the output (resumed)
+    num_written: int  # written by this run
+    num_errors: int  # of those, rows with an error
+    num_output_tokens: int
+    elapsed_s: float
+
+
+def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format: str = "jsonl",
+              progress: TextIO = sys.stderr, flush_rows: int = 256, flush_s: float = 10.0) -> BatchSummary:
+    """`gptoss-serve batch`: every input row not yet in `output_dir` -> its result row there.
+
+    Results go into `output_dir` as parts (`part-<time>-<n>.jsonl` or `.parquet`), each written to a
+    temporary name and renamed when complete, so a crash never leaves a partial part; a rerun skips
+    the ids the parts hold.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".part-*.tmp"):
+        stale.unlink()
+    done = read_done_ids(out)
+    source, jsonl = read_input(input_path)
+    num_rows = source.count()
+    pending = render(source, jsonl)
+    if done:
+        pending = pending.filter(lambda row: row["id"] not in done)
+    num_pending = pending.count() if done else num_rows
+    # Blocks of a few batches each: results stream back (and reach parts) while the job runs, not
+    # only when a whole input file's block is done.
+    rows_per_block = max(config.batch.rows_per_batch, _ROWS_PER_BLOCK)
+    pending = pending.repartition(max(1, math.ceil(num_pending / rows_per_block)))
+    summary = BatchSummary(num_rows, num_rows - num_pending, 0, 0, 0, 0.0)
+    print(f"batch: {num_rows} rows in {input_path}, {summary.num_skipped} already in {out}, "
+          f"{num_pending} to run on {config.batch.num_groups} EP group(s)", file=progress, flush=True)
+    writer = PartWriter(out, output_format)
+    start = time.monotonic()
+    meter = _Progress(num_pending, progress)
+    last_flush = time.monotonic()
+    try:
+        if num_pending:
+            for batch in generate_and_parse(pending, config).iter_batches(batch_size=None, batch_format="pandas"):
+                rows = batch.to_dict("records")
+                writer.add(rows)
+                summary.num_written += len(rows)
+                summary.num_errors += sum(1 for r in rows if r["error"])
+                summary.num_output_tokens += sum(int(r["completion_tokens"]) for r in rows)
+                if writer.num_buffered >= flush_rows or time.monotonic() - last_flush > flush_s:
+                    writer.flush()
+                    last_flush = time.monotonic()
+                meter.update(summary.num_written, summary.num_output_tokens)
+    finally:
+        writer.flush()  # whatever finished, also on Ctrl-C
+        summary.elapsed_s = time.monotonic() - start
+        meter.done(summary)
+    return summary
+
+
+def read_input(path: str):
+    """(Dataset, whether its rows are JSONL lines): Parquet (`.parquet`, or a folder of them) as rows;
+    anything else as JSONL lines, parsed one by one in `render` (so one bad line is one error row,
+    and rows need not share one schema)."""
+    import ray.data
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such input file or folder")
+    if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
+        return ray.data.read_parquet(str(p)), False
+    return ray.data.read_text(str(p)).filter(lambda row: bool(row["text"].strip())), True
+
+
+def read_done_ids(out: Path) -> set[str]:
+    """The ids the output folder's complete parts hold."""
+    done: set[str] = set()
+    for part in sorted(out.glob("part-*.jsonl")):
+        with part.open() as f:
+            done.update(str(json.loads(line)["id"]) for line in f if line.strip())
+    parquet_parts = sorted(out.glob("part-*.parquet"))
+    if parquet_parts:
+        import pyarrow.parquet as pq
+
+        for part in parquet_parts:
+            done.update(str(i) for i in pq.read_table(part, columns=["id"]).column("id").to_pylist())
+    done.discard("")  # rows without an id are retried (they fail again at once)
+    return done
+
+
+class PartWriter:
+    """Buffers result rows and writes them as one more part, atomically (a temporary name, then rename)."""
+
+    def __init__(self, out: Path, output_format: str):
+        if output_format not in ("jsonl", "parquet"):
+            raise ValueError(f"output_format must be jsonl or parquet, got {output_format!r}")
+        self.out, self.format = out, output_format
+        self._rows: list[dict[str, Any]] = []
+        self._stamp = time.strftime("%Y%m%dT%H%M%S")
+        self._parts = 0
+
+    @property
+    def num_buffered(self) -> int:
+        return len(self._rows)
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        self._rows += [{k: _plain(r[k]) for k in RESULT_COLUMNS} for r in rows]
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        name = f"part-{self._stamp}-{os.getpid()}-{self._parts:05d}.{self.format}"
+        tmp = self.out / f".{name}.tmp"
+        if self.format == "jsonl":
+            with tmp.open("w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self._rows)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(self._rows), tmp)
+        tmp.rename(self.out / name)
+        self._rows, self._parts = [], self._parts + 1
+
+
+class _Progress:
+    """Rows done of total, output tokens/s and an ETA on the console, every few seconds."""
+
+    def __init__(self, total: int, stream: TextIO, period_s: float = 2.0):
+        self.total, self.stream, self.period_s = total, stream, period_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, rows: int, tokens: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.period_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = (self.total - rows) * elapsed / rows if rows else float("nan")
+        print(f"batch: {rows}/{self.total} rows ({100 * rows / max(1, self.total):.0f}%), "
+              f"{tokens / elapsed:.0f} output tokens/s, ETA {_duration(eta)}", file=self.stream, flush=True)
+
+    def done(self, summary: BatchSummary) -> None:
+        rate = summary.num_output_tokens / summary.elapsed_s if summary.elapsed_s else 0.0
+        print(f"batch: wrote {summary.num_written} rows ({summary.num_errors} with errors), "
+              f"{summary.num_output_tokens} output tokens in {summary.elapsed_s:.1f} s ({rate:.0f}/s); "
+              f"{summary.num_skipped} were already done", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
+

@@ -1,0 +1,188 @@
+"""Batch inference on Ray Data (serve/batch.py): rows rendered and parsed as the online APIs do, bad rows
+become error rows, results equal the bare engine's, tool calls come back parsed, and the CLI resumes
+after being killed part-way without losing or repeating a row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import gptoss
+from engine import Engine, EngineConfig, SamplingParams
+from gptoss.harmony import ChatMessage
+from gptoss.tokenizer import START_ID, encode
+from serve.batch import RESULT_COLUMNS, parse_row, render_row
+from serve.gateway import ToolChoice, render_chat
+from tests.scripted_model import TOOL_CALL_ARGUMENTS, TOOL_CALL_COMPLETION, TOOL_CALL_NAME
+
+WEATHER_TOOL = {"type": "function", "function": {"name": TOOL_CALL_NAME, "description": "Weather in a city",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+
+
+# --- rows (no Ray) -----------------------------------------------------------------------------------
+
+
+def test_a_chat_row_renders_as_the_chat_api_renders_it():
+    row = {"id": 7, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+           "reasoning_effort": "low", "temperature": 0.5, "max_tokens": 9, "stop": ["\n\n"], "tools": None}
+    rendered = render_row(row)
+    assert rendered["error"] == "" and rendered["id"] == "7"
+    prompt, _ = render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")], [], ToolChoice("none"),
+                            "low")
+    assert rendered["prompt_token_ids"] == list(prompt)
+    sampling = json.loads(rendered["sampling"])
+    assert (sampling["temperature"], sampling["max_tokens"]) == (0.5, 9)
+    assert rendered["harmony"] and rendered["stop"] == ["\n\n"]
+
+
+def test_token_id_rows_are_parsed_as_harmony_only_when_they_end_a_rendered_conversation():
+    tail = [START_ID, *encode("assistant")]
+    harmony = render_row({"id": "a", "prompt_token_ids": [1, 2, 3, *tail], "max_tokens": 4})
+    plain = render_row({"id": "b", "prompt_token_ids": [1, 2, 3], "seed": 3})
+    assert harmony["error"] == plain["error"] == ""
+    assert harmony["harmony"] and not plain["harmony"]
+    assert json.loads(plain["sampling"])["seed"] == 3 and json.loads(plain["sampling"])["max_tokens"] is None
+
+
+@pytest.mark.parametrize(("row", "named"), [
+    ({"messages": [{"role": "user", "content": "x"}]}, "id"),
+    ({"id": "r", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"id": "r", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"id": "r", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"id": "r", "prompt_token_ids": [1, 2], "colour": "blue"}, "colour"),
+    ({"id": "r", "prompt_token_ids": ["a", "b"]}, "prompt"),
+    ({"id": "r", "text": "hello"}, "messages"),
+    ({"id": "r", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+], ids=["no-id", "unknown-role", "wrong-type", "n-choices", "unknown-field", "ids-not-ints", "no-input",
+        "required-without-tools"])
+def test_a_bad_row_becomes_an_error_row_naming_the_field(row, named):
+    rendered = render_row(row)
+    assert named in rendered["error"], rendered["error"]
+    result = parse_row(rendered | {"completion_token_ids": [], "finish_reason": "", "num_prompt_tokens": 0,
+                                   "num_cached_tokens": 0})
+    assert set(result) == set(RESULT_COLUMNS) and result["error"] == rendered["error"]
+
+
+def test_a_generated_tool_call_is_parsed_into_openai_tool_calls():
+    rendered = render_row({"id": "t", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                           "tools": [WEATHER_TOOL]})
+    result = parse_row(rendered | {"completion_token_ids": list(TOOL_CALL_COMPLETION), "finish_reason": "stop",
+                                   "num_prompt_tokens": len(rendered["prompt_token_ids"]), "num_cached_tokens": 0})
+    [call] = json.loads(result["tool_calls"])
+    assert call["function"] == {"name": TOOL_CALL_NAME, "arguments": TOOL_CALL_ARGUMENTS}
+    assert result["finish_reason"] == "tool_calls" and result["completion_tokens"] == len(TOOL_CALL_COMPLETION)
+
+
+# --- on Ray Data ------------------------------------------------------------------------------------
+
+
+def batch_config(checkpoint, **batch):
+    from serve.config import parse_config
+
+    return parse_config({"model": {"checkpoint": str(checkpoint), "dtype": "float32", "packed_experts": False},
+                         "group": {"num_ranks": 1, "device": "cpu"},
+                         "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 256, "kv_cache_gib": 0.02},
+                         "batch": {"rows_per_batch": 4, "num_cpus_per_actor": 0.1, **batch}})
+
+
+def test_batch_generate_equals_the_bare_engine_and_keeps_bad_rows_as_errors(ray_cluster, tiny_checkpoint):
+    import ray.data
+
+    from serve.batch import batch_generate
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 199998, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (10,))]
+    rows = [{"id": f"p{i}", "prompt_token_ids": p, "max_tokens": 6, "temperature": 0.0} for i, p in enumerate(prompts)]
+    rows.append({"id": "bad", "prompt_token_ids": [1, 2], "temperature": -1.0})
+    rows.append({"id": "huge", "prompt_token_ids": [1, 2], "max_tokens": 10**7, "temperature": 0.0})
+    results = {r["id"]: r for r in batch_generate(ray.data.from_items(rows), batch_config(tiny_checkpoint,
+                                                                                          num_groups=2)).take_all()}
+    assert set(results) == {r["id"] for r in rows}
+    engine = Engine(gptoss.load_model(tiny_checkpoint, dtype=torch.float32), EngineConfig(num_kv_blocks=256))
+    expected = [list(c.token_ids) for c in engine.generate(prompts, SamplingParams.greedy(max_tokens=6))]
+    for i, tokens in enumerate(expected):
+        r = results[f"p{i}"]
+        assert r["error"] == "" and list(r["completion_token_ids"]) == tokens, r
+        assert r["completion_tokens"] == 6 and r["prompt_tokens"] == len(prompts[i]) and r["finish_reason"] == "length"
+    assert "temperature" in results["bad"]["error"]
+    assert "max_tokens" in results["huge"]["error"]  # refused by the engine: beyond the context
+
+
+def test_chat_rows_with_tools_come_back_as_parsed_tool_calls(ray_cluster, scripted_checkpoint, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serve.batch import batch_generate, read_input
+
+    rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Weather in city {i}?"}],
+             "tools": [WEATHER_TOOL], "temperature": 0.0, "max_tokens": 64} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")  # Parquet input, null-free
+    source, is_jsonl = read_input(str(tmp_path / "rows.parquet"))
+    assert not is_jsonl
+    results = batch_generate(source, batch_config(scripted_checkpoint)).take_all()
+    assert sorted(r["id"] for r in results) == [f"c{i}" for i in range(5)]
+    for r in results:
+        [call] = json.loads(r["tool_calls"])
+        assert call["function"] == {"name": TOOL_CALL_NAME, "arguments": TOOL_CALL_ARGUMENTS}, r
+        assert r["finish_reason"] == "tool_calls" and r["error"] == ""
+
+
+# --- the CLI: killed part-way, then resumed ---------------------------------------------------------
+
+
+def run_cli(tmp_path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray instance
+    return subprocess.Popen([sys.executable, "-m", "serve.cli", "batch", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def written_ids(out) -> list[str]:
+    return [json.loads(line)["id"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+
+
+def test_a_batch_job_killed_part_way_resumes_without_losing_or_repeating_a_row(tmp_path, tiny_checkpoint):
+    rows = [{"id": f"row-{i}", "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 96, "temperature": 0}
+            for i in range(80)]
+    rows.insert(20, {"id": "broken", "messages": "not a list"})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "cfg.yaml").write_text(f"model: {{checkpoint: {tiny_checkpoint}, dtype: float32}}\n"
+                                       "group: {device: cpu}\nengine: {kv_cache_gib: 0.02, max_num_seqs: 16, "
+                                       "max_num_batched_tokens: 256}\nbatch: {rows_per_batch: 4}\n")
+    out = tmp_path / "out"
+    args = ("--config", str(tmp_path / "cfg.yaml"), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--rows-per-part", "5")
+    first = run_cli(tmp_path, *args)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("part-*.jsonl")):  # a part written, the job still running
+            assert first.poll() is None, first.stdout.read()
+            assert time.monotonic() < deadline, "no parts written"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    done_first = written_ids(out)
+    assert 0 < len(done_first) < len(rows)
+
+    second = run_cli(tmp_path, *args)
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output
+    assert f"{len(done_first)} already in" in output and "rows (" in output  # it resumed, with progress
+    ids = written_ids(out)
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every row exactly once
+    results = {json.loads(line)["id"]: json.loads(line) for part in out.glob("part-*.jsonl")
+               for line in part.read_text().splitlines()}
+    assert "messages" in results["broken"]["error"]
+    short = {rid: (r["completion_tokens"], r["finish_reason"], r["error"]) for rid, r in results.items()
+             if rid != "broken" and r["completion_tokens"] != 96}
+    assert not short, short
