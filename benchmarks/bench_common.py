@@ -1,7 +1,8 @@
-"""What every benchmark prints the same way: the git revision and the default checkpoint."""
+"""What every benchmark does the same way: the git revision, the default checkpoint, a quiet local Ray."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def checkpoint_or_default(checkpoint: str | None) -> str:
     from gptoss.writer import cached_random_checkpoint
 
     return str(cached_random_checkpoint("small", seed=0))
+
+
+def local_ray_env() -> None:
+    """Environment defaults for a benchmark's own Ray instance; call before importing ray: no usage
+    stats, no token auth, every node and gloo group on 127.0.0.1."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

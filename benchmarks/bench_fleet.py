@@ -21,9 +21,9 @@ import random
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from bench_common import local_ray_env  # noqa: E402
+
+local_ray_env()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,11 +41,12 @@ WORDS = ("model serving expert parallel token cache group rank stream latency th
 POLICIES = ("power_of_two", "prefix_affinity")
 
 
-def conversation_script(seed: int, turns: int, system_words: int) -> tuple[str, list[str]]:
-    """A conversation's own long system prompt and its user turns."""
+def conversation_script(seed: int, turns: int, system_words: int, turn_words: tuple[int, int]
+                        ) -> tuple[str, list[str]]:
+    """A conversation's own system prompt and its user turns (each turn a passage of turn_words words)."""
     rng = random.Random(seed)
     system = " ".join(rng.choice(WORDS) for _ in range(system_words))
-    return system, [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(10, 30))) for _ in range(turns)]
+    return system, [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*turn_words))) for _ in range(turns)]
 
 
 class Run:
@@ -125,9 +126,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--conversations-per-client", type=int, default=1)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system-words", type=int, default=300, help="length of each conversation's own prefix")
+    parser.add_argument("--system-words", type=int, default=60, help="length of each conversation's system prompt")
+    parser.add_argument("--turn-words", type=int, nargs=2, default=[100, 200], metavar=("MIN", "MAX"),
+                        help="length of each user turn (a pasted passage)")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.1,
+                        help="per group: about what the conversations' KV needs once across the fleet at 64 "
+                             "clients, not twice")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
@@ -136,8 +141,9 @@ def main() -> int:
     print(f"# bench_fleet  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
           f"ray {ray.__version__}")
     print(f"# checkpoint {checkpoint} (float32), 2 groups of G=1, greedy, {args.max_tokens} tokens per reply, "
-          f"{args.turns}-turn chats with a {args.system_words}-word system prompt of their own, "
-          f"{args.conversations_per_client} per client; routers alternate per concurrency")
+          f"{args.turns}-turn chats ({args.system_words}-word system prompt, user turns of {args.turn_words[0]}-"
+          f"{args.turn_words[1]} words, empty replies: random weights), {args.conversations_per_client} per "
+          f"client; KV cache {args.kv_cache_gib} GiB per group; both routers on the same conversations")
 
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -154,7 +160,7 @@ def main() -> int:
             serve.run(build_app_from_config(parse_config(app_config(checkpoint, policy, args))), name=policy,
                       route_prefix=f"/{policy}")
         for n in args.concurrency:
-            scripts = [conversation_script(1000 * n + i, args.turns, args.system_words)
+            scripts = [conversation_script(1000 * n + i, args.turns, args.system_words, tuple(args.turn_words))
                        for i in range(n * args.conversations_per_client)]
             for policy in POLICIES:  # the same conversations through both routers (each app its own caches)
                 url = f"http://127.0.0.1:{http_port}/{policy}/v1/chat/completions"
