@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 RESULT_COLUMNS = ("id", "text", "reasoning", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
                   "cached_tokens", "completion_token_ids", "error")
 _ROWS_PER_BLOCK = 32
+GROUP_NAME_PREFIX = "gptoss-batch-"
 _RENDERED_COLUMNS = ("id", "prompt_token_ids", "prefill_token_ids", "sampling", "stop", "harmony",
                      "include_reasoning", "error")
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
@@ -148,10 +149,11 @@ class GroupGenerator:
     the group at once and returns when the last is done; Ray Data keeps several calls in flight per
     actor, so the group always has work while a batch's slowest row finishes."""
 
-    def __init__(self, raw_config: dict[str, Any]):
+    def __init__(self, raw_config: dict[str, Any], run_name: str):
         from serve.config import parse_config
 
         self.config = parse_config(raw_config, "batch config")
+        self.run_name = run_name
         self.group = None
         self._starting: asyncio.Lock | None = None
         self._ids = 0
@@ -165,7 +167,8 @@ class GroupGenerator:
         async with self._starting:
             if self.group is None:
                 checkpoint = self.config.checkpoint_path()
-                self.group = EPGroup(self.config.group_config(checkpoint, name=f"batch-group-{os.getpid()}"))
+                name = f"{GROUP_NAME_PREFIX}{self.run_name}-{os.getpid()}"
+                self.group = EPGroup(self.config.group_config(checkpoint, name=name))
                 logger.info("starting an EP group of %d ranks from %s", self.config.group.num_ranks, checkpoint)
                 await self.group.start()
             elif self.group.health().state == "failed":
@@ -259,7 +262,7 @@ def render(ds, jsonl: bool = False):
     return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl})
 
 
-def generate_and_parse(rendered, config: AppConfig):
+def generate_and_parse(rendered, config: AppConfig, run_name: str):
     """Rendered rows -> result rows: generated on `batch.num_groups` EP groups, parsed by CPU tasks."""
     import ray.data
 
@@ -269,23 +272,43 @@ def generate_and_parse(rendered, config: AppConfig):
     # about `per_group` rows in flight.
     calls = max(1, math.ceil(per_group / (4 * b.rows_per_batch)))
     generated = rendered.map_batches(
-        GroupGenerator, fn_constructor_kwargs={"raw_config": config.model_dump()}, batch_size=b.rows_per_batch,
+        GroupGenerator, fn_constructor_kwargs={"raw_config": config.model_dump(), "run_name": run_name},
+        batch_size=b.rows_per_batch,
         batch_format="pandas", num_cpus=b.num_cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=b.num_groups, max_tasks_in_flight_per_actor=calls))
     return generated.map(parse_row)
 
 
-def batch_generate(ds, config: AppConfig):
+def batch_generate(ds, config: AppConfig, run_name: str = "default"):
     """The results of a Dataset of input rows (module docstring), lazily: render, generate on
     `batch.num_groups` EP groups, parse.
+
+    The groups' placement groups outlive the Ray Data actors that own the groups (Ray ties them to
+    the driver): once the results are consumed, `release_batch_groups(run_name)` frees them.
 
     Args:
         ds: a `ray.data.Dataset` of input rows.
         config: the app config (model, group, engine; its `batch` section sizes the pool).
+        run_name: names this run's groups (letters, digits, dashes), for `release_batch_groups`.
     Returns:
         a `ray.data.Dataset` of result rows (RESULT_COLUMNS).
     """
-    return generate_and_parse(render(ds), config)
+    return generate_and_parse(render(ds), config, run_name)
+
+
+def release_batch_groups(run_name: str | None = None) -> int:
+    """Removes the placement groups of a batch run's EP groups (every run's with None); returns how
+    many. The groups' rank actors ended with the Ray Data actors that owned them."""
+    from ray import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    prefix = GROUP_NAME_PREFIX + (f"{run_name}-" if run_name is not None else "")
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+            removed += 1
+    return removed
 
 
 @dataclass
@@ -325,12 +348,14 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
     print(f"batch: {num_rows} rows in {input_path}, {summary.num_skipped} already in {out}, "
           f"{num_pending} to run on {config.batch.num_groups} EP group(s)", file=progress, flush=True)
     writer = PartWriter(out, output_format)
+    run_name = f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     start = time.monotonic()
     meter = _Progress(num_pending, progress)
     last_flush = time.monotonic()
     try:
         if num_pending:
-            for batch in generate_and_parse(pending, config).iter_batches(batch_size=None, batch_format="pandas"):
+            results = generate_and_parse(pending, config, run_name)
+            for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
                 rows = batch.to_dict("records")
                 writer.add(rows)
                 summary.num_written += len(rows)
@@ -344,6 +369,7 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
         writer.flush()  # whatever finished, also on Ctrl-C
         summary.elapsed_s = time.monotonic() - start
         meter.done(summary)
+        release_batch_groups(run_name)
     return summary
 
 

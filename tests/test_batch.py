@@ -84,6 +84,13 @@ def test_a_generated_tool_call_is_parsed_into_openai_tool_calls():
 # --- on Ray Data ------------------------------------------------------------------------------------
 
 
+def wait_until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def batch_config(checkpoint, **batch):
     from serve.config import parse_config
 
@@ -94,17 +101,21 @@ def batch_config(checkpoint, **batch):
 
 
 def test_batch_generate_equals_the_bare_engine_and_keeps_bad_rows_as_errors(ray_cluster, tiny_checkpoint):
+    import ray
     import ray.data
 
-    from serve.batch import batch_generate
+    from serve.batch import batch_generate, release_batch_groups
 
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 199998, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (10,))]
     rows = [{"id": f"p{i}", "prompt_token_ids": p, "max_tokens": 6, "temperature": 0.0} for i, p in enumerate(prompts)]
     rows.append({"id": "bad", "prompt_token_ids": [1, 2], "temperature": -1.0})
     rows.append({"id": "huge", "prompt_token_ids": [1, 2], "max_tokens": 10**7, "temperature": 0.0})
-    results = {r["id"]: r for r in batch_generate(ray.data.from_items(rows), batch_config(tiny_checkpoint,
-                                                                                          num_groups=2)).take_all()}
+    cpus_before = ray.available_resources().get("CPU", 0)
+    results = {r["id"]: r for r in batch_generate(ray.data.from_items(rows), batch_config(tiny_checkpoint, num_groups=2),
+                                                  run_name="equal").take_all()}
+    assert release_batch_groups("equal") == 2  # both groups' placement groups, freed once the results are in
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= cpus_before, "the pool's resources back")
     assert set(results) == {r["id"] for r in rows}
     engine = Engine(gptoss.load_model(tiny_checkpoint, dtype=torch.float32), EngineConfig(num_kv_blocks=256))
     expected = [list(c.token_ids) for c in engine.generate(prompts, SamplingParams.greedy(max_tokens=6))]
@@ -120,14 +131,15 @@ def test_chat_rows_with_tools_come_back_as_parsed_tool_calls(ray_cluster, script
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from serve.batch import batch_generate, read_input
+    from serve.batch import batch_generate, read_input, release_batch_groups
 
     rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Weather in city {i}?"}],
              "tools": [WEATHER_TOOL], "temperature": 0.0, "max_tokens": 64} for i in range(5)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")  # Parquet input, null-free
     source, is_jsonl = read_input(str(tmp_path / "rows.parquet"))
     assert not is_jsonl
-    results = batch_generate(source, batch_config(scripted_checkpoint)).take_all()
+    results = batch_generate(source, batch_config(scripted_checkpoint), run_name="tools").take_all()
+    release_batch_groups("tools")
     assert sorted(r["id"] for r in results) == [f"c{i}" for i in range(5)]
     for r in results:
         [call] = json.loads(r["tool_calls"])
@@ -149,16 +161,16 @@ def written_ids(out) -> list[str]:
 
 
 def test_a_batch_job_killed_part_way_resumes_without_losing_or_repeating_a_row(tmp_path, tiny_checkpoint):
-    rows = [{"id": f"row-{i}", "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 96, "temperature": 0}
+    rows = [{"id": f"row-{i}", "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 24, "temperature": 0}
             for i in range(80)]
     rows.insert(20, {"id": "broken", "messages": "not a list"})
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "cfg.yaml").write_text(f"model: {{checkpoint: {tiny_checkpoint}, dtype: float32}}\n"
-                                       "group: {device: cpu}\nengine: {kv_cache_gib: 0.02, max_num_seqs: 16, "
+                                       "group: {device: cpu}\nengine: {kv_cache_gib: 0.02, max_num_seqs: 8, "
                                        "max_num_batched_tokens: 256}\nbatch: {rows_per_batch: 4}\n")
     out = tmp_path / "out"
     args = ("--config", str(tmp_path / "cfg.yaml"), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
-            "--rows-per-part", "5")
+            "--rows-per-part", "4")
     first = run_cli(tmp_path, *args)
     try:
         deadline = time.monotonic() + 240
@@ -184,5 +196,5 @@ def test_a_batch_job_killed_part_way_resumes_without_losing_or_repeating_a_row(t
                for line in part.read_text().splitlines()}
     assert "messages" in results["broken"]["error"]
     short = {rid: (r["completion_tokens"], r["finish_reason"], r["error"]) for rid, r in results.items()
-             if rid != "broken" and r["completion_tokens"] != 96}
+             if rid != "broken" and r["completion_tokens"] != 24}
     assert not short, short
