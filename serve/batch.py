@@ -55,6 +55,15 @@ RESULT_COLUMNS = ("id", "text", "reasoning", "tool_calls", "finish_reason", "pro
                   "cached_tokens", "completion_token_ids", "error")
 _ROWS_PER_BLOCK = 32
 GROUP_NAME_PREFIX = "gptoss-batch-"
+# Rendering and parsing are light: a fraction of a CPU each, so they are never starved behind the
+# groups' ranks, which reserve whole CPUs (at one CPU a task could not start until a group let go).
+_CPU_STAGE_CPUS = 0.25
+
+
+def _cpu_stage_concurrency(config: AppConfig) -> int:
+    """Parallel render / parse tasks: a few per group keep up with generation (each is cheap), and a
+    bound keeps Ray Data from starting a worker process per fraction of a CPU."""
+    return 2 * config.batch.num_groups
 _RENDERED_COLUMNS = ("id", "prompt_token_ids", "prefill_token_ids", "sampling", "stop", "harmony",
                      "include_reasoning", "error")
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
@@ -257,9 +266,10 @@ def parse_row(row: dict[str, Any]) -> dict[str, Any]:
 
 # --- the pipeline ------------------------------------------------------------------------------------
 
-def render(ds, jsonl: bool = False):
+def render(ds, jsonl: bool = False, concurrency: int = 2):
     """Input rows (or, with `jsonl`, a `read_text` Dataset of JSONL lines) -> rendered rows (CPU tasks)."""
-    return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl})
+    return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl}, num_cpus=_CPU_STAGE_CPUS,
+                          concurrency=concurrency)
 
 
 def generate_and_parse(rendered, config: AppConfig, run_name: str):
@@ -276,7 +286,7 @@ def generate_and_parse(rendered, config: AppConfig, run_name: str):
         batch_size=b.rows_per_batch,
         batch_format="pandas", num_cpus=b.num_cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=b.num_groups, max_tasks_in_flight_per_actor=calls))
-    return generated.map(parse_row)
+    return generated.map(parse_row, num_cpus=_CPU_STAGE_CPUS, concurrency=_cpu_stage_concurrency(config))
 
 
 def batch_generate(ds, config: AppConfig, run_name: str = "default"):
@@ -293,7 +303,7 @@ def batch_generate(ds, config: AppConfig, run_name: str = "default"):
     Returns:
         a `ray.data.Dataset` of result rows (RESULT_COLUMNS).
     """
-    return generate_and_parse(render(ds), config, run_name)
+    return generate_and_parse(render(ds, concurrency=_cpu_stage_concurrency(config)), config, run_name)
 
 
 def release_batch_groups(run_name: str | None = None) -> int:
@@ -336,7 +346,7 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
     done = read_done_ids(out)
     source, jsonl = read_input(input_path)
     num_rows = source.count()
-    pending = render(source, jsonl)
+    pending = render(source, jsonl, _cpu_stage_concurrency(config))
     if done:
         pending = pending.filter(lambda row: row["id"] not in done)
     num_pending = pending.count() if done else num_rows
@@ -355,7 +365,8 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
     try:
         if num_pending:
             results = generate_and_parse(pending, config, run_name)
-            for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
+            # No prefetching: a finished block is written at once, not held until the next one is ready.
+            for batch in results.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
                 rows = batch.to_dict("records")
                 writer.add(rows)
                 summary.num_written += len(rows)
