@@ -59,10 +59,13 @@ class Run:
         self.failures = 0
 
 
-async def converse(session: aiohttp.ClientSession, url: str, script, max_tokens: int, run: Run) -> None:
+async def converse(session: aiohttp.ClientSession, url: str, script, max_tokens: int, think_s: tuple[float, float],
+                   rng: random.Random, run: Run) -> None:
     system, turns = script
     messages = [{"role": "system", "content": system}]
-    for user in turns:
+    for turn, user in enumerate(turns):
+        if turn:  # the user reads the reply and writes the next turn: other conversations go on meanwhile
+            await asyncio.sleep(rng.uniform(*think_s))
         messages.append({"role": "user", "content": user})
         body = {"model": "bench", "messages": messages, "stream": True, "max_tokens": max_tokens,
                 "temperature": 0, "reasoning_effort": "low",
@@ -88,17 +91,19 @@ async def converse(session: aiohttp.ClientSession, url: str, script, max_tokens:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
-async def drive(url: str, scripts: list, concurrency: int, max_tokens: int) -> dict:
-    """`concurrency` clients, each holding its conversations one after another."""
+async def drive(url: str, scripts: list, concurrency: int, max_tokens: int, think_s: tuple[float, float]) -> dict:
+    """`concurrency` clients, each holding its conversations one after another (the think times are
+    drawn from one seed per run, so both routers see the same arrivals)."""
     run = Run()
     queue = list(scripts)
     loop = asyncio.get_running_loop()
+    rng = random.Random(concurrency)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
         async def client():
             while queue:
-                await converse(session, url, queue.pop(), max_tokens, run)
+                await converse(session, url, queue.pop(), max_tokens, think_s, rng, run)
 
         start = loop.time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -130,6 +135,9 @@ def main() -> int:
     parser.add_argument("--turn-words", type=int, nargs=2, default=[100, 200], metavar=("MIN", "MAX"),
                         help="length of each user turn (a pasted passage)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--think-s", type=float, nargs=2, default=[0.5, 3.0], metavar=("MIN", "MAX"),
+                        help="pause between a reply and the user's next turn (0 0: closed loop, where Serve's "
+                             "queue-length choice sends a turn back to the group that just finished the last one)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.1,
                         help="per group: about what the conversations' KV needs once across the fleet at 64 "
                              "clients, not twice")
@@ -143,7 +151,8 @@ def main() -> int:
     print(f"# checkpoint {checkpoint} (float32), 2 groups of G=1, greedy, {args.max_tokens} tokens per reply, "
           f"{args.turns}-turn chats ({args.system_words}-word system prompt, user turns of {args.turn_words[0]}-"
           f"{args.turn_words[1]} words, empty replies: random weights), {args.conversations_per_client} per "
-          f"client; KV cache {args.kv_cache_gib} GiB per group; both routers on the same conversations")
+          f"client, {args.think_s[0]:g}-{args.think_s[1]:g} s between turns; KV cache {args.kv_cache_gib} GiB per "
+          f"group; both routers on the same conversations")
 
     from ray import serve
     from ray.serve.config import HTTPOptions
@@ -164,7 +173,7 @@ def main() -> int:
                        for i in range(n * args.conversations_per_client)]
             for policy in POLICIES:  # the same conversations through both routers (each app its own caches)
                 url = f"http://127.0.0.1:{http_port}/{policy}/v1/chat/completions"
-                results[(policy, n)] = asyncio.run(drive(url, scripts, n, args.max_tokens))
+                results[(policy, n)] = asyncio.run(drive(url, scripts, n, args.max_tokens, tuple(args.think_s)))
     finally:
         serve.shutdown()
         ray.shutdown()
