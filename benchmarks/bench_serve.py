@@ -71,8 +71,10 @@ async def drive(one_request, questions: list[str], concurrency: int) -> dict:
 
 
 async def measure(one_request, concurrency: int, per_client: int, seed: int) -> dict:
+    """A warm-up round, then `per_client` requests per client, and at least 16 in all (so a p50 at one
+    client is a median of something)."""
     await drive(one_request, make_questions(concurrency, seed + 1000), concurrency)  # warm-up, same shapes
-    return await drive(one_request, make_questions(concurrency * per_client, seed), concurrency)
+    return await drive(one_request, make_questions(max(16, concurrency * per_client), seed), concurrency)
 
 
 def chat_prompt(question: str) -> list[int]:
@@ -104,7 +106,7 @@ def main() -> int:
     print(f"# bench_serve  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
           f"ray {ray.__version__}")
     print(f"# checkpoint {checkpoint} (float32), G=1, greedy, {args.max_tokens} tokens per request, chat prompts "
-          f"of 8-120 words; {args.requests_per_client} requests per client after a warm-up round; clients share "
+          f"of 8-120 words; {args.requests_per_client} requests per client (16 at least) after a warm-up round; clients share "
           f"the {cores} cores")
 
     # Logical CPUs for scheduling only: the rank takes every core, the replica and gateway bundles a sliver.
