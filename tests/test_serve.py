@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gptoss
 from engine import Engine, EngineConfig, SamplingParams
-from gptoss.tokenizer import decode
+from gptoss.tokenizer import decode, encode
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
@@ -200,6 +200,45 @@ def test_an_http_client_that_goes_away_aborts_its_request(serve_app):
     stats = kv_settles_empty(serve_app)
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
     assert sum(r.num_output_tokens for r in stats.ranks) - before < 1500
+
+
+def test_a_grpc_deadline_ends_the_call_with_deadline_exceeded_and_aborts_the_request(serve_app, stub):
+    before = sum(r.num_output_tokens for r in kv_settles_empty(serve_app).ranks)
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(5, 150))),
+                                            sampling=pb.SamplingParams(max_tokens=1500, temperature=0)), timeout=1.5)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = kv_settles_empty(serve_app)
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1500
+
+
+def test_an_http_request_past_its_timeout_field_is_a_504_and_is_aborted(serve_app):
+    before = sum(r.num_output_tokens for r in kv_settles_empty(serve_app).ranks)
+    body = {"model": "tiny-test", "prompt": list(range(7, 150)), "max_tokens": 1500, "temperature": 0, "timeout": 0.5}
+    response = requests.post(f"{serve_app.http}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 504
+    assert "timeout" in response.json()["error"]["message"]
+    stats = kv_settles_empty(serve_app)
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1500
+
+
+def test_a_text_prompt_is_encoded_without_a_template_on_http_and_grpc(client, stub, reference):
+    text = "The capital of France is"
+    [expected] = reference([encode(text)], 6)
+    reply = client.completions.create(model="tiny-test", prompt=text, max_tokens=6, temperature=0)
+    assert reply.choices[0].text == decode(expected) and reply.usage.prompt_tokens == len(encode(text))
+    replies = list(stub.Generate(pb.GenerateRequest(text=text, sampling=pb.SamplingParams(max_tokens=6, temperature=0)),
+                                 timeout=60))
+    assert [t for r in replies for t in r.token_ids] == expected
+
+
+def test_max_completion_tokens_limits_a_chat_reply(client):
+    reply = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "Hi"}],
+                                           max_completion_tokens=5, temperature=0)
+    assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
 
 
 def test_abort_ends_a_running_grpc_stream_with_finish_reason_abort(serve_app, stub):
