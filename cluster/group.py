@@ -295,19 +295,21 @@ class EPGroup:
                 await self._shutdown_locked()
 
     async def _teardown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
+        # Everything this teardown owns is taken before the first await: a shielded teardown that
+        # outlives a cancelled start must not release what a newer start has reserved meanwhile.
+        tasks, self._tasks = self._tasks, []
         ranks, self._ranks = self._ranks, []
+        reservation, self._reservation = self._reservation, None
+        for task in tasks:
+            task.cancel()
         if ranks:
             # Ask the loops to stop together (clean communicator close), then make sure.
             stops = [asyncio.ensure_future(r.stop.remote()) for r in ranks]
             await asyncio.wait(stops, timeout=_STOP_TIMEOUT_S)
             for r in ranks:
                 ray.kill(r, no_restart=True)
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
+        if reservation is not None:
+            reservation.release()
 
     # --- requests --------------------------------------------------------------------------------
 
