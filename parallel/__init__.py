@@ -18,9 +18,11 @@ What the cluster layer does to start a group of G ranks (one process per rank, e
      root listens in the process that made it; that process must live until all ranks have joined);
    - torch_dist: `master_addr` / `master_port` of a free TCP port on rank 0's node (rank 0 hosts the store),
      or `store_on_rank0=False` with a `torch.distributed.TCPStore(..., is_master=True)` kept alive elsewhere;
-   - `timeout_s`: deadline of init and of every collective: a missing peer makes every other rank raise
+   - `timeout_s`: deadline of every collective: a missing peer makes every other rank raise
      `CommunicatorTimeout` within it (torch_dist names the missing ranks; NCCL can only name the peers the
-     stalled operation waits on).
+     stalled operation waits on);
+   - `join_timeout_s`: deadline of init, for every rank to join (None: `timeout_s`); the cluster layer
+     passes its own (`GroupConfig.join_timeout_s`), as joining may take longer than a collective may.
 3. On every rank, concurrently (init blocks until all have joined):
        comm = create_communicator(spec, rank, device)          # device: "cuda:i" for GPU backends
        model = gptoss.load_model(path, dtype, device, experts=placement.expert_ids(rank))
