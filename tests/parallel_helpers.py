@@ -128,11 +128,11 @@ def gloo_ep_worker(rank: int, world_size: int, port: int, checkpoint: str, moe_i
     placement = ExpertPlacement.contiguous(EP_CONFIG.num_local_experts, world_size)
     model = gptoss.load_model(checkpoint, dtype=torch.float32, experts=placement.expert_ids(rank))
     mute_experts(model, muted)
-    load = apply_expert_parallel(model, comm, placement)
+    expert_token_counts = apply_expert_parallel(model, comm, placement)
     moe_out = [model.layers[i].mlp(x) for i, x in enumerate(moe_inputs[rank])]
-    load.take_counts()
+    expert_token_counts.take_counts()
     logits = model(token_ids[rank])
-    counts = load.take_counts()
+    counts = expert_token_counts.take_counts()
     comm.close()
     return dict(gathered=gathered, reduced=reduced, exchanged=exchanged, moe_out=moe_out, logits=logits,
                 counts=counts)

@@ -48,10 +48,10 @@ def test_gloo_ep_group_computes_what_the_single_rank_model_computes(checkpoint, 
             expected = single.layers[layer].mlp(moe_inputs[r][layer])
             torch.testing.assert_close(result["moe_out"][layer], expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(result["logits"], single(token_ids[r]), rtol=0, atol=2e-5)
-    load = sum(result["counts"] for result in results)  # the logits pass only
-    assert load.sum(1).tolist() == [sum(token_counts) * EP_CONFIG.num_experts_per_tok] * len(layers)
+    counts = sum(result["counts"] for result in results)  # the logits pass only
+    assert counts.sum(1).tolist() == [sum(token_counts) * EP_CONFIG.num_experts_per_tok] * len(layers)
     for layer, experts in muted.items():
-        assert load[layer, experts].sum() == 0
+        assert counts[layer, experts].sum() == 0
 
 
 @pytest.mark.parametrize("how", ["stuck", "dead", "never_joins"])
