@@ -139,17 +139,18 @@ def gloo_ep_worker(rank: int, world_size: int, port: int, checkpoint: str, moe_i
 
 
 def gloo_missing_peer_worker(rank: int, world_size: int, port: int, missing_rank: int, how: str,
-                             timeout_s: float, release: Any) -> dict[str, Any] | None:
+                             timeout_s: float, bound_s: float, release: Any) -> dict[str, Any] | None:
     """Every rank joins and exchanges once; then `missing_rank` never arrives at the next all-to-all:
     how="stuck" it waits (alive) until `release` is set, how="dead" its process exits, how="never_joins"
-    it never even creates its communicator."""
+    it never even creates its communicator. A rank whose all-to-all has not ended `bound_s` after it
+    began raises TimeoutError (the test fails) instead of waiting on."""
     if rank == missing_rank and how == "never_joins":
         release.wait(60)
         return None
     try:
         comm = gloo_communicator(rank, world_size, port, timeout_s)
     except CommunicatorError as e:
-        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e), elapsed_s=0.0)
+        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e))
     ones = [1] * world_size
     comm.all_to_all(torch.zeros(world_size, 4), ones, ones)
     if rank == missing_rank:
@@ -157,19 +158,33 @@ def gloo_missing_peer_worker(rank: int, world_size: int, port: int, missing_rank
             os._exit(0)
         release.wait(60)
         return None
-    start = time.monotonic()
-    try:
-        comm.all_to_all(torch.zeros(world_size, 4), ones, ones, label="layer 0 dispatch")
-    except CommunicatorError as e:
-        elapsed = time.monotonic() - start
+    result: dict[str, Any] = {}
+
+    def exchange() -> None:
         try:
-            comm.barrier()
-            broken = "barrier passed"
-        except CommunicatorError as later:
-            broken = str(later)
-        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e),
-                    elapsed_s=elapsed, later=broken)
-    return dict(error=None)
+            comm.all_to_all(torch.zeros(world_size, 4), ones, ones, label="layer 0 dispatch")
+            result.update(error=None)
+        except CommunicatorError as e:
+            try:
+                comm.barrier()
+                broken = "barrier passed"
+            except CommunicatorError as later:
+                broken = str(later)
+            result.update(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e),
+                          later=broken)
+        except Exception as e:  # reported by the rank's own thread below
+            result.update(raised=e)
+
+    # A daemon thread: one left stuck in gloo does not keep this process from exiting with the report.
+    thread = threading.Thread(target=exchange, name=f"rank{rank}-exchange", daemon=True)
+    thread.start()
+    thread.join(bound_s)
+    if thread.is_alive():
+        raise TimeoutError(f"rank {rank}: the all-to-all that rank {missing_rank} misses did not end within "
+                           f"{bound_s} s (its deadline is {timeout_s} s)")
+    if "raised" in result:
+        raise result["raised"]
+    return result
 
 
 def nccl_ep_worker(rank: int, world_size: int, port: int, unique_id: bytes, checkpoint: str,
