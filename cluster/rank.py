@@ -54,7 +54,7 @@ class RankOutput:
 class OutputBatch:
     """What one `take_outputs` long poll returns. Delivery latency is measured in durations on one
     clock each (a token's age on the rank when sent; the poll's round trip minus its wait on the
-    caller), never by comparing the clocks of two machines."""
+    caller), never by comparing the clocks of two machines: `cluster.telemetry.token_delivery_s`."""
 
     items: list  # RankOutput, RequestRejected, RankBusyness, RankFailure
     waited_s: float  # how long the poll waited on the rank for something to send
