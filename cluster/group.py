@@ -36,7 +36,7 @@ from cluster.rank import (
     RankStats,
     RequestRejected,
 )
-from cluster.telemetry import Percentiles, RateWindow
+from cluster.telemetry import Percentiles, RateWindow, token_delivery_s
 from engine.outputs import RequestOutput
 from engine.routing import PrefixAffinity, prefix_routing_keys
 from engine.sampling_params import SamplingParams
@@ -295,19 +295,21 @@ class EPGroup:
                 await self._shutdown_locked()
 
     async def _teardown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
+        # Everything this teardown owns is taken before the first await: a shielded teardown that
+        # outlives a cancelled start must not release what a newer start has reserved meanwhile.
+        tasks, self._tasks = self._tasks, []
         ranks, self._ranks = self._ranks, []
+        reservation, self._reservation = self._reservation, None
+        for task in tasks:
+            task.cancel()
         if ranks:
             # Ask the loops to stop together (clean communicator close), then make sure.
             stops = [asyncio.ensure_future(r.stop.remote()) for r in ranks]
             await asyncio.wait(stops, timeout=_STOP_TIMEOUT_S)
             for r in ranks:
                 ray.kill(r, no_restart=True)
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
+        if reservation is not None:
+            reservation.release()
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -402,11 +404,10 @@ class EPGroup:
                 asked = time.monotonic()
                 batch = await handle.take_outputs.remote()
                 now = time.monotonic()
-                # Durations only, each on one clock: the poll's round trip here minus its wait there.
-                hop_s = max(0.0, (now - asked) - batch.waited_s) / 2
                 for item in batch.items:
                     if isinstance(item, RankOutput):
-                        self._deliver(item, batch.sent_at_s - item.sampled_at_s + hop_s, now)
+                        delivery_s = token_delivery_s(item.sampled_at_s, batch.sent_at_s, batch.waited_s, asked, now)
+                        self._deliver(item, delivery_s, now)
                     elif isinstance(item, RequestRejected):
                         stream = self._streams.get(item.request_id)
                         if stream is not None:

@@ -54,7 +54,7 @@ class RankOutput:
 class OutputBatch:
     """What one `take_outputs` long poll returns. Delivery latency is measured in durations on one
     clock each (a token's age on the rank when sent; the poll's round trip minus its wait on the
-    caller), never by comparing the clocks of two machines."""
+    caller), never by comparing the clocks of two machines: `cluster.telemetry.token_delivery_s`."""
 
     items: list  # RankOutput, RequestRejected, RankBusyness, RankFailure
     waited_s: float  # how long the poll waited on the rank for something to send
@@ -148,7 +148,7 @@ class RankActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = None
         self.communicator = None
-        self.expert_counts = None  # parallel.ExpertCounts of an expert-parallel model
+        self.expert_token_counts = None  # parallel.ExpertTokenCounts the model's layers count into
         self.expert_ids: tuple[int, ...] = ()
         self._progress = LoadProgress(rank, "waiting", 0, 0)
         self._commands: deque[_Add | _Abort] = deque()
@@ -243,9 +243,9 @@ class RankActor:
                                   experts=experts, packed_experts=self.config.packed_experts, progress=on_progress)
         self.expert_ids = tuple(experts if experts is not None else range(model.config.num_local_experts))
         if self.communicator is not None:
-            self.expert_counts = apply_expert_parallel(model, self.communicator, placement)
+            self.expert_token_counts = apply_expert_parallel(model, self.communicator, placement)
         else:  # one rank: no dispatcher counts the routed tokens, hooks on the routers do
-            self.expert_counts = count_expert_tokens(model)
+            self.expert_token_counts = count_expert_tokens(model)
         self.engine = Engine(model, self.config.engine)
         self._snapshot_stats()
         done = self._progress.tensors_total
@@ -365,9 +365,9 @@ class RankActor:
         stats = self.engine.get_stats()
         now = self._engine_stats_at = time.monotonic()
         counts = self._stats.expert_token_counts if self._stats is not None else ()
-        if self.expert_counts is not None and (self._snapshot_waiters or self._stats is None):
+        if self.expert_token_counts is not None and (self._snapshot_waiters or self._stats is None):
             # Only when a caller asks: on a GPU reading the counters syncs the device.
-            counts = tuple(tuple(row) for row in self.expert_counts.get_counts().tolist())
+            counts = tuple(tuple(row) for row in self.expert_token_counts.get_counts().tolist())
         node_id = self._stats.node_id if self._stats is not None else ray.get_runtime_context().get_node_id()
         self._stats = RankStats(self.rank, node_id, os.getpid(), self.expert_ids, stats, counts, self._num_steps,
                                 self._num_empty_steps, self._num_output_tokens, self._token_rate.rate(now),

@@ -42,3 +42,21 @@ class Percentiles:
         """The q-quantile (0 <= q <= 1) of the samples kept, 0.0 when there are none."""
         ordered = sorted(self._samples)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def token_delivery_s(sampled_at_s: float, sent_at_s: float, waited_s: float, asked_at_s: float,
+                     received_at_s: float) -> float:
+    """How long a token took from its rank's step to the group: its age on the rank when the batch left
+    plus one way of the poll's transport, each a difference of one clock's readings (the two machines'
+    clocks may be seconds apart).
+
+    Args:
+        sampled_at_s, sent_at_s: the rank's monotonic clock when its step sampled the token and when the
+            batch holding it left.
+        waited_s: how long the poll waited on the rank for something to send (a duration, the rank's).
+        asked_at_s, received_at_s: the group's monotonic clock when it sent the poll and got the batch.
+    Returns:
+        seconds, >= 0; the transport is taken as half the round trip not spent waiting on the rank.
+    """
+    transport_s = max(0.0, (received_at_s - asked_at_s) - waited_s) / 2
+    return max(0.0, sent_at_s - sampled_at_s) + transport_s

@@ -2,9 +2,10 @@
 
 A communicator connects the G ranks of one EP group. Every rank calls the same collectives in the same
 order (lockstep); a rank with nothing to send still calls them with zero counts. Every collective has a
-deadline (`timeout_s`): a peer that never arrives makes the others raise `CommunicatorTimeout`, which
-names the operation and, where the backend can tell, the missing ranks. After any error the communicator
-is broken for good (the group is the unit of failure): every later call raises at once.
+deadline (`timeout_s`; joining at init has its own, `join_timeout_s`): a peer that never arrives makes
+the others raise `CommunicatorTimeout`, which names the operation and, where the backend can tell, the
+missing ranks. After any error the communicator is broken for good (the group is the unit of failure):
+every later call raises at once.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ with a non-zero count, `ncclGroupEnd`; the rank's own share is a local device co
 so any dtype (bf16 included) goes through unchanged.
 
 Timeouts. CuPy's NCCL wrapper only makes blocking communicators (no `ncclCommInitRankConfig`), so:
-- init runs in a helper thread that the constructor waits for up to `timeout_s`; then a one-byte
-  all-to-all with every peer, an all-gather and an all-reduce make NCCL set up all its connections inside
-  that deadline, so later host calls (`ncclGroupEnd`) do not wait on peers: after init a missing peer only
+- init runs in a helper thread that the constructor waits for up to `join_timeout_s`; then a one-byte
+  all-to-all with every peer, an all-gather and a barrier (each within `timeout_s`, like any collective)
+  make NCCL set up all its connections before the constructor returns, so later host calls (`ncclGroupEnd`) do not wait on peers: after init a missing peer only
   stalls kernels on the GPU;
 - every operation is registered with a watchdog thread before its first NCCL call, with a deadline and a
   CUDA event recorded after it. Past the deadline (or on an asynchronous NCCL error) the watchdog marks the
@@ -218,12 +218,13 @@ class CupyNcclCommunicator(Communicator):
     Args:
         rank, world_size: this rank and G.
         unique_id: the 128 bytes from `make_nccl_unique_id()` on rank 0's process.
-        timeout_s: deadline of init and of every collective.
+        timeout_s: deadline of every collective, the connection warm-up after init included.
         device: the rank's GPU (default: the current CUDA device).
         stream_ops: where NCCL work is enqueued (default torch's current stream on `device`; tests pass a
             fake together with a fake `cupy.cuda.nccl`).
+        join_timeout_s: deadline for every rank to join the NCCL group (None: `timeout_s`).
     Raises:
-        CommunicatorTimeout: not every rank joined within `timeout_s`.
+        CommunicatorTimeout: not every rank joined within `join_timeout_s`, or the warm-up timed out.
     """
 
     backend = "cupy_nccl"

@@ -27,10 +27,11 @@ from parallel.placement import ExpertPlacement
 _META_DTYPE = torch.float32
 
 
-class ExpertLoad:
+class ExpertTokenCounts:
     """Tokens routed to each expert in each layer, counted on the routing rank (on its device, no sync).
 
-    The sum over the ranks of a group is the group's expert load (what a load-based placement needs).
+    The sum over the ranks of a group is the group's `expert_token_counts` (what a placement balanced by
+    measured traffic would need).
     """
 
     def __init__(self, num_layers: int, num_experts: int, device: str | torch.device = "cpu"):
@@ -83,16 +84,17 @@ class TokenDispatcher:
     Args:
         communicator: the rank's end of the EP group.
         placement: experts per rank; this rank must hold `placement.expert_ids(communicator.rank)`, in order.
-        layer: the layer index (for the load counters and error messages).
-        load: counters to count this layer's routed tokens into (None: no counting).
+        layer: the layer index (for the token counters and error messages).
+        expert_token_counts: counters to count this layer's routed tokens into (None: no counting).
     """
 
     def __init__(self, communicator: Communicator, placement: ExpertPlacement, *, layer: int = 0,
-                 load: ExpertLoad | None = None):
+                 expert_token_counts: ExpertTokenCounts | None = None):
         if placement.world_size != communicator.world_size:
             raise ValueError(f"placement.world_size must equal the communicator's world_size "
                              f"({communicator.world_size}), got {placement.world_size}")
-        self.comm, self.placement, self.layer, self.load = communicator, placement, layer, load
+        self.comm, self.placement, self.layer = communicator, placement, layer
+        self.expert_token_counts = expert_token_counts
         device = communicator.device
         expert_to_rank, expert_to_local = placement.routing_table(communicator.rank)
         self._expert_to_rank = torch.tensor(expert_to_rank, dtype=torch.int64, device=device)  # [E]
@@ -118,8 +120,8 @@ class TokenDispatcher:
             raise ValueError(f"hidden must be [T, H] and topk_weights [T, k] like topk_ids {tuple(topk_ids.shape)}, "
                              f"got {tuple(hidden.shape)} and {tuple(topk_weights.shape)}")
         label = f"layer {self.layer}"
-        if self.load is not None:
-            self.load.add(self.layer, topk_ids)
+        if self.expert_token_counts is not None:
+            self.expert_token_counts.add(self.layer, topk_ids)
         dest_rank, dest_local, to_rank, counts = self._route(topk_ids)
         sent, received = self.comm.exchange_counts(counts, label=f"{label} counts")
         send_counts, recv_counts = [c[0] for c in sent], [c[0] for c in received]

@@ -13,7 +13,7 @@ from torch import nn
 from gptoss.config import ModelConfig
 from gptoss.model import Experts, Router, Transformer
 from parallel.comm import Communicator
-from parallel.dispatcher import ExpertLoad, TokenDispatcher
+from parallel.dispatcher import ExpertTokenCounts, TokenDispatcher
 from parallel.placement import ExpertPlacement
 
 
@@ -38,7 +38,7 @@ class ExpertParallelMoE(nn.Module):
 
 
 def apply_expert_parallel(model: Transformer, communicator: Communicator, placement: ExpertPlacement, *,
-                          load: ExpertLoad | None = None) -> ExpertLoad:
+                          expert_token_counts: ExpertTokenCounts | None = None) -> ExpertTokenCounts:
     """Makes `model` one rank of an EP group, in place.
 
     Args:
@@ -46,7 +46,7 @@ def apply_expert_parallel(model: Transformer, communicator: Communicator, placem
             or with a superset of them (all experts, say), which is then cut down to this rank's share.
         communicator: the rank's end of the group; its device is where the model lives.
         placement: the same on every rank.
-        load: counters for the routed tokens (default: new ones on the model's device).
+        expert_token_counts: counters for the routed tokens (default: new ones on the model's device).
     Returns:
         the per-layer per-expert token counters the layers count into.
     Raises:
@@ -63,20 +63,21 @@ def apply_expert_parallel(model: Transformer, communicator: Communicator, placem
     if model.device != communicator.device:
         raise ValueError(f"the model must be on the communicator's device {communicator.device}, got {model.device} "
                          "(move the model first: the dispatchers' tables live on that device)")
-    if load is None:
-        load = ExpertLoad(config.num_hidden_layers, config.num_local_experts, model.device)
+    if expert_token_counts is None:
+        expert_token_counts = ExpertTokenCounts(config.num_hidden_layers, config.num_local_experts, model.device)
     expert_ids = placement.expert_ids(communicator.rank)
     for layer, block in enumerate(model.layers):
         mlp = block.mlp
         if isinstance(mlp, ExpertParallelMoE):
             raise ValueError(f"layer {layer} is expert-parallel already")
         experts = mlp.experts if mlp.experts.expert_ids == expert_ids else select_experts(mlp.experts, expert_ids, config)
-        dispatcher = TokenDispatcher(communicator, placement, layer=layer, load=load)
+        dispatcher = TokenDispatcher(communicator, placement, layer=layer, expert_token_counts=expert_token_counts)
         block.mlp = ExpertParallelMoE(mlp.router, experts, dispatcher)
-    return load
+    return expert_token_counts
 
 
-def count_expert_tokens(model: Transformer, load: ExpertLoad | None = None) -> ExpertLoad:
+def count_expert_tokens(model: Transformer,
+                        expert_token_counts: ExpertTokenCounts | None = None) -> ExpertTokenCounts:
     """Counts the tokens each layer routes to each expert of a model that is not expert-parallel
     (an EP group of one rank), as the dispatchers of an expert-parallel one do; in place.
 
@@ -84,17 +85,17 @@ def count_expert_tokens(model: Transformer, load: ExpertLoad | None = None) -> E
         the per-layer per-expert token counters (on the model's device).
     """
     config = model.config
-    if load is None:
-        load = ExpertLoad(config.num_hidden_layers, config.num_local_experts, model.device)
+    if expert_token_counts is None:
+        expert_token_counts = ExpertTokenCounts(config.num_hidden_layers, config.num_local_experts, model.device)
     for layer, block in enumerate(model.layers):
         if isinstance(block.mlp, ExpertParallelMoE):
             raise ValueError(f"layer {layer} is expert-parallel: its dispatcher counts already")
 
         def count(router, args, output, layer=layer):
-            load.add(layer, output[0])  # the router returns (topk_ids [T, k], topk_weights [T, k])
+            expert_token_counts.add(layer, output[0])  # the router returns (topk_ids [T, k], topk_weights [T, k])
 
         block.mlp.router.register_forward_hook(count)
-    return load
+    return expert_token_counts
 
 
 def select_experts(experts: Experts, expert_ids: list[int], config: ModelConfig) -> Experts:

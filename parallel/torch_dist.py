@@ -32,13 +32,14 @@ class TorchDistCommunicator(Communicator):
     Args:
         rank, world_size: this rank and G.
         master_addr, master_port: the rendezvous TCP store.
-        timeout_s: deadline of the rendezvous and of every collective.
+        timeout_s: deadline of every collective.
         backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors on `device`).
         device: nccl: the rank's GPU (default: the current one).
         host_store: this process hosts the TCP store (rank 0 by default, or a process outside the group
             that created `dist.TCPStore(..., is_master=True)` itself).
+        join_timeout_s: deadline of the rendezvous, for every rank to join (None: `timeout_s`).
     Raises:
-        CommunicatorTimeout: the store was unreachable or some rank did not join within `timeout_s`.
+        CommunicatorTimeout: the store was unreachable or some rank did not join within `join_timeout_s`.
     """
 
     backend = "torch_dist"

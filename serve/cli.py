@@ -8,11 +8,40 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gptoss.load import TORCH_DTYPES as DTYPES
 
 PACKED_EXPERTS = {"auto": None, "yes": True, "no": False}  # --packed-experts -> load_model(packed_experts=)
+
+
+class BatchSampling(BaseModel):
+    """The sampling fields of a `--batch-file` line; each one left out takes the flag of its name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    max_tokens: int | None = Field(None, description="tokens to generate at most")
+    temperature: float | None = Field(None, description="0 is greedy")
+    top_p: float | None = Field(None, description="nucleus mass in (0, 1]")
+    top_k: int | None = Field(None, description="keep the k most likely tokens; 0 keeps every token")
+    seed: int | None = Field(None, description="same seed, same prompt: same tokens")
+
+
+class BatchLine(BatchSampling):
+    """One line of a `--batch-file` (JSONL): a prompt and, optionally, its own sampling fields."""
+
+    id: str | None = Field(None, description="the result's id (default: line-<number>); unique in the file")
+    prompt: str | None = Field(None, description="a user message, rendered with harmony")
+    prompt_token_ids: list[int] | None = Field(None, description="an already rendered prompt")
+    system: str | None = Field(None, description="system (developer) instructions for `prompt`")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(None, description="for `prompt`")
+
+    @model_validator(mode="after")
+    def one_prompt(self):
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
+        return self
 
 
 def default_checkpoint_dir() -> Path:
@@ -252,12 +281,14 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / (1 << 30):.1f} GiB" if num_bytes >= 1 << 30 else f"{num_bytes / (1 << 20):.1f} MiB"
 
 
-def _sampling(args: argparse.Namespace, **overrides):
+def _sampling(args: argparse.Namespace, line: BatchSampling | None = None):
+    """SamplingParams from the flags, with the fields a batch line sets in their place."""
     from engine import SamplingParams
 
-    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  seed=args.seed)
-    return SamplingParams(**(fields | {k: v for k, v in overrides.items() if v is not None}))
+    fields = {name: getattr(args, name) for name in BatchSampling.model_fields}
+    if line is not None:
+        fields |= line.model_dump(include=set(BatchSampling.model_fields), exclude_none=True)
+    return SamplingParams(**fields)
 
 
 def _generate_one(engine, args: argparse.Namespace) -> int:
@@ -293,7 +324,7 @@ def _generate_one(engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_batch(engine, args: argparse.Namespace, lines: list[BatchLine]) -> int:
+def _generate_batch(engine, args: argparse.Namespace, lines: list[tuple[int, BatchLine]]) -> int:
     """Every prompt of a JSONL file at once through the engine; one JSON result per line on stdout (in
     input order) and the throughput on stderr."""
     import json
@@ -302,18 +333,16 @@ def _generate_batch(engine, args: argparse.Namespace, lines: list[BatchLine]) ->
     from gptoss.tokenizer import decode
 
     ids = []
-    for line in lines:
+    for number, line in lines:
         if line.prompt_token_ids is not None:
             prompt_ids = line.prompt_token_ids
         else:
             messages = ([ChatMessage("system", line.system)] if line.system else []) + [ChatMessage("user", line.prompt)]
             prompt_ids = render_prompt(messages, reasoning_effort=line.reasoning_effort or args.reasoning_effort)
         try:
-            sampling = _sampling(args, max_tokens=line.max_tokens, temperature=line.temperature, top_p=line.top_p,
-                                 top_k=line.top_k, seed=line.seed)
-            engine.add_request(line.id, prompt_ids, sampling)
+            engine.add_request(line.id, prompt_ids, _sampling(args, line))
         except ValueError as e:
-            raise ValueError(f"{args.batch_file} line {line.line_number} (id {line.id!r}): {e}") from None
+            raise ValueError(f"{args.batch_file} line {number} (id {line.id!r}): {e}") from None
         ids.append(line.id)
     start = time.perf_counter()
     completion_ids: dict[str, list[int]] = {rid: [] for rid in ids}
@@ -345,62 +374,27 @@ def _generate_batch(engine, args: argparse.Namespace, lines: list[BatchLine]) ->
     return 0
 
 
-class BatchLine(NamedTuple):
-    line_number: int
-    id: str
-    prompt: str | None
-    prompt_token_ids: list[int] | None
-    system: str | None
-    reasoning_effort: str | None
-    max_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    seed: int | None
+def read_batch_file(path: str) -> list[tuple[int, BatchLine]]:
+    """Reads a JSONL batch, one `BatchLine` object per line (blank lines skipped).
 
-
-def read_batch_file(path: str) -> list[BatchLine]:
-    """Reads a JSONL batch: one object per line with either `prompt` (a user message, rendered with
-    harmony) or `prompt_token_ids` (already rendered), and optionally `id`, `system`,
-    `reasoning_effort`, `max_tokens`, `temperature`, `top_p`, `top_k`, `seed` (defaults: the flags).
-
+    Returns:
+        (line number, line) for each line, in file order, every `id` set.
     Raises:
         ValueError naming the line and the field; FileNotFoundError.
     """
     import json
 
-    from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
-
-    class Line(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-        id: str | None = None
-        prompt: str | None = None
-        prompt_token_ids: list[int] | None = None
-        system: str | None = None
-        reasoning_effort: Literal["low", "medium", "high"] | None = None
-        max_tokens: int | None = None
-        temperature: float | None = None
-        top_p: float | None = None
-        top_k: int | None = None
-        seed: int | None = None
-
-        @model_validator(mode="after")
-        def one_prompt(self):
-            if (self.prompt is None) == (self.prompt_token_ids is None):
-                raise ValueError("give exactly one of `prompt` and `prompt_token_ids`")
-            return self
-
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"--batch-file: no such file {path}") from None
-    lines: list[BatchLine] = []
+    lines: list[tuple[int, BatchLine]] = []
     seen: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            line = Line.model_validate(json.loads(raw))
+            line = BatchLine.model_validate(json.loads(raw))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {number}: not valid JSON ({e})") from None
         except ValidationError as e:
@@ -410,10 +404,18 @@ def read_batch_file(path: str) -> list[BatchLine]:
         if rid in seen:
             raise ValueError(f"{path} line {number}: id {rid!r} is used by an earlier line")
         seen.add(rid)
-        lines.append(BatchLine(number, rid, **line.model_dump(exclude={"id"})))
+        lines.append((number, line.model_copy(update={"id": rid})))
     if not lines:
         raise ValueError(f"{path}: no prompts (one JSON object per line)")
     return lines
+
+
+def _batch_file_help() -> str:
+    sampling = list(BatchSampling.model_fields)
+    others = [name for name in BatchLine.model_fields if name not in sampling]
+    return (f"run every prompt of this JSONL file concurrently (one object per line, with exactly one of `prompt` "
+            f"and `prompt_token_ids`; fields {', '.join(others)}, and {', '.join(sampling)} in place of the "
+            f"flags); print one JSON result per line and the throughput")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,9 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
     p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     p.add_argument("--batch-file", metavar="PROMPTS_JSONL",
-                   help="run every prompt of this JSONL file concurrently (one object per line: `prompt` or "
-                        "`prompt_token_ids`, optional `id`, `system`, `reasoning_effort`, `max_tokens`, "
-                        "`temperature`, `top_p`, `top_k`, `seed`); print one JSON result per line and the throughput")
+                   help=_batch_file_help())
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests in one step")
     p.add_argument("--kv-cache-mib", type=int, default=1024, help="engine: KV cache budget")
     p.set_defaults(func=cmd_generate)

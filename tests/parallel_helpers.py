@@ -128,28 +128,29 @@ def gloo_ep_worker(rank: int, world_size: int, port: int, checkpoint: str, moe_i
     placement = ExpertPlacement.contiguous(EP_CONFIG.num_local_experts, world_size)
     model = gptoss.load_model(checkpoint, dtype=torch.float32, experts=placement.expert_ids(rank))
     mute_experts(model, muted)
-    load = apply_expert_parallel(model, comm, placement)
+    expert_token_counts = apply_expert_parallel(model, comm, placement)
     moe_out = [model.layers[i].mlp(x) for i, x in enumerate(moe_inputs[rank])]
-    load.take_counts()
+    expert_token_counts.take_counts()
     logits = model(token_ids[rank])
-    counts = load.take_counts()
+    counts = expert_token_counts.take_counts()
     comm.close()
     return dict(gathered=gathered, reduced=reduced, exchanged=exchanged, moe_out=moe_out, logits=logits,
                 counts=counts)
 
 
 def gloo_missing_peer_worker(rank: int, world_size: int, port: int, missing_rank: int, how: str,
-                             timeout_s: float, release: Any) -> dict[str, Any] | None:
+                             timeout_s: float, bound_s: float, release: Any) -> dict[str, Any] | None:
     """Every rank joins and exchanges once; then `missing_rank` never arrives at the next all-to-all:
     how="stuck" it waits (alive) until `release` is set, how="dead" its process exits, how="never_joins"
-    it never even creates its communicator."""
+    it never even creates its communicator. A rank whose all-to-all has not ended `bound_s` after it
+    began raises TimeoutError (the test fails) instead of waiting on."""
     if rank == missing_rank and how == "never_joins":
         release.wait(60)
         return None
     try:
         comm = gloo_communicator(rank, world_size, port, timeout_s)
     except CommunicatorError as e:
-        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e), elapsed_s=0.0)
+        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e))
     ones = [1] * world_size
     comm.all_to_all(torch.zeros(world_size, 4), ones, ones)
     if rank == missing_rank:
@@ -157,19 +158,33 @@ def gloo_missing_peer_worker(rank: int, world_size: int, port: int, missing_rank
             os._exit(0)
         release.wait(60)
         return None
-    start = time.monotonic()
-    try:
-        comm.all_to_all(torch.zeros(world_size, 4), ones, ones, label="layer 0 dispatch")
-    except CommunicatorError as e:
-        elapsed = time.monotonic() - start
+    result: dict[str, Any] = {}
+
+    def exchange() -> None:
         try:
-            comm.barrier()
-            broken = "barrier passed"
-        except CommunicatorError as later:
-            broken = str(later)
-        return dict(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e),
-                    elapsed_s=elapsed, later=broken)
-    return dict(error=None)
+            comm.all_to_all(torch.zeros(world_size, 4), ones, ones, label="layer 0 dispatch")
+            result.update(error=None)
+        except CommunicatorError as e:
+            try:
+                comm.barrier()
+                broken = "barrier passed"
+            except CommunicatorError as later:
+                broken = str(later)
+            result.update(error=type(e).__name__, missing_ranks=e.missing_ranks, op=e.op, message=str(e),
+                          later=broken)
+        except Exception as e:  # reported by the rank's own thread below
+            result.update(raised=e)
+
+    # A daemon thread: one left stuck in gloo does not keep this process from exiting with the report.
+    thread = threading.Thread(target=exchange, name=f"rank{rank}-exchange", daemon=True)
+    thread.start()
+    thread.join(bound_s)
+    if thread.is_alive():
+        raise TimeoutError(f"rank {rank}: the all-to-all that rank {missing_rank} misses did not end within "
+                           f"{bound_s} s (its deadline is {timeout_s} s)")
+    if "raised" in result:
+        raise result["raised"]
+    return result
 
 
 def nccl_ep_worker(rank: int, world_size: int, port: int, unique_id: bytes, checkpoint: str,

@@ -4,6 +4,7 @@ and out-of-memory errors reported as such (no big allocation: the free memory is
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import gptoss
 from gptoss import memory
 from gptoss.checkpoint import CheckpointReader
 from gptoss.errors import CheckpointError, InsufficientMemoryError
-from gptoss.load import _memory_options, estimate_load, estimate_load_bytes
+from gptoss.load import _memory_options, _plan_memory, estimate_load, estimate_load_bytes
 
 GIB = 1 << 30
 
@@ -105,6 +106,47 @@ def test_auto_keeps_experts_packed_only_when_dequantized_would_not_fit(tiny_chec
         model = gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
     assert all(block.mlp.experts.packed == packed for block in model.layers)
     assert ("experts kept packed (MXFP4)" if packed else "experts kept dequantized to float32") in caplog.text
+
+
+def plan_preset(monkeypatch, preset: str, free_gib: float, packed_experts: bool | None,
+                experts: list[int] | None = None) -> bool:
+    """`load_model`'s memory plan for a released model's shapes, from its preset, with `free_gib` free (no
+    file is written or read): whether experts stay packed, or InsufficientMemoryError."""
+    fake_free_memory(monkeypatch, int(free_gib * GIB))
+    return _plan_memory(Path("/models") / preset, gptoss.get_preset(preset), torch.bfloat16, torch.device("cpu"),
+                        experts, packed_experts, check_memory=True)
+
+
+@pytest.mark.parametrize("preset, free_gib, experts, packed", [
+    ("gpt-oss-20b", 16, None, True),  # ~13.9 GiB packed: the 16 GB the model is known to run in
+    ("gpt-oss-20b", 24, None, True),  # dequantized ~40.1 GiB would not fit
+    ("gpt-oss-20b", 64, None, False),  # ~40.1 GiB is under 80% of 64
+    ("gpt-oss-120b", 74.5, list(range(16)), False),  # a rank of 8 on an 80 GB GPU: ~31.7 GiB dequantized
+], ids=["20b-16GiB-packed", "20b-24GiB-packed", "20b-64GiB-dequantized", "120b-rank-of-8-80GB-dequantized"])
+def test_auto_picks_packed_experts_for_the_released_shapes_only_where_dequantized_would_not_fit(
+        monkeypatch, caplog, preset, free_gib, experts, packed):
+    with caplog.at_level(logging.INFO, logger="gptoss.load"):
+        assert plan_preset(monkeypatch, preset, free_gib, None, experts) is packed
+    assert ("experts kept packed (MXFP4)" if packed else "experts kept dequantized to bfloat16") in caplog.text
+
+
+def test_gpt_oss_20b_dequantized_is_refused_on_24_gib_naming_need_free_and_the_packed_option(monkeypatch):
+    with pytest.raises(InsufficientMemoryError) as info:
+        plan_preset(monkeypatch, "gpt-oss-20b", 24, packed_experts=False)
+    message = str(info.value)
+    assert "needs ~40.1 GiB on cpu (32 experts dequantized to bfloat16" in message
+    assert "only 24.0 GiB is available" in message
+    assert "packed_experts=True (~13.9 GiB)" in message and "check_memory=False" in message
+
+
+def test_gpt_oss_120b_is_refused_on_24_gib_naming_need_free_and_an_ep_group_that_fits(monkeypatch):
+    with pytest.raises(InsufficientMemoryError) as info:
+        plan_preset(monkeypatch, "gpt-oss-120b", 24, packed_experts=None)  # auto packs, and even packed it does not fit
+    message = str(info.value)
+    assert "needs ~61.8 GiB on cpu (128 experts MXFP4-packed, the rest in bfloat16)" in message
+    assert "only 24.0 GiB is available" in message
+    assert ("Options: fewer experts per rank: an EP group of 4 ranks holds 32 experts a rank (~19.2 GiB each); "
+            "check_memory=False to try anyway") in message
 
 
 @pytest.mark.parametrize("error", [

@@ -13,9 +13,9 @@ from parallel import (
     CommunicatorError,
     CommunicatorSpec,
     CommunicatorTimeout,
-    ExpertLoad,
     ExpertParallelMoE,
     ExpertPlacement,
+    ExpertTokenCounts,
     LoopbackGroup,
     TokenDispatcher,
     apply_expert_parallel,
@@ -40,14 +40,14 @@ def reference(checkpoint) -> gptoss.Transformer:
 
 def make_rank_models(reference: gptoss.Transformer, placement: ExpertPlacement, group: LoopbackGroup,
                      muted: dict[int, list[int]] | None = None):
-    """One EP model per rank, cut from a copy of the reference; returns (models, loads)."""
-    models, loads = [], []
+    """One EP model per rank, cut from a copy of the reference; returns (models, their ExpertTokenCounts)."""
+    models, counts = [], []
     for comm in group.communicators():
         model = copy.deepcopy(reference)
         mute_experts(model, muted or {})
-        loads.append(apply_expert_parallel(model, comm, placement))
+        counts.append(apply_expert_parallel(model, comm, placement))
         models.append(model)
-    return models, loads
+    return models, counts
 
 
 def make_hidden(token_counts: list[int], seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
@@ -220,13 +220,13 @@ def test_dispatch_sends_each_token_once_per_destination_rank_and_groups_rows_by_
             assert torch.equal(rows, expected)
 
 
-def test_expert_load_counts_the_tokens_each_rank_routes_to_each_expert():
-    load = ExpertLoad(num_layers=2, num_experts=4)
-    load.add(1, torch.tensor([[0, 3], [3, 2]]))
-    load.add(1, torch.tensor([[3, 1]]))
-    assert load.get_counts().tolist() == [[0, 0, 0, 0], [1, 1, 1, 3]]
-    assert load.take_counts()[1].tolist() == [1, 1, 1, 3]
-    assert load.get_counts().sum() == 0
+def test_expert_token_counts_count_the_tokens_each_rank_routes_to_each_expert():
+    counts = ExpertTokenCounts(num_layers=2, num_experts=4)
+    counts.add(1, torch.tensor([[0, 3], [3, 2]]))
+    counts.add(1, torch.tensor([[3, 1]]))
+    assert counts.get_counts().tolist() == [[0, 0, 0, 0], [1, 1, 1, 3]]
+    assert counts.take_counts()[1].tolist() == [1, 1, 1, 3]
+    assert counts.get_counts().sum() == 0
 
 
 # --- expert-parallel MoE == single rank ----------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_expert_load_counts_the_tokens_each_rank_routes_to_each_expert():
 def test_ep_moe_layers_and_logits_equal_the_single_rank_model(reference, world_size, token_counts, muted):
     placement = ExpertPlacement.contiguous(E, world_size)
     group = LoopbackGroup(world_size, timeout_s=30)
-    models, loads = make_rank_models(reference, placement, group, muted)
+    models, rank_counts = make_rank_models(reference, placement, group, muted)
     single = copy.deepcopy(reference)
     mute_experts(single, muted)
     hidden = make_hidden(token_counts)
@@ -257,8 +257,8 @@ def test_ep_moe_layers_and_logits_equal_the_single_rank_model(reference, world_s
         for layer, out in enumerate(moe):
             torch.testing.assert_close(out, single.layers[layer].mlp(hidden[r]), rtol=0, atol=1e-5)
         torch.testing.assert_close(logits, single(token_ids[r]), rtol=0, atol=2e-5)
-    # Counts from every layer call above: the group's load equals the single model's routing.
-    total = sum(load.get_counts() for load in loads)
+    # Counts from every layer call above: the group's sum equals the single model's routing.
+    total = sum(counts.get_counts() for counts in rank_counts)
     for layer in range(EP_CONFIG.num_hidden_layers):
         for e in muted.get(layer, []):
             assert total[layer, e] == 0
@@ -266,19 +266,19 @@ def test_ep_moe_layers_and_logits_equal_the_single_rank_model(reference, world_s
     assert total.sum(1).tolist() == [expected_layer_counts] * EP_CONFIG.num_hidden_layers
 
 
-def test_a_single_rank_model_counts_the_same_expert_load_as_an_ep_group(reference):
+def test_a_single_rank_model_counts_the_same_expert_tokens_as_an_ep_group(reference):
     placement = ExpertPlacement.contiguous(E, 2)
     group = LoopbackGroup(2, timeout_s=30)
-    models, loads = make_rank_models(reference, placement, group)
+    models, rank_counts = make_rank_models(reference, placement, group)
     gen = torch.Generator().manual_seed(9)
     token_ids = [torch.randint(0, EP_CONFIG.vocab_size, (n,), generator=gen) for n in (6, 11)]
     group.run(lambda comm: models[comm.rank](token_ids[comm.rank]))
     single = copy.deepcopy(reference)
-    load = count_expert_tokens(single)
+    counts = count_expert_tokens(single)
     for ids in token_ids:
         single(ids)
-    assert torch.equal(load.get_counts(), sum(rank_load.get_counts() for rank_load in loads))
-    assert load.get_counts().sum() == 17 * EP_CONFIG.num_experts_per_tok * EP_CONFIG.num_hidden_layers
+    assert torch.equal(counts.get_counts(), sum(c.get_counts() for c in rank_counts))
+    assert counts.get_counts().sum() == 17 * EP_CONFIG.num_experts_per_tok * EP_CONFIG.num_hidden_layers
     with pytest.raises(ValueError, match="expert-parallel"):
         count_expert_tokens(models[0])
 

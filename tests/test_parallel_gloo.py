@@ -48,10 +48,10 @@ def test_gloo_ep_group_computes_what_the_single_rank_model_computes(checkpoint, 
             expected = single.layers[layer].mlp(moe_inputs[r][layer])
             torch.testing.assert_close(result["moe_out"][layer], expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(result["logits"], single(token_ids[r]), rtol=0, atol=2e-5)
-    load = sum(result["counts"] for result in results)  # the logits pass only
-    assert load.sum(1).tolist() == [sum(token_counts) * EP_CONFIG.num_experts_per_tok] * len(layers)
+    counts = sum(result["counts"] for result in results)  # the logits pass only
+    assert counts.sum(1).tolist() == [sum(token_counts) * EP_CONFIG.num_experts_per_tok] * len(layers)
     for layer, experts in muted.items():
-        assert load[layer, experts].sum() == 0
+        assert counts[layer, experts].sum() == 0
 
 
 @pytest.mark.parametrize("how", ["stuck", "dead", "never_joins"])
@@ -59,8 +59,10 @@ def test_gloo_missing_peer_fails_every_other_rank_with_a_timeout_naming_it(how):
     release = mp.get_context("spawn").Event()
     world_size, missing = 3, 1
     # The stuck peer is released only once both others have reported: they cannot have waited for it.
-    results = run_spawned(gloo_missing_peer_worker, world_size, missing, how, TIMEOUT_S, release, timeout_s=120,
-                          on_report=lambda reports: release.set() if {0, 2} <= set(reports) else None)
+    # Each waits for its failing all-to-all at most its deadline (the report grace period is part of
+    # it) plus slack for a loaded machine, and fails the test past that.
+    results = run_spawned(gloo_missing_peer_worker, world_size, missing, how, TIMEOUT_S, TIMEOUT_S + 10.0, release,
+                          timeout_s=120, on_report=lambda reports: release.set() if {0, 2} <= set(reports) else None)
     for rank in (0, 2):
         result = results[rank]
         assert result["error"] == "CommunicatorTimeout", result
@@ -70,8 +72,6 @@ def test_gloo_missing_peer_fails_every_other_rank_with_a_timeout_naming_it(how):
             assert result["op"] == "init"
         else:
             assert result["op"] == "all_to_all #1 (layer 0 dispatch)"
-            # Within the deadline (the report grace period is part of it), with slack for a loaded machine.
-            assert result["elapsed_s"] < TIMEOUT_S + 10.0
             assert "broken" in result["later"]
 
 
