@@ -5,7 +5,9 @@ with unknown fields refused, as `kubectl apply --validate=strict` would; each ov
 kustomize builds it (a small builder here that knows `resources` and `images`, compared with
 `kubectl kustomize` where kubectl is installed). Then what the CRD cannot know: the embedded Serve
 config deploys our app with our config, and the worker groups hold the EP groups the autoscaler may
-ask for.
+ask for. The image: deploy/Dockerfile read as BuildKit reads it (tests/dockerfile_helpers.py), its
+base images' Ray and Python against pyproject.toml, and every path it copies against the build
+context its .dockerignore leaves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import re
 import shutil
 import subprocess
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,23 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from serve.config import AppConfig, load_config, parse_config
+from tests.dockerfile_helpers import (
+    copy_problems,
+    docker_ignores,
+    dockerignore_of,
+    dockerignore_rules,
+    parse_dockerfile,
+)
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 KUBERAY_CRDS = Path(__file__).parents[2] / "shared" / "kuberay"
 RAY_VERSION = "2.60.0"
+DOCKERFILE = DEPLOY / "Dockerfile"
+BUILD_CONTEXT = ROOT  # `docker build -f deploy/Dockerfile ... .` from the repository root (checked below)
 
 # The app config each manifest embeds, also shipped as a standalone example under deploy/configs/.
 EMBEDDED_CONFIGS = {
@@ -326,6 +339,50 @@ OBJECTS = all_objects()
 OBJECT_IDS = [name for name, _ in OBJECTS]
 
 
+# --- the image ------------------------------------------------------------------------------------------
+
+def docker_build_commands() -> list[list[str]]:
+    """The arguments of every `docker build` that deploy/README.md and the Dockerfile's comments give."""
+    text = (DEPLOY / "README.md").read_text() + DOCKERFILE.read_text()
+    return [line.split("docker build", 1)[1].split() for line in text.splitlines() if "docker build" in line]
+
+
+def image_python(image: str) -> str:
+    """The Python ("3.11") an image's tag names: python:3.11-slim, rayproject/ray:2.60.0-py311-cpu."""
+    name, tag = _split_image(image)
+    name = name.removeprefix("docker.io/").removeprefix("library/")
+    found = {"python": r"^(\d+)\.(\d+)\b", "rayproject/ray": r"-py(\d)(\d+)(-|$)"}.get(name)
+    m = re.search(found, tag or "") if found else None
+    if m is None:
+        raise ValueError(f"{image}: no Python version in its tag")
+    return f"{m[1]}.{m[2]}"
+
+
+def python_problems(dockerfile_text: str, requires_python: str) -> list[str]:
+    """Whether every stage of the image runs one Python (the wheel is built by the Python that runs it)
+    that the wheel's requires-python allows, and PYTHON_TAG names it."""
+    dockerfile = parse_dockerfile(dockerfile_text)
+    pythons = {stage.name or "(final)": image_python(stage.image) for stage in dockerfile.stages}
+    if len(set(pythons.values())) != 1:
+        return [f"the stages run different Pythons: {pythons}"]
+    (python,) = set(pythons.values())
+    problems = []
+    if python not in SpecifierSet(requires_python):
+        problems.append(f"Python {python} is outside requires-python {requires_python}")
+    if dockerfile.global_args.get("PYTHON_TAG") != "py" + python.replace(".", ""):
+        problems.append(f"PYTHON_TAG={dockerfile.global_args.get('PYTHON_TAG')} does not name Python {python}")
+    return problems
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def build_context_rules() -> list:
+    ignore = dockerignore_of(DOCKERFILE, BUILD_CONTEXT)
+    return dockerignore_rules(ignore) if ignore else []
+
+
 # --- the tests ------------------------------------------------------------------------------------------
 
 def test_every_manifest_is_accounted_for():
@@ -535,16 +592,86 @@ def test_batch_job_runs_the_batch_command_on_its_configmap():
     assert set(configmap["data"]) == {"batch.yaml"}
 
 
-def test_ray_version_agrees_everywhere():
-    import tomllib
+def test_deploy_readme_gives_the_batch_jobs_own_command():
+    (job,) = [o for o in kustomize_build(DEPLOY / "batch") if o["kind"] == "RayJob"]
+    readme = " ".join((DEPLOY / "README.md").read_text().split())
+    assert f"`{' '.join(job['spec']['entrypoint'].split())}`" in readme
 
+
+def test_ray_version_agrees_everywhere():
     import ray
     from packaging.requirements import Requirement
 
     assert ray.__version__ == RAY_VERSION
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (ray_requirement,) = [r for r in map(Requirement, dependencies) if r.name == "ray"]
+    (ray_requirement,) = [r for r in map(Requirement, pyproject()["project"]["dependencies"]) if r.name == "ray"]
     assert RAY_VERSION in ray_requirement.specifier
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(rf"^ARG RAY_VERSION={re.escape(RAY_VERSION)}$", dockerfile, re.M)
-    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}$", dockerfile, re.M)
+    dockerfile = parse_dockerfile(DOCKERFILE.read_text())
+    assert dockerfile.global_args["RAY_VERSION"] == RAY_VERSION
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}$", DOCKERFILE.read_text(), re.M)
+    name, tag = _split_image(dockerfile.stages[-1].image)  # the image the pods run, with the ARGs' defaults
+    assert name == "rayproject/ray" and tag.startswith(f"{RAY_VERSION}-"), dockerfile.stages[-1].image
+
+
+def test_every_stage_of_the_image_runs_the_python_that_pyproject_allows():
+    assert python_problems(DOCKERFILE.read_text(), pyproject()["project"]["requires-python"]) == []
+
+
+@pytest.mark.parametrize("old, new", [
+    ("FROM python:3.11-slim AS wheel", "FROM python:3.12-slim AS wheel"),
+    ("ARG PYTHON_TAG=py311", "ARG PYTHON_TAG=py312"),
+], ids=["wheel-stage", "ray-image"])
+def test_stages_of_the_image_on_different_pythons_are_reported(old, new):
+    text = DOCKERFILE.read_text()
+    assert old in text
+    problems = python_problems(text.replace(old, new), pyproject()["project"]["requires-python"])
+    assert len(problems) == 1 and problems[0].startswith("the stages run different Pythons"), problems
+
+
+def test_a_python_outside_requires_python_is_reported():
+    text = DOCKERFILE.read_text().replace("ARG PYTHON_TAG=py311", "ARG PYTHON_TAG=py310")
+    text = text.replace("FROM python:3.11-slim", "FROM python:3.10-slim")
+    assert python_problems(text, ">=3.11,<3.14") == ["Python 3.10 is outside requires-python >=3.11,<3.14"]
+
+
+def test_docker_builds_run_from_the_repository_root():
+    commands = docker_build_commands()
+    assert len(commands) >= 2, "the README and the Dockerfile say how to build the image"
+    for args in commands:
+        assert args[args.index("-f") + 1] == "deploy/Dockerfile" and args[-1] == ".", args
+
+
+def test_every_path_the_dockerfile_copies_is_in_the_build_context():
+    dockerfile = parse_dockerfile(DOCKERFILE.read_text())
+    assert [s for stage in dockerfile.stages for c in stage.copies for s in c.sources]
+    assert copy_problems(dockerfile, BUILD_CONTEXT, build_context_rules()) == []
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("COPY pyproject.toml missing.txt /x/", "COPY missing.txt: not in the build context"),
+    ("COPY tests tests", "COPY tests: tests is left out by the .dockerignore"),
+    ('ADD --chown=1000:100 ["docs/batch.md", "/x/"]', "ADD docs/batch.md: docs/batch.md is left out"),
+    ("COPY serve/*.nothing /x/", "COPY serve/*.nothing: not in the build context"),
+    ("COPY --from=wheel --chown=1000:100 /nowhere /x/", None),
+], ids=["missing", "ignored-folder", "ignored-file-json-form", "empty-glob", "from-a-stage"])
+def test_a_copy_the_build_would_miss_is_reported(line, problem):
+    dockerfile = parse_dockerfile(DOCKERFILE.read_text() + line + "\n")
+    problems = copy_problems(dockerfile, BUILD_CONTEXT, build_context_rules())
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0], problems
+
+
+@pytest.mark.parametrize("path, ignored", [
+    ("pyproject.toml", False), ("serve/app.py", False), ("serve/proto/gptoss/v1/gptoss.proto", False),
+    ("serve/__pycache__/app.cpython-311.pyc", True), ("tests/test_deploy.py", True), (".venv/bin/python", True),
+    ("deploy/Dockerfile", True),
+])
+def test_the_build_context_holds_the_sources_only(path, ignored):
+    assert docker_ignores(path, build_context_rules()) is ignored
+
+
+def test_the_wheel_stage_copies_everything_pip_wheel_reads():
+    project, find = pyproject()["project"], pyproject()["tool"]["setuptools"]["packages"]["find"]
+    sources = {s for c in parse_dockerfile(DOCKERFILE.read_text()).stage("wheel").copies for s in c.sources}
+    assert {"pyproject.toml", project["readme"]} | {p.removesuffix("*") for p in find["include"]} <= sources

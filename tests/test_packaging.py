@@ -1,8 +1,12 @@
 """The wheel: built from a copy of the sources, it holds every package, the gRPC contract and its stubs,
-nothing else, and works installed on its own (imported from the install, not from this checkout).
+nothing else, and works installed on its own in a fresh venv outside the checkout (imported from that
+venv, not from this checkout).
 
-Offline and quick: `pip wheel --no-build-isolation --no-index` builds with the setuptools at hand, and
-the install is `--no-deps --target` beside the environment that already has the dependencies.
+Offline and quick: `pip wheel --no-build-isolation --no-index` builds with the setuptools at hand. The
+fresh venv (`python -m venv`, no system site-packages) gets the wheel alone (`--no-deps`); its
+dependencies come from this environment's site-packages, put at the end of its path by a .pth file
+(plain path lines: that folder's own .pth files, among them an editable install of this checkout, are
+not run), so the venv's own copy of the project is the one found.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,18 +41,39 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+@dataclass(frozen=True)
+class Built:
+    wheel: Path
+    venv: Path  # the fresh venv the wheel is installed in
+    site_packages: Path  # the venv's own
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(the wheel, the folder it is installed into with --target)."""
+def built(tmp_path_factory) -> Built:
     tmp = tmp_path_factory.mktemp("packaging")
     source = tmp / "src"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)  # a build leaves build/ behind: not in the checkout
     run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
          "-q", "-w", str(tmp / "dist")])
     (wheel,) = (tmp / "dist").glob("gptoss_serve-*.whl")
-    site = tmp / "site"
-    run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)])
-    return wheel, site
+
+    venv = tmp / "fresh"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    site_packages = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             env=clean_env()).stdout.strip())
+    assert site_packages.is_relative_to(venv), site_packages
+    dependencies = dict.fromkeys(sysconfig.get_path(name) for name in ("purelib", "platlib"))
+    (site_packages / "_dependencies.pth").write_text("".join(f"{path}\n" for path in dependencies))
+    # This environment's pip installs into the venv's python (which has none); scripts get its shebang.
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+         str(wheel)], env=clean_env())
+    return Built(wheel, venv, site_packages)
+
+
+def clean_env() -> dict[str, str]:
+    """This environment less what would put the checkout or another environment on the venv's path."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
 
 def wheel_files(wheel: Path) -> set[str]:
@@ -61,7 +88,7 @@ def wheel_metadata(wheel: Path, name: str) -> str:
 
 
 def test_wheel_holds_every_module_and_package(built):
-    wheel, _ = built
+    wheel = built.wheel
     files = wheel_files(wheel)
     sources = {p.relative_to(ROOT).as_posix() for package in PACKAGES for p in (ROOT / package).rglob("*.py")
                if "__pycache__" not in p.parts}
@@ -72,7 +99,7 @@ def test_wheel_holds_every_module_and_package(built):
 
 
 def test_wheel_ships_the_grpc_contract_beside_its_stubs(built):
-    wheel, _ = built
+    wheel = built.wheel
     files = wheel_files(wheel)
     for name in ("gptoss.proto", "gptoss_pb2.py", "gptoss_pb2.pyi", "gptoss_pb2_grpc.py"):
         assert f"{PROTO_DIR}/{name}" in files
@@ -81,13 +108,13 @@ def test_wheel_ships_the_grpc_contract_beside_its_stubs(built):
 
 
 def test_wheel_holds_nothing_but_the_packages(built):
-    wheel, _ = built
+    wheel = built.wheel
     tops = {name.split("/")[0] for name in wheel_files(wheel)}
     assert tops == set(PACKAGES)  # no tests/, benchmarks/, deploy/, docs/, scripts/
 
 
 def test_wheel_metadata_says_what_pyproject_says(built):
-    wheel, _ = built
+    wheel = built.wheel
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     metadata = email.parser.Parser().parsestr(wheel_metadata(wheel, "METADATA"))
     supported = SpecifierSet(project["requires-python"])
@@ -98,23 +125,34 @@ def test_wheel_metadata_says_what_pyproject_says(built):
     assert "gptoss-serve = serve.cli:main" in wheel_metadata(wheel, "entry_points.txt")
 
 
-def test_installed_wheel_imports_and_runs_outside_the_checkout(built, tmp_path):
-    _, site = built
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    # cwd outside the checkout: the environment's editable install must not be what answers.
-    probe = run([sys.executable, "-c", """if True:
-        import importlib.resources, json
+def test_installed_wheel_imports_from_the_fresh_venv_outside_the_checkout(built, tmp_path):
+    # cwd outside the checkout, no PYTHONPATH: nothing but the venv's path can answer.
+    probe = run([str(built.venv / "bin" / "python"), "-c", """if True:
+        import importlib.metadata, importlib.resources, json, sys
         import serve.app, serve.cli, serve.proto.gptoss.v1.gptoss_pb2_grpc as stubs
         import gptoss, parallel, engine, cluster
         proto = importlib.resources.files("serve.proto.gptoss.v1") / "gptoss.proto"
         assert proto.is_file(), proto
-        print(json.dumps({m.__name__: m.__file__ for m in (serve.app, serve.cli, stubs, gptoss, parallel, engine, cluster)}))
-        """], cwd=tmp_path, env=env)
-    files = json.loads(probe.stdout.strip().splitlines()[-1])
-    for module, file in files.items():
-        assert Path(file).is_relative_to(site), f"{module} came from {file}, not from the installed wheel"
+        assert callable(serve.app.build_app)
+        dist = importlib.metadata.distribution("gptoss-serve")
+        print(json.dumps({"prefix": sys.prefix, "dist": str(dist.locate_file("")),
+                          "modules": {m.__name__: m.__file__ for m in (serve.app, serve.cli, stubs, gptoss, parallel,
+                                                                       engine, cluster)}}))
+        """], cwd=tmp_path, env=clean_env())
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert Path(found["prefix"]) == built.venv
+    assert Path(found["dist"]) == built.site_packages  # the wheel's metadata, not the editable install's
+    for module, file in found["modules"].items():
+        assert Path(file).is_relative_to(built.site_packages), f"{module} came from {file}, not from the fresh venv"
 
-    help_text = run([sys.executable, "-m", "serve.cli", "--help"], cwd=tmp_path, env=env).stdout
-    assert "serve" in help_text and "checkpoint" in help_text
-    script = site / "bin" / "gptoss-serve"  # the console entry point pip wrote for the wheel
-    assert "serve" in run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env).stdout
+
+def test_installed_gptoss_serve_runs_from_the_fresh_venv(built, tmp_path):
+    script = built.venv / "bin" / "gptoss-serve"  # the console entry point pip wrote for the wheel
+    assert script.read_text().splitlines()[0] == f"#!{built.venv / 'bin' / 'python'}"
+    for command, expected in [("serve", "--grpc-port"), ("batch", "--output"), ("checkpoint", "--preset")]:
+        help_text = run([str(script), command, "--help"], cwd=tmp_path, env=clean_env()).stdout
+        assert expected in help_text, help_text
+    # One real command: torch and safetensors, from the dependencies, write a tiny checkpoint.
+    run([str(script), "checkpoint", "--preset", "tiny", "--out", str(tmp_path / "tiny")], cwd=tmp_path,
+        env=clean_env())
+    assert (tmp_path / "tiny" / "config.json").is_file()
