@@ -278,15 +278,22 @@ def generate_and_parse(rendered, config: AppConfig, run_name: str):
 
     b = config.batch
     per_group = b.max_in_flight_per_group or 2 * config.engine.max_num_seqs * config.group.num_ranks
-    # Ray Data runs up to 4 batches of an async actor call at once: size the calls so a group gets
-    # about `per_group` rows in flight.
-    calls = max(1, math.ceil(per_group / (4 * b.rows_per_batch)))
+    # A call (a Ray Data task) takes a block and ends when its last row does; with blocks of
+    # `rows_per_block(config)` rows (run_batch repartitions to them), this many calls in flight give a
+    # group about `per_group` rows at once.
+    calls = max(1, math.ceil(per_group / rows_per_block(config)))
     generated = rendered.map_batches(
         GroupGenerator, fn_constructor_kwargs={"raw_config": config.model_dump(), "run_name": run_name},
         batch_size=b.rows_per_batch,
         batch_format="pandas", num_cpus=b.num_cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=b.num_groups, max_tasks_in_flight_per_actor=calls))
     return generated.map(parse_row, num_cpus=_CPU_STAGE_CPUS, concurrency=_cpu_stage_concurrency(config))
+
+
+def rows_per_block(config: AppConfig) -> int:
+    """Rows of the blocks handed to the groups: a few batches each, so results stream back (and reach
+    parts) while the job runs, not only when a whole input file's block is done."""
+    return max(config.batch.rows_per_batch, _ROWS_PER_BLOCK)
 
 
 def batch_generate(ds, config: AppConfig, run_name: str = "default"):
@@ -350,10 +357,7 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
     if done:
         pending = pending.filter(lambda row: row["id"] not in done)
     num_pending = pending.count() if done else num_rows
-    # Blocks of a few batches each: results stream back (and reach parts) while the job runs, not
-    # only when a whole input file's block is done.
-    rows_per_block = max(config.batch.rows_per_batch, _ROWS_PER_BLOCK)
-    pending = pending.repartition(max(1, math.ceil(num_pending / rows_per_block)))
+    pending = pending.repartition(max(1, math.ceil(num_pending / rows_per_block(config))))
     summary = BatchSummary(num_rows, num_rows - num_pending, 0, 0, 0, 0.0)
     print(f"batch: {num_rows} rows in {input_path}, {summary.num_skipped} already in {out}, "
           f"{num_pending} to run on {config.batch.num_groups} EP group(s)", file=progress, flush=True)

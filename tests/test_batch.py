@@ -161,9 +161,10 @@ def written_ids(out) -> list[str]:
 
 
 def test_a_batch_job_killed_part_way_resumes_without_losing_or_repeating_a_row(tmp_path, tiny_checkpoint):
-    # The first block of rows (32, serve/batch.py) is quick, the rest slow: the kill lands after the
-    # first parts are written and long before the end, however the machine is loaded.
-    rows = [{"id": f"row-{i}", "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 8 if i < 31 else 64,
+    # The first block of rows (serve/batch.py splits the 56 into two of 28) is quick, the rest slow (25
+    # rows of 400 tokens, 8 at a time): the kill lands after the first parts are written and long
+    # before the end, however the machine is loaded and whenever Ray Data hands the first block back.
+    rows = [{"id": f"row-{i}", "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 8 if i < 27 else 400,
              "temperature": 0} for i in range(55)]
     rows.insert(20, {"id": "broken", "messages": "not a list"})
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -198,6 +199,8 @@ def test_a_batch_job_killed_part_way_resumes_without_losing_or_repeating_a_row(t
                for line in part.read_text().splitlines()}
     assert "messages" in results["broken"]["error"]
     wanted = {r["id"]: r.get("max_tokens") for r in rows}
+    # Every row complete: run to its max_tokens, or to a stop token (random weights may sample one).
     short = {rid: (r["completion_tokens"], r["finish_reason"], r["error"]) for rid, r in results.items()
-             if rid != "broken" and r["completion_tokens"] != wanted[rid]}
+             if rid != "broken" and not (r["finish_reason"] == "length" and r["completion_tokens"] == wanted[rid]
+                                         or r["finish_reason"] == "stop" and r["completion_tokens"] <= wanted[rid])}
     assert not short, short
