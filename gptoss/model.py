@@ -39,6 +39,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+class PrepackedLinearWeight:
+    """A float32 CPU weight kept a second time in oneDNN's blocked layout, for batched rows: oneDNN
+    then skips reordering the weight on every call (the unembedding of 8-32 rows: ~30% faster here).
+    The result is bit for bit `linear`'s from 2 rows up; a single row keeps the plain weight, whose
+    GEMV path is faster and rounds differently."""
+
+    def __init__(self, weight: torch.Tensor, batch_size_hint: int = 32):
+        self.weight = weight
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint)
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        return (_ONEDNN_LINEAR is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            return linear(x, self.weight)
+        return _ONEDNN_LINEAR(x, self.packed, None, "none", [], "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None, device=None):
         super().__init__()
@@ -350,6 +371,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         self.lm_head.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(config, device)
+        self.prepacked_lm_head: PrepackedLinearWeight | None = None  # see prepack_unembedding
 
     @property
     def device(self) -> torch.device:
@@ -362,6 +384,14 @@ class Transformer(nn.Module):
         for block in self.layers:
             experts = block.mlp.experts
             experts.global_to_local = experts.global_to_local_table(self.config).to(device)
+
+    def prepack_unembedding(self) -> bool:
+        """For serving many rows at once on CPU in float32: keeps the unembedding (the largest matmul
+        of a decode step) a second time in oneDNN's layout, at the cost of its memory again. Logits
+        stay bit for bit the same. Returns whether it applies (float32 on a oneDNN CPU)."""
+        if self.prepacked_lm_head is None and PrepackedLinearWeight.supports(self.lm_head.weight):
+            self.prepacked_lm_head = PrepackedLinearWeight(self.lm_head.weight)
+        return self.prepacked_lm_head is not None
 
     def new_cache(self) -> KVCache:
         return KVCache(self.device, [LayerKV() for _ in self.layers])
@@ -389,4 +419,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, context)
         if logit_rows is not None:
             x = x[logit_rows]  # the unembedding is the largest matmul: only for the rows that are sampled
-        return linear(self.norm(x), self.lm_head.weight).float()
+        x = self.norm(x)
+        if self.prepacked_lm_head is not None:
+            return self.prepacked_lm_head(x).float()
+        return linear(x, self.lm_head.weight).float()
