@@ -40,7 +40,7 @@ class ModelRunner:
         config = model.config
         self.model, self.groups, self.block_size = model, groups, block_size
         self.device = model.device
-        # Decode steps unembed a row per running request: worth a second, prepacked copy on CPU.
+        # Every step unembeds a row per running request: worth a second, prepacked copy on CPU.
         model.prepack_unembedding()
         group_of_layer = {layer: gi for gi, g in enumerate(groups) for layer in g.layer_ids}
         slot_of_layer = {layer: si for g in groups for si, layer in enumerate(g.layer_ids)}

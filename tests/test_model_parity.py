@@ -60,9 +60,10 @@ def test_logit_rows_unembed_only_those_rows(tiny_model):
     torch.testing.assert_close(got, tiny_model(ids)[rows], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_rows", [1, 2, 7, 32], ids=lambda n: f"{n}-rows")
-def test_a_prepacked_unembedding_gives_the_same_logits_bit_for_bit(tiny_checkpoint, num_rows):
-    model = gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+def test_a_prepacked_unembedding_gives_the_same_logits_bit_for_bit(tiny_checkpoint, num_rows, dtype):
+    model = gptoss.load_model(tiny_checkpoint, dtype=dtype)
     ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(5))
     rows = torch.arange(num_rows)
     plain = model(ids, logit_rows=rows)
