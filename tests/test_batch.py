@@ -100,6 +100,20 @@ def batch_config(checkpoint, **batch):
                          "batch": {"rows_per_batch": 4, "num_cpus_per_actor": 0.1, **batch}})
 
 
+# Malformed token-id rows (one schema, so Ray Data takes them in one dataset), each with the field its
+# error must name.
+BAD_ROWS = {
+    "cold": ({"temperature": -1.0}, "temperature"),
+    "huge": ({"max_tokens": 10**7}, "max_tokens"),  # refused by the engine: beyond the context
+    "zero-tokens": ({"max_tokens": 0}, "max_tokens"),
+    "wide-top-p": ({"top_p": 1.5}, "top_p"),
+    "negative-top-k": ({"top_k": -3}, "top_k"),
+    "empty-prompt": ({"prompt_token_ids": []}, "prompt"),
+    "id-past-vocab": ({"prompt_token_ids": [1, 10**6]}, "prompt"),
+    "negative-id": ({"prompt_token_ids": [-5, 3]}, "prompt"),
+}
+
+
 def test_batch_generate_equals_the_bare_engine_and_keeps_bad_rows_as_errors(ray_cluster, tiny_checkpoint):
     import ray
     import ray.data
@@ -107,24 +121,30 @@ def test_batch_generate_equals_the_bare_engine_and_keeps_bad_rows_as_errors(ray_
     from serve.batch import batch_generate, release_batch_groups
 
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 199998, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (10,))]
-    rows = [{"id": f"p{i}", "prompt_token_ids": p, "max_tokens": 6, "temperature": 0.0} for i, p in enumerate(prompts)]
-    rows.append({"id": "bad", "prompt_token_ids": [1, 2], "temperature": -1.0})
-    rows.append({"id": "huge", "prompt_token_ids": [1, 2], "max_tokens": 10**7, "temperature": 0.0})
+    prompts = [torch.randint(0, 199998, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (184,))]
+    rows = [{"id": f"p{i}", "prompt_token_ids": p, "max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+            for i, p in enumerate(prompts)]
+    good = rows[0]
+    for i, (name, (fields, _)) in enumerate(BAD_ROWS.items()):  # spread among the good rows, twice each
+        for copy in range(2):
+            rows.insert(11 * i + 97 * copy, {**good, "id": f"{name}-{copy}", **fields})
     cpus_before = ray.available_resources().get("CPU", 0)
-    results = {r["id"]: r for r in batch_generate(ray.data.from_items(rows), batch_config(tiny_checkpoint, num_groups=2),
-                                                  run_name="equal").take_all()}
+    results = batch_generate(ray.data.from_items(rows), batch_config(tiny_checkpoint, num_groups=2),
+                             run_name="equal").take_all()
     assert release_batch_groups("equal") == 2  # both groups' placement groups, freed once the results are in
     wait_until(lambda: ray.available_resources().get("CPU", 0) >= cpus_before, "the pool's resources back")
-    assert set(results) == {r["id"] for r in rows}
-    engine = Engine(gptoss.load_model(tiny_checkpoint, dtype=torch.float32), EngineConfig(num_kv_blocks=256))
+    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in rows)  # every id exactly once
+    by_id = {r["id"]: r for r in results}
+    engine = Engine(gptoss.load_model(tiny_checkpoint, dtype=torch.float32), EngineConfig(num_kv_blocks=512))
     expected = [list(c.token_ids) for c in engine.generate(prompts, SamplingParams.greedy(max_tokens=6))]
     for i, tokens in enumerate(expected):
-        r = results[f"p{i}"]
+        r = by_id[f"p{i}"]
         assert r["error"] == "" and list(r["completion_token_ids"]) == tokens, r
         assert r["completion_tokens"] == 6 and r["prompt_tokens"] == len(prompts[i]) and r["finish_reason"] == "length"
-    assert "temperature" in results["bad"]["error"]
-    assert "max_tokens" in results["huge"]["error"]  # refused by the engine: beyond the context
+    for name, (_, field) in BAD_ROWS.items():
+        for copy in range(2):
+            r = by_id[f"{name}-{copy}"]
+            assert field in r["error"] and r["completion_tokens"] == 0, (name, r["error"])
 
 
 def test_chat_rows_with_tools_come_back_as_parsed_tool_calls(ray_cluster, scripted_checkpoint, tmp_path):

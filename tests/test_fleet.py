@@ -82,22 +82,26 @@ def conversations(num: int, turns: int, seed: int, prefix_len: int = 160, turn_l
 
 
 async def run_conversations(base_url: str, convs) -> list[tuple[int, int, str]]:
-    """(prompt tokens, cached tokens, replica) of every request; conversations run concurrently, the
-    turns of one in order."""
+    """(prompt tokens, cached tokens, replica) of every request, in rounds: every conversation's turn t at
+    once, then turn t + 1. So each request is routed while both groups are equally busy; with one
+    closed loop per conversation, Serve's queue-length choice would send a turn back to the group that
+    had just finished the previous one, whatever the router, and the comparison would be luck."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 
-    async def one(conversation):
-        out = []
-        for prompt in conversation:
-            raw = await client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=2,
-                                                                    temperature=0)
-            usage = raw.parse().usage
-            out.append((usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens,
-                        raw.headers["x-gptoss-replica"]))
-        return out
+    async def one(prompt):
+        raw = await client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                                                temperature=0)
+        usage = raw.parse().usage
+        return usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, raw.headers["x-gptoss-replica"]
 
+    rows = []
     try:
-        return [row for rows in await asyncio.gather(*(one(c) for c in convs)) for row in rows]
+        for turn in range(len(convs[0])):
+            # Sent in a new order each round: a router that balances by arrival order alone must not
+            # land each conversation on the same group again.
+            order = random.Random(turn).sample(range(len(convs)), len(convs))
+            rows += await asyncio.gather(*(one(convs[i][turn]) for i in order))
+        return rows
     finally:
         await client.close()
 
@@ -110,7 +114,7 @@ def test_prefix_affinity_gets_a_higher_prefix_cache_hit_rate_than_serves_default
                                                                                         tiny_checkpoint):
     from ray import serve
 
-    convs = conversations(8, 4, seed=1)
+    convs = conversations(24, 3, seed=1)  # 48 follow-up turns: the default router's luck averages out
     # Every turn after the first could reuse all of the previous turn's prompt (lengths are whole blocks).
     ideal = sum(len(c[t - 1]) for c in convs for t in range(1, len(c))) / sum(len(p) for c in convs for p in c)
     deploy(fleet_config(tiny_checkpoint, "power_of_two"), "fleet-default")
@@ -120,7 +124,7 @@ def test_prefix_affinity_gets_a_higher_prefix_cache_hit_rate_than_serves_default
         serve.delete("fleet-default")
     rows = asyncio.run(run_conversations(fleet.url, convs))
     ours = hit_rate(rows)
-    assert ours >= 0.9 * ideal, (ours, ideal)
+    assert ours >= 0.8 * ideal, (ours, ideal)  # the load bound spills a few turns of a round sent at once
     assert ours >= 1.2 * default, (ours, default)
     assert len({replica for _, _, replica in rows}) == 2  # conversations were spread over both groups
 
