@@ -389,6 +389,7 @@ class Transformer(nn.Module):
     def prepack_unembedding(self) -> bool:
         """For serving on CPU: keeps the unembedding (the largest matmul of a decode step) a second
         time in oneDNN's layout, at the cost of its memory again. Logits stay bit for bit the same.
+        Call it once the weights are loaded: the copy does not follow later changes to lm_head.
         Returns whether it applies (float32 or bfloat16 on a oneDNN CPU)."""
         if self.prepacked_lm_head is None and PrepackedLinearWeight.supports(self.lm_head.weight):
             self.prepacked_lm_head = PrepackedLinearWeight(self.lm_head.weight)
