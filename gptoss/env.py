@@ -15,3 +15,9 @@ def tiktoken_encodings_base() -> Path | None:
     """$TIKTOKEN_ENCODINGS_BASE: a folder holding o200k_base.tiktoken (read by openai-harmony too)."""
     value = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
     return Path(value) if value else None
+
+
+def mxfp4_kernel_enabled() -> bool:
+    """$GPTOSS_MXFP4_KERNEL: "0" turns off the compiled MXFP4 linear kernel (packed experts are then
+    dequantized per use, as on machines without a C compiler)."""
+    return os.environ.get("GPTOSS_MXFP4_KERNEL", "1") != "0"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gptoss
+from gptoss import mxfp4_linear
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,10 +47,20 @@ def test_logits_match_transformers_at_every_position(name, tmp_path):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_packed_experts_compute_the_same_logits(tiny_checkpoint, tiny_model):
+def test_packed_experts_dequantized_per_use_compute_the_same_logits(tiny_checkpoint, tiny_model, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "0")
     packed = gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True)
     ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(2))
     assert torch.equal(packed(ids), tiny_model(ids))
+
+
+@pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")
+def test_packed_experts_on_the_mxfp4_kernel_agree_to_float32_rounding(tiny_checkpoint, tiny_model):
+    packed = gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True)
+    ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(2))  # ~20 tokens per expert
+    got, want = packed(ids), tiny_model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_logit_rows_unembed_only_those_rows(tiny_model):

@@ -1,0 +1,151 @@
+/* y = x W^T + b with W held as MXFP4 (gpt-oss expert layout), for a few tokens at a time.
+ *
+ * W [rows, nblocks * 32]: blocks [rows, nblocks, 16] uint8 (low nibble = element 2j, high nibble =
+ * element 2j+1, E2M1 codes), scales [rows, nblocks] uint8 (E8M0, multiplier 2^(s - 127)).
+ * x arrives deinterleaved per block: xd [tokens, nblocks, 2, 16] float32 (the 16 even elements of
+ * the block, then the 16 odd ones), so that the low and the high nibbles of 16 bytes each meet 16
+ * consecutive floats. Every weight is decoded once per group of up to 4 tokens, in registers: no
+ * dequantized copy of W is ever written. Products are exact in float32; sums are float32 (their
+ * order differs from a dequantize-then-GEMM, so results agree to float32 rounding, not bit for bit).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static const float FP4_VALUES[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+#define TOKEN_TILE 4
+
+int mxfp4_linear_simd(void) {
+#if defined(__AVX512F__)
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+/* Four rows by NT <= 4 tokens (NT a constant once inlined, so the 16 sums stay in registers): each
+ * decoded block serves NT tokens and each loaded x vector four rows. */
+static inline __attribute__((always_inline)) void tile4_avx512(
+        const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias, float *out,
+        int64_t rows, int64_t nblocks, int64_t r, int64_t t0, const int NT, const float *multiplier) {
+    const __m512 lut = _mm512_loadu_ps(FP4_VALUES);
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    const int64_t in_features = nblocks * 32;
+    __m512 acc[4][TOKEN_TILE];
+    for (int i = 0; i < 4; i++)
+        for (int t = 0; t < NT; t++) acc[i][t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nblocks; g++) {
+        __m512 even[4], odd[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t at = (r + i) * nblocks + g;
+            const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + at * 16)));
+            const __m512 scale = _mm512_set1_ps(multiplier[scales[at]]);
+            even[i] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, low4), lut), scale);
+            odd[i] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut), scale);
+        }
+        for (int t = 0; t < NT; t++) {
+            const float *xg = xd + (t0 + t) * in_features + g * 32;
+            const __m512 xe = _mm512_loadu_ps(xg), xo = _mm512_loadu_ps(xg + 16);
+            for (int i = 0; i < 4; i++) acc[i][t] = _mm512_fmadd_ps(odd[i], xo, _mm512_fmadd_ps(even[i], xe, acc[i][t]));
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int t = 0; t < NT; t++)
+            out[(t0 + t) * rows + r + i] = _mm512_reduce_add_ps(acc[i][t]) + (bias ? bias[r + i] : 0.0f);
+}
+#endif
+
+static void rows_range(const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias,
+                       float *out, int64_t tokens, int64_t rows, int64_t nblocks, int64_t r0, int64_t r1) {
+    float multiplier[256];
+    for (int s = 0; s < 256; s++) multiplier[s] = ldexpf(1.0f, s - 127);
+    const int64_t in_features = nblocks * 32;
+#if defined(__AVX512F__)
+    for (; r0 + 4 <= r1; r0 += 4) {
+        for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_TILE) {
+            switch (tokens - t0 < TOKEN_TILE ? (int)(tokens - t0) : TOKEN_TILE) {
+            case 1: tile4_avx512(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 1, multiplier); break;
+            case 2: tile4_avx512(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 2, multiplier); break;
+            case 3: tile4_avx512(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 3, multiplier); break;
+            default: tile4_avx512(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 4, multiplier); break;
+            }
+        }
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++) {  /* single rows: the rest, or every row without AVX-512 */
+        const uint8_t *row_blocks = blocks + r * nblocks * 16;
+        const uint8_t *row_scales = scales + r * nblocks;
+        const float b = bias ? bias[r] : 0.0f;
+        for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_TILE) {
+            const int nt = (int)((tokens - t0) < TOKEN_TILE ? (tokens - t0) : TOKEN_TILE);
+#if defined(__AVX512F__)
+            const __m512 lut = _mm512_loadu_ps(FP4_VALUES);
+            const __m512i low4 = _mm512_set1_epi32(0x0F);
+            /* Separate sums for even and odd elements: one FMA chain per token would wait on its own
+             * latency at every block. */
+            __m512 acc_even[TOKEN_TILE], acc_odd[TOKEN_TILE];
+            for (int t = 0; t < TOKEN_TILE; t++) acc_even[t] = acc_odd[t] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < nblocks; g++) {
+                const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row_blocks + g * 16)));
+                const __m512 scale = _mm512_set1_ps(multiplier[row_scales[g]]);
+                const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, low4), lut), scale);
+                const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut), scale);
+                for (int t = 0; t < nt; t++) {
+                    const float *xg = xd + (t0 + t) * in_features + g * 32;
+                    acc_even[t] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xg), acc_even[t]);
+                    acc_odd[t] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xg + 16), acc_odd[t]);
+                }
+            }
+            for (int t = 0; t < nt; t++)
+                out[(t0 + t) * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_even[t], acc_odd[t])) + b;
+#else
+            float acc[TOKEN_TILE][16];
+            memset(acc, 0, sizeof(acc));
+            for (int64_t g = 0; g < nblocks; g++) {
+                const uint8_t *codes = row_blocks + g * 16;
+                const float scale = multiplier[row_scales[g]];
+                float even[16], odd[16];
+                for (int j = 0; j < 16; j++) {
+                    even[j] = FP4_VALUES[codes[j] & 0x0F] * scale;
+                    odd[j] = FP4_VALUES[codes[j] >> 4] * scale;
+                }
+                for (int t = 0; t < nt; t++) {
+                    const float *xg = xd + (t0 + t) * in_features + g * 32;
+                    for (int j = 0; j < 16; j++) acc[t][j] += even[j] * xg[j] + odd[j] * xg[16 + j];
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                float sum = 0.0f;
+                for (int j = 0; j < 16; j++) sum += acc[t][j];
+                out[(t0 + t) * rows + r] = sum + b;
+            }
+#endif
+        }
+    }
+}
+
+/* out [tokens, rows] float32. Rows are split over `num_threads` OpenMP threads. */
+void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias, float *out,
+                  int64_t tokens, int64_t rows, int64_t nblocks, int num_threads) {
+    if (num_threads < 1) num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+        const int64_t n = 1, i = 0;
+#endif
+        const int64_t per = ((rows + n - 1) / n + 3) / 4 * 4;  /* whole tiles of four rows */
+        const int64_t r0 = i * per, r1 = (r0 + per < rows) ? r0 + per : rows;
+        if (r0 < r1) rows_range(blocks, scales, xd, bias, out, tokens, rows, nblocks, r0, r1);
+    }
+}

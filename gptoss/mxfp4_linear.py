@@ -1,0 +1,139 @@
+"""x W^T + b straight from MXFP4 blocks for a few tokens, on CPU.
+
+Dequantizing a packed expert for every use writes 2 bytes per weight and reads them back; at batch 1
+that is nearly all of a packed model's decode time. The kernel in csrc/mxfp4_linear.c decodes each
+4-bit code in registers as it multiplies (a 16-entry table lookup per 16 codes on AVX-512, plain C
+elsewhere), so a token reads each packed weight once. It is compiled with the system's C compiler on
+first use and cached under $GPTOSS_CACHE_DIR/kernels; where no compiler works (or
+GPTOSS_MXFP4_KERNEL=0) `available()` is False and callers dequantize instead.
+
+Results agree with dequantize-then-GEMM to float32 rounding (products are exact, sums are float32 in
+a different order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from gptoss import env, mxfp4
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "mxfp4_linear.c"
+# Flag sets tried in order: the first that compiles is used.
+FLAG_SETS = (("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"),
+             ("-O3", "-fPIC", "-shared", "-fopenmp"),
+             ("-O3", "-fPIC", "-shared"))
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a cache shared by different machines must not mix builds."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(built, target)  # atomic: concurrent builders each leave a whole library
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    return compiler
+
+
+def build(flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The kernel compiled with `flags` (cached by source, compiler, flags and CPU), loaded."""
+    compiler = _compiler()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = env.cache_root() / "kernels" / f"mxfp4_linear-{key}.so"
+    if not target.exists():
+        _compile(compiler, flags, target)
+    lib = ctypes.CDLL(str(target))
+    lib.mxfp4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.mxfp4_linear.restype = None
+    lib.mxfp4_linear_simd.restype = ctypes.c_int
+    return lib
+
+
+def _load() -> ctypes.CDLL:
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            lib = build(flags)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = (getattr(e, "stderr", None) or str(e)).strip()
+            errors.append(f"[{' '.join(flags)}] {detail.splitlines()[-1] if detail else type(e).__name__}")
+            continue
+        logger.info("MXFP4 linear kernel built with %s (SIMD width %d)", " ".join(flags), lib.mxfp4_linear_simd())
+        return lib
+    raise RuntimeError("could not build the MXFP4 kernel: " + "; ".join(errors))
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first call; None (after one warning) where it cannot be built."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _load()
+            except RuntimeError as e:
+                _failure = str(e)
+                logger.warning("%s; packed experts are dequantized per use instead (slower)", _failure)
+    return _library
+
+
+def available() -> bool:
+    return env.mxfp4_kernel_enabled() and library() is not None
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [T, G*32] (CPU, any float dtype), blocks [R, G, 16] uint8, scales [R, G] uint8, bias [R] ->
+    [T, R] in x's dtype, with `lib` (default: `library()`, which must be available)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError(f"the MXFP4 kernel is not available: {_failure}")
+    rows, groups = scales.shape
+    if (blocks.dtype, scales.dtype) != (torch.uint8, torch.uint8) or blocks.shape != (rows, groups, 16):
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales "
+                         f"{tuple(scales.shape)} {scales.dtype}")
+    tokens = x.shape[0]
+    if x.shape != (tokens, groups * mxfp4.BLOCK_SIZE):
+        raise ValueError(f"x {tuple(x.shape)} does not match {groups * mxfp4.BLOCK_SIZE} input features")
+    # Per block: its 16 even elements, then its 16 odd ones (the low and high nibbles of its 16 bytes).
+    xd = x.float().reshape(tokens, groups, 16, 2).transpose(-1, -2).contiguous()
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()
+    out = torch.empty(tokens, rows, dtype=torch.float32)
+    lib.mxfp4_linear(blocks.data_ptr(), scales.data_ptr(), xd.data_ptr(),
+                     None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+                     tokens, rows, groups, torch.get_num_threads())
+    return out.to(x.dtype)

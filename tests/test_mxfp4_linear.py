@@ -1,0 +1,103 @@
+"""The compiled MXFP4 linear kernel against an exact (float64) product with the dequantized weights."""
+
+import pytest
+import torch
+
+from gptoss import mxfp4, mxfp4_linear
+
+pytestmark = pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")
+
+
+def random_packed(rows: int, groups: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows, groups, 16), dtype=torch.uint8, generator=g)
+    blocks[0, 0] = torch.arange(16, dtype=torch.uint8) * 17  # every code, in both nibbles
+    scales = torch.randint(118, 132, (rows, groups), dtype=torch.uint8, generator=g)
+    scales[2, 0] = 0  # the smallest multiplier, 2^-127
+    return blocks, scales, torch.randn(rows, generator=g)
+
+
+def exact(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    w = mxfp4.dequantize(blocks, scales, torch.float64)
+    return torch.nn.functional.linear(x.double(), w, None if bias is None else bias.double())
+
+
+def assert_within_float32_rounding(got, x, blocks, scales, bias) -> None:
+    # Float32 sums of exact products: within a few float32 ulps of the sum of magnitudes.
+    bound = 1e-5 * (x.double().abs() @ mxfp4.dequantize(blocks, scales, torch.float64).abs().T + 1)
+    assert ((got.double() - exact(x, blocks, scales, bias)).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 9, 64])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_the_kernel_equals_the_dequantized_product_to_float32_rounding(tokens, with_bias):
+    blocks, scales, bias = random_packed(rows=37, groups=6, seed=tokens)  # 37 rows: uneven thread shares
+    x = torch.randn(tokens, 6 * 32, generator=torch.Generator().manual_seed(100 + tokens))
+    got = mxfp4_linear.linear(x, blocks, scales, bias if with_bias else None)
+    assert got.dtype == torch.float32 and got.shape == (tokens, 37)
+    assert_within_float32_rounding(got, x, blocks, scales, bias if with_bias else None)
+
+
+def test_every_code_and_the_extreme_scales_decode_as_the_codec_does():
+    # One-hot inputs read single weights back: the kernel's decode equals mxfp4.dequantize exactly
+    # (scales from 2^-127, a float32 subnormal, to 2^123; beyond it 6 * 2^s overflows float32).
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(4, 1, 1)
+    scales = torch.tensor([0, 100, 127, 250], dtype=torch.uint8).view(4, 1).repeat(1, 16)
+    x = torch.eye(16 * 32)
+    got = mxfp4_linear.linear(x, blocks, scales)
+    assert torch.equal(got.T, mxfp4.dequantize(blocks, scales, torch.float32))
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_rounded_from_float32_sums():
+    blocks, scales, bias = random_packed(rows=16, groups=4, seed=1)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    got = mxfp4_linear.linear(x, blocks, scales, bias.to(torch.bfloat16))
+    want = mxfp4_linear.linear(x.float(), blocks, scales, bias.to(torch.bfloat16).float())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_the_result_does_not_depend_on_the_thread_count():
+    blocks, scales, bias = random_packed(rows=101, groups=3, seed=2)
+    x = torch.randn(5, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = mxfp4_linear.linear(x, blocks, scales, bias)
+        torch.set_num_threads(3)
+        shared = mxfp4_linear.linear(x, blocks, scales, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)
+
+
+def test_the_portable_c_path_is_as_exact_as_the_simd_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))
+    portable = mxfp4_linear.build(("-O3", "-fPIC", "-shared"))  # no -march: no AVX-512 code
+    assert portable.mxfp4_linear_simd() == 0
+    blocks, scales, bias = random_packed(rows=20, groups=5, seed=3)
+    x = torch.randn(6, 160)
+    for lib in (portable, None):  # None: the library built for this machine
+        assert_within_float32_rounding(mxfp4_linear.linear(x, blocks, scales, bias, lib=lib), x, blocks, scales, bias)
+
+
+def test_shapes_that_do_not_match_are_refused_by_name():
+    blocks, scales, _ = random_packed(rows=8, groups=2, seed=4)
+    with pytest.raises(ValueError, match="input features"):
+        mxfp4_linear.linear(torch.randn(2, 96), blocks, scales)
+    with pytest.raises(ValueError, match="do not match scales"):
+        mxfp4_linear.linear(torch.randn(2, 64), blocks[:, :1], scales)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(mxfp4_linear, "_library", None)
+    monkeypatch.setattr(mxfp4_linear, "_failure", None)
+    assert not mxfp4_linear.available() and not mxfp4_linear.available()
+    warnings = [r for r in caplog.records if "could not build the MXFP4 kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "dequantized per use" in warnings[0].getMessage()
+
+
+def test_the_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "0")
+    assert not mxfp4_linear.available()
