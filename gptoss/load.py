@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptoss import memory, mxfp4
+from gptoss import memory, mxfp4, mxfp4_linear
 from gptoss.checkpoint import CheckpointError, CheckpointReader, detect_layout, expected_shapes
 from gptoss.config import ModelConfig
 from gptoss.errors import GptossError, InsufficientMemoryError
@@ -254,7 +254,8 @@ def _dequantize_chunked(blocks, scales, dtype, device) -> torch.Tensor:
     out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * mxfp4.BLOCK_SIZE, dtype=dtype, device=device)
     for start in range(0, blocks.shape[0], _DEQUANT_EXPERTS_PER_CHUNK):
         stop = start + _DEQUANT_EXPERTS_PER_CHUNK
-        out[start:stop] = mxfp4.dequantize(blocks[start:stop].to(device), scales[start:stop].to(device), dtype)
+        out[start:stop] = mxfp4_linear.dequantize(blocks[start:stop].to(device), scales[start:stop].to(device),
+                                                  dtype)
     return out
 
 

@@ -216,6 +216,7 @@ class Experts(nn.Module):
         super().__init__()
         self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
         self.packed, self.dtype = packed, dtype
+        self._float32_biases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see packed_projection
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         e, h, i = len(self.expert_ids), config.hidden_size, config.intermediate_size
         self.register_buffer("global_to_local", self.global_to_local_table(config).to(device), persistent=False)
@@ -238,26 +239,23 @@ class Experts(nn.Module):
     def weight(self, name: str, local: int) -> torch.Tensor:
         """The [out, in] weight of projection `name` of local expert `local`, in the model dtype."""
         if self.packed:
-            return mxfp4.dequantize(getattr(self, f"{name}_blocks")[local], getattr(self, f"{name}_scales")[local],
-                                    self.dtype)
+            return mxfp4_linear.dequantize(getattr(self, f"{name}_blocks")[local],
+                                           getattr(self, f"{name}_scales")[local], self.dtype)
         return getattr(self, name)[local]
-
-    def project(self, name: str, local: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, in] through projection `name` (with its bias) of local expert `local`."""
-        bias = getattr(self, f"{name}_bias")[local]
-        if self.packed and x.device.type == "cpu" and len(x) <= MXFP4_KERNEL_MAX_TOKENS and mxfp4_linear.available():
-            # Few tokens: multiply straight from the packed codes instead of dequantizing the expert.
-            return mxfp4_linear.linear(x, getattr(self, f"{name}_blocks")[local],
-                                       getattr(self, f"{name}_scales")[local], bias)
-        return linear(x, self.weight(name, local), bias)
 
     def run_expert(self, local: int, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H] through local expert `local`."""
-        a = clamped_swiglu(self.project("gate_up_proj", local, x), self.alpha, self.limit)
-        return self.project("down_proj", local, a)
+        h = linear(x, self.weight("gate_up_proj", local), self.gate_up_proj_bias[local])
+        a = clamped_swiglu(h, self.alpha, self.limit)
+        return linear(a, self.weight("down_proj", local), self.down_proj_bias[local])
 
     def run_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, H] sorted by local expert, counts[e] rows for local expert e -> [N, H]."""
+        if self.packed and x.device.type == "cpu" and max(counts, default=0) <= MXFP4_KERNEL_MAX_TOKENS \
+                and mxfp4_linear.available():
+            # Few tokens per expert: every expert in one call, straight from the packed codes.
+            return mxfp4_linear.experts(x, counts, self.packed_projection("gate_up_proj"),
+                                        self.packed_projection("down_proj"), self.alpha, self.limit).to(x.dtype)
         out = torch.empty_like(x)
         start = 0
         for local, n in enumerate(counts):
@@ -265,6 +263,15 @@ class Experts(nn.Module):
                 out[start:start + n] = self.run_expert(local, x[start:start + n])
             start += n
         return out
+
+    def packed_projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(blocks, scales, float32 bias) of projection `name` of every expert here, for the MXFP4 kernel."""
+        bias = getattr(self, f"{name}_bias")
+        if bias.dtype != torch.float32:
+            if self._float32_biases.get(name) is None or self._float32_biases[name][0] is not bias:
+                self._float32_biases[name] = (bias, bias.float())  # once per load, not per step
+            bias = self._float32_biases[name][1]
+        return getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"), bias
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_ids [T, k] global expert ids, all held here; topk_weights [T, k] -> [T, H]."""

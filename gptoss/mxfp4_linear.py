@@ -78,6 +78,10 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.mxfp4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mxfp4_linear.restype = None
     lib.mxfp4_linear_simd.restype = ctypes.c_int
+    lib.mxfp4_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.mxfp4_dequantize.restype = None
+    lib.mxfp4_experts.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int]
+    lib.mxfp4_experts.restype = None
     return lib
 
 
@@ -137,3 +141,45 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: to
                      None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
                      tokens, rows, groups, torch.get_num_threads())
     return out.to(x.dtype)
+
+
+def experts(x: torch.Tensor, counts: list[int], gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+            down: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float, limit: float) -> torch.Tensor:
+    """A layer's experts in one call: x [N, H] sorted by expert (counts[e] rows for expert e) through
+    each expert's gate_up projection, clamped SwiGLU and down projection -> [N, H] float32.
+
+    gate_up and down are (blocks [E, out, in/32, 16] uint8, scales [E, out, in/32] uint8, bias [E, out]
+    float32). One call per layer instead of a dozen torch ops per expert: at decode batch sizes those
+    cost more than the multiplications. Needs `available()`."""
+    gu_blocks, gu_scales, gu_bias = gate_up
+    dn_blocks, dn_scales, dn_bias = down
+    num_experts, hidden = len(counts), x.shape[1]
+    inter = dn_scales.shape[2] * mxfp4.BLOCK_SIZE
+    if gu_scales.shape != (num_experts, 2 * inter, hidden // mxfp4.BLOCK_SIZE) or sum(counts) != x.shape[0]:
+        raise ValueError(f"experts: x {tuple(x.shape)} with counts summing to {sum(counts)} does not match "
+                         f"gate_up scales {tuple(gu_scales.shape)} / down scales {tuple(dn_scales.shape)}")
+    tensors = [t.contiguous() for t in (gu_blocks, gu_scales, gu_bias, dn_blocks, dn_scales, dn_bias)]
+    if tensors[2].dtype != torch.float32 or tensors[5].dtype != torch.float32:
+        raise ValueError("experts: biases must be float32")
+    x = x.float().contiguous()
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    workspace = torch.empty(max(counts, default=0) * (hidden + 3 * inter), dtype=torch.float32)
+    library().mxfp4_experts(*(t.data_ptr() for t in tensors), x.data_ptr(), counts_t.data_ptr(), out.data_ptr(),
+                            workspace.data_ptr(), num_experts, hidden, inter, alpha, limit, torch.get_num_threads())
+    return out
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """mxfp4.dequantize, in one pass of the compiled kernel where it is available (CPU, float32 or
+    bfloat16); the same values bit for bit either way."""
+    if not (blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()):
+        return mxfp4.dequantize(blocks, scales, dtype)
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape \
+            or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK:
+        return mxfp4.dequantize(blocks, scales, dtype)  # raises, naming what is wrong
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    out = torch.empty(*scales.shape, mxfp4.BLOCK_SIZE, dtype=dtype)
+    library().mxfp4_dequantize(blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), scales.numel(),
+                               int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out.flatten(-2)

@@ -48,6 +48,39 @@ def test_every_code_and_the_extreme_scales_decode_as_the_codec_does():
     assert torch.equal(got.T, mxfp4.dequantize(blocks, scales, torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_compiled_dequantize_equals_the_codec_bit_for_bit(dtype):
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(6, 1, 1)  # every byte
+    scales = torch.tensor([0, 1, 100, 127, 200, 254], dtype=torch.uint8).view(6, 1).repeat(1, 16)
+    got = mxfp4_linear.dequantize(blocks, scales, dtype)
+    assert got.dtype == dtype and got.shape == (6, 512)
+    assert torch.equal(got, mxfp4.dequantize(blocks, scales, dtype))
+    many = torch.randint(0, 256, (3, 5, 7, 16), dtype=torch.uint8)  # leading dimensions kept
+    many_scales = torch.randint(110, 140, (3, 5, 7), dtype=torch.uint8)
+    assert torch.equal(mxfp4_linear.dequantize(many, many_scales, dtype), mxfp4.dequantize(many, many_scales, dtype))
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 5], [1, 1, 1], [0, 0, 9], [130, 3, 0]], ids=str)
+def test_a_layer_of_experts_in_one_call_equals_each_expert_in_turn(counts):
+    from gptoss.model import clamped_swiglu
+
+    hidden, inter, alpha, limit = 64, 96, 1.702, 7.0
+    g = torch.Generator().manual_seed(sum(counts))
+    gate_up = mxfp4.quantize(torch.randn(3, 2 * inter, hidden, generator=g) * 0.2) + (torch.randn(3, 2 * inter, generator=g),)
+    down = mxfp4.quantize(torch.randn(3, hidden, inter, generator=g) * 0.2) + (torch.randn(3, hidden, generator=g),)
+    x = torch.randn(sum(counts), hidden, generator=g) * 3  # large enough for the clamp at +-7 to bite
+    got = mxfp4_linear.experts(x, counts, gate_up, down, alpha, limit)
+    want, start = [], 0
+    for e, n in enumerate(counts):
+        w1, w2 = (mxfp4.dequantize(p[0][e], p[1][e], torch.float64) for p in (gate_up, down))
+        h = torch.nn.functional.linear(x[start:start + n].double(), w1, gate_up[2][e].double())
+        want.append(torch.nn.functional.linear(clamped_swiglu(h, alpha, limit), w2, down[2][e].double()))
+        start += n
+    want = torch.cat(want)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_bfloat16_inputs_give_bfloat16_outputs_rounded_from_float32_sums():
     blocks, scales, bias = random_packed(rows=16, groups=4, seed=1)
     x = torch.randn(3, 128).to(torch.bfloat16)
@@ -86,6 +119,8 @@ def test_shapes_that_do_not_match_are_refused_by_name():
         mxfp4_linear.linear(torch.randn(2, 96), blocks, scales)
     with pytest.raises(ValueError, match="do not match scales"):
         mxfp4_linear.linear(torch.randn(2, 64), blocks[:, :1], scales)
+    with pytest.raises(ValueError, match="do not match scales"):
+        mxfp4_linear.dequantize(blocks[:, :1], scales)
 
 
 def test_without_a_compiler_the_kernel_is_unavailable_with_one_warning(tmp_path, monkeypatch, caplog):
@@ -98,6 +133,11 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_one_warning(tmp_path,
     assert len(warnings) == 1 and "dequantized per use" in warnings[0].getMessage()
 
 
-def test_the_switch_turns_the_kernel_off(monkeypatch):
+def test_the_switch_turns_the_kernel_off_and_dequantize_falls_back_to_the_codec(monkeypatch):
     monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", "0")
     assert not mxfp4_linear.available()
+    blocks, scales, _ = random_packed(rows=4, groups=2, seed=5)
+    assert torch.equal(mxfp4_linear.dequantize(blocks, scales, torch.float32),
+                       mxfp4.dequantize(blocks, scales, torch.float32))
+    with pytest.raises(ValueError, match="do not match scales"):
+        mxfp4_linear.dequantize(blocks[:, :1], scales)

@@ -131,21 +131,124 @@ static void rows_range(const uint8_t *blocks, const uint8_t *scales, const float
     }
 }
 
+/* One row range of `rows` split into whole tiles of four over the calling team of threads. */
+static void split_rows(int64_t rows, int64_t *r0, int64_t *r1) {
+#ifdef _OPENMP
+    extern int omp_get_thread_num(void);
+    extern int omp_get_num_threads(void);
+    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+    const int64_t n = 1, i = 0;
+#endif
+    const int64_t per = ((rows + n - 1) / n + 3) / 4 * 4;
+    *r0 = i * per < rows ? i * per : rows;
+    *r1 = *r0 + per < rows ? *r0 + per : rows;
+}
+
 /* out [tokens, rows] float32. Rows are split over `num_threads` OpenMP threads. */
 void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias, float *out,
                   int64_t tokens, int64_t rows, int64_t nblocks, int num_threads) {
     if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
     {
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-#else
-        const int64_t n = 1, i = 0;
-#endif
-        const int64_t per = ((rows + n - 1) / n + 3) / 4 * 4;  /* whole tiles of four rows */
-        const int64_t r0 = i * per, r1 = (r0 + per < rows) ? r0 + per : rows;
+        int64_t r0, r1;
+        split_rows(rows, &r0, &r1);
         if (r0 < r1) rows_range(blocks, scales, xd, bias, out, tokens, rows, nblocks, r0, r1);
+    }
+}
+
+/* out [nblocks * 32] float32 (out_bf16 = 0) or bfloat16 (out_bf16 = 1): the values of `nblocks` blocks
+ * in element order. Every value is a code times a power of two, exact in bf16 (within its range): the
+ * upper half of its float32 is its bfloat16. Blocks are split over `num_threads` OpenMP threads. */
+void mxfp4_dequantize(const uint8_t *blocks, const uint8_t *scales, void *out, int64_t nblocks, int out_bf16,
+                      int num_threads) {
+    float multiplier[256];
+    for (int s = 0; s < 256; s++) multiplier[s] = ldexpf(1.0f, s - 127);
+    if (num_threads < 1) num_threads = 1;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t g = 0; g < nblocks; g++) {
+        float values[32];
+#if defined(__AVX512F__)
+        const __m512 lut = _mm512_loadu_ps(FP4_VALUES);
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
+        const __m512 scale = _mm512_set1_ps(multiplier[scales[g]]);
+        const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)), lut), scale);
+        const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut), scale);
+        /* Interleave: element 2j from the low nibble of byte j, 2j+1 from its high nibble. */
+        const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        _mm512_storeu_ps(values, _mm512_permutex2var_ps(even, first, odd));
+        _mm512_storeu_ps(values + 16, _mm512_permutex2var_ps(even, second, odd));
+#else
+        const float scale = multiplier[scales[g]];
+        for (int j = 0; j < 16; j++) {
+            values[2 * j] = FP4_VALUES[blocks[g * 16 + j] & 0x0F] * scale;
+            values[2 * j + 1] = FP4_VALUES[blocks[g * 16 + j] >> 4] * scale;
+        }
+#endif
+        if (out_bf16) {
+            uint16_t *dst = (uint16_t *)out + g * 32;
+            for (int j = 0; j < 32; j++) {
+                uint32_t bits;
+                memcpy(&bits, &values[j], 4);
+                dst[j] = (uint16_t)(bits >> 16);
+            }
+        } else {
+            memcpy((float *)out + g * 32, values, sizeof(values));
+        }
+    }
+}
+
+/* dst [32] = src's 16 even elements, then its 16 odd ones (see xd above). */
+static inline void deinterleave32(const float *src, float *dst) {
+    for (int k = 0; k < 16; k++) {
+        dst[k] = src[2 * k];
+        dst[16 + k] = src[2 * k + 1];
+    }
+}
+
+/* A layer's experts in one call: x [N, H] float32 sorted by expert, counts[e] rows for expert e, each
+ * row through its expert's gate_up projection, the clamped SwiGLU (gate at even, linear at odd
+ * columns, +1 on the linear part) and the down projection -> out [N, H]. Weights [E, out, in/32, 16]
+ * and [E, out, in/32], biases [E, out] float32. workspace: max(counts) * (H + 3 * I) floats. */
+void mxfp4_experts(const uint8_t *gu_blocks, const uint8_t *gu_scales, const float *gu_bias,
+                   const uint8_t *dn_blocks, const uint8_t *dn_scales, const float *dn_bias,
+                   const float *x, const int64_t *counts, float *out, float *workspace,
+                   int64_t num_experts, int64_t hidden, int64_t inter, float alpha, float limit, int num_threads) {
+    const int64_t gh = hidden / 32, gi = inter / 32;
+    int64_t most = 0;
+    for (int64_t e = 0; e < num_experts; e++) most = counts[e] > most ? counts[e] : most;
+    float *xd = workspace, *h = xd + most * hidden, *ad = h + most * 2 * inter;
+    if (num_threads < 1) num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t start = 0;
+        for (int64_t e = 0; e < num_experts; e++) {
+            const int64_t n = counts[e];
+            if (n == 0) continue;
+            int64_t r0, r1;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n * gh; i++) deinterleave32(x + start * hidden + i * 32, xd + i * 32);
+            split_rows(2 * inter, &r0, &r1);
+            rows_range(gu_blocks + e * 2 * inter * gh * 16, gu_scales + e * 2 * inter * gh, xd, gu_bias + e * 2 * inter,
+                       h, n, 2 * inter, gh, r0, r1);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n * gi; i++) {
+                const float *hb = h + (i / gi) * 2 * inter + (i % gi) * 64;  /* 32 (gate, linear) pairs */
+                float a[32];
+                for (int k = 0; k < 32; k++) {
+                    const float glu = hb[2 * k] < limit ? hb[2 * k] : limit;
+                    const float lin = hb[2 * k + 1] < -limit ? -limit : (hb[2 * k + 1] > limit ? limit : hb[2 * k + 1]);
+                    a[k] = glu * (1.0f / (1.0f + expf(-alpha * glu))) * (lin + 1.0f);
+                }
+                deinterleave32(a, ad + i * 32);
+            }
+            split_rows(hidden, &r0, &r1);
+            rows_range(dn_blocks + e * hidden * gi * 16, dn_scales + e * hidden * gi, ad, dn_bias + e * hidden,
+                       out + start * hidden, n, hidden, gi, r0, r1);
+#pragma omp barrier
+            start += n;
+        }
     }
 }
