@@ -29,9 +29,11 @@ def _find_onednn_linear():
 
 
 _ONEDNN_LINEAR = _find_onednn_linear()
-# Up to this many tokens per expert, packed experts run the MXFP4 kernel; beyond it, dequantizing the
-# expert once and running a oneDNN GEMM is faster (measured on gpt-oss-20b's expert shape).
-MXFP4_KERNEL_MAX_TOKENS = 128
+# Up to this many tokens per expert, packed experts run the MXFP4 kernel; beyond it, dequantizing each
+# expert (one compiled pass) and running a oneDNN GEMM is faster. Measured on 2 AVX-512 cores at
+# gpt-oss-20b's and the small preset's expert shapes: oneDNN's bf16 GEMM overtakes the kernel at ~16
+# tokens, its float32 GEMM (weights reordered per call) only beyond 128.
+MXFP4_KERNEL_MAX_TOKENS = {torch.float32: 128, torch.bfloat16: 16}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,7 +253,7 @@ class Experts(nn.Module):
 
     def run_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, H] sorted by local expert, counts[e] rows for local expert e -> [N, H]."""
-        if self.packed and x.device.type == "cpu" and max(counts, default=0) <= MXFP4_KERNEL_MAX_TOKENS \
+        if self.packed and x.device.type == "cpu" and max(counts, default=0) <= MXFP4_KERNEL_MAX_TOKENS.get(x.dtype, 0) \
                 and mxfp4_linear.available():
             # Few tokens per expert: every expert in one call, straight from the packed codes.
             return mxfp4_linear.experts(x, counts, self.packed_projection("gate_up_proj"),

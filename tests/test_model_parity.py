@@ -66,7 +66,7 @@ def test_packed_experts_on_the_mxfp4_kernel_agree_to_float32_rounding(tiny_check
 @pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")
 def test_packed_bfloat16_experts_on_the_kernel_are_no_less_accurate_than_dequantized_ones(tiny_checkpoint,
                                                                                            tiny_model):
-    ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 201088, (12,), generator=torch.Generator().manual_seed(4))  # <= 16 tokens per expert
     reference = tiny_model(ids)  # float32
     errors = {}
     for packed in (True, False):
