@@ -253,15 +253,16 @@ class Experts(nn.Module):
 
     def run_grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, H] sorted by local expert, counts[e] rows for local expert e -> [N, H]."""
-        if self.packed and x.device.type == "cpu" and max(counts, default=0) <= MXFP4_KERNEL_MAX_TOKENS.get(x.dtype, 0) \
-                and mxfp4_linear.available():
-            # Few tokens per expert: every expert in one call, straight from the packed codes.
-            return mxfp4_linear.experts(x, counts, self.packed_projection("gate_up_proj"),
-                                        self.packed_projection("down_proj"), self.alpha, self.limit).to(x.dtype)
-        out = torch.empty_like(x)
+        few = MXFP4_KERNEL_MAX_TOKENS.get(x.dtype, 0)
+        if self.packed and x.device.type == "cpu" and any(0 < n <= few for n in counts) and mxfp4_linear.available():
+            # Experts with few tokens: all in one call, straight from the packed codes; the rest below.
+            out = mxfp4_linear.experts(x, counts, self.packed_projection("gate_up_proj"),
+                                       self.packed_projection("down_proj"), self.alpha, self.limit, few).to(x.dtype)
+        else:
+            out, few = torch.empty_like(x), 0
         start = 0
         for local, n in enumerate(counts):
-            if n:
+            if n > few:
                 out[start:start + n] = self.run_expert(local, x[start:start + n])
             start += n
         return out

@@ -80,7 +80,8 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.mxfp4_linear_simd.restype = ctypes.c_int
     lib.mxfp4_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.mxfp4_dequantize.restype = None
-    lib.mxfp4_experts.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int]
+    lib.mxfp4_experts.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_float] * 2 + \
+        [ctypes.c_int64, ctypes.c_int]
     lib.mxfp4_experts.restype = None
     return lib
 
@@ -144,9 +145,11 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: to
 
 
 def experts(x: torch.Tensor, counts: list[int], gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-            down: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float, limit: float) -> torch.Tensor:
+            down: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float, limit: float,
+            max_tokens: int | None = None) -> torch.Tensor:
     """A layer's experts in one call: x [N, H] sorted by expert (counts[e] rows for expert e) through
-    each expert's gate_up projection, clamped SwiGLU and down projection -> [N, H] float32.
+    each expert's gate_up projection, clamped SwiGLU and down projection -> [N, H] float32. Experts
+    with more than `max_tokens` rows are left out: their rows of the result are left uninitialized.
 
     gate_up and down are (blocks [E, out, in/32, 16] uint8, scales [E, out, in/32] uint8, bias [E, out]
     float32). One call per layer instead of a dozen torch ops per expert: at decode batch sizes those
@@ -164,9 +167,12 @@ def experts(x: torch.Tensor, counts: list[int], gate_up: tuple[torch.Tensor, tor
     x = x.float().contiguous()
     counts_t = torch.tensor(counts, dtype=torch.int64)
     out = torch.empty(x.shape, dtype=torch.float32)
-    workspace = torch.empty(max(counts, default=0) * (hidden + 3 * inter), dtype=torch.float32)
+    max_tokens = x.shape[0] if max_tokens is None else max_tokens
+    most = max((n for n in counts if n <= max_tokens), default=0)
+    workspace = torch.empty(most * (hidden + 3 * inter), dtype=torch.float32)
     library().mxfp4_experts(*(t.data_ptr() for t in tensors), x.data_ptr(), counts_t.data_ptr(), out.data_ptr(),
-                            workspace.data_ptr(), num_experts, hidden, inter, alpha, limit, torch.get_num_threads())
+                            workspace.data_ptr(), num_experts, hidden, inter, alpha, limit, max_tokens,
+                            torch.get_num_threads())
     return out
 
 

@@ -55,12 +55,17 @@ def test_packed_experts_dequantized_per_use_compute_the_same_logits(tiny_checkpo
 
 
 @pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")
-def test_packed_experts_on_the_mxfp4_kernel_agree_to_float32_rounding(tiny_checkpoint, tiny_model):
+def test_packed_experts_on_the_mxfp4_kernel_agree_to_float32_rounding(tiny_checkpoint, tiny_model, monkeypatch):
     packed = gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True)
     ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(2))  # ~20 tokens per expert
     got, want = packed(ids), tiny_model(ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # Experts over the kernel's limit are dequantized and multiplied by oneDNN beside the kernel's.
+    monkeypatch.setitem(gptoss.model.MXFP4_KERNEL_MAX_TOKENS, torch.float32, 12)
+    mixed = packed(ids)
+    torch.testing.assert_close(mixed, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mixed.argmax(-1), want.argmax(-1))
 
 
 @pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")

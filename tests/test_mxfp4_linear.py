@@ -60,7 +60,7 @@ def test_the_compiled_dequantize_equals_the_codec_bit_for_bit(dtype):
     assert torch.equal(mxfp4_linear.dequantize(many, many_scales, dtype), mxfp4.dequantize(many, many_scales, dtype))
 
 
-@pytest.mark.parametrize("counts", [[2, 0, 5], [1, 1, 1], [0, 0, 9], [130, 3, 0]], ids=str)
+@pytest.mark.parametrize("counts", [[2, 0, 5], [1, 1, 1], [0, 0, 9], [130, 3, 0], [2, 7, 1]], ids=str)
 def test_a_layer_of_experts_in_one_call_equals_each_expert_in_turn(counts):
     from gptoss.model import clamped_swiglu
 
@@ -79,6 +79,13 @@ def test_a_layer_of_experts_in_one_call_equals_each_expert_in_turn(counts):
     want = torch.cat(want)
     assert got.dtype == torch.float32 and got.shape == x.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # With a limit, the experts over it are left alone and the others come out the same.
+    limited = mxfp4_linear.experts(x, counts, gate_up, down, alpha, limit, max_tokens=2)
+    start = 0
+    for n in counts:
+        if n <= 2:
+            assert torch.equal(limited[start:start + n], got[start:start + n])
+        start += n
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_rounded_from_float32_sums():

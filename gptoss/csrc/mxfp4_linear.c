@@ -209,15 +209,17 @@ static inline void deinterleave32(const float *src, float *dst) {
 
 /* A layer's experts in one call: x [N, H] float32 sorted by expert, counts[e] rows for expert e, each
  * row through its expert's gate_up projection, the clamped SwiGLU (gate at even, linear at odd
- * columns, +1 on the linear part) and the down projection -> out [N, H]. Weights [E, out, in/32, 16]
- * and [E, out, in/32], biases [E, out] float32. workspace: max(counts) * (H + 3 * I) floats. */
+ * columns, +1 on the linear part) and the down projection -> out [N, H]. Experts with more than
+ * max_tokens rows are skipped (their rows of out are left as they are). Weights [E, out, in/32, 16]
+ * and [E, out, in/32], biases [E, out] float32. workspace: (the most rows run) * (H + 3 * I) floats. */
 void mxfp4_experts(const uint8_t *gu_blocks, const uint8_t *gu_scales, const float *gu_bias,
                    const uint8_t *dn_blocks, const uint8_t *dn_scales, const float *dn_bias,
                    const float *x, const int64_t *counts, float *out, float *workspace,
-                   int64_t num_experts, int64_t hidden, int64_t inter, float alpha, float limit, int num_threads) {
+                   int64_t num_experts, int64_t hidden, int64_t inter, float alpha, float limit, int64_t max_tokens,
+                   int num_threads) {
     const int64_t gh = hidden / 32, gi = inter / 32;
     int64_t most = 0;
-    for (int64_t e = 0; e < num_experts; e++) most = counts[e] > most ? counts[e] : most;
+    for (int64_t e = 0; e < num_experts; e++) most = counts[e] > most && counts[e] <= max_tokens ? counts[e] : most;
     float *xd = workspace, *h = xd + most * hidden, *ad = h + most * 2 * inter;
     if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
@@ -226,6 +228,10 @@ void mxfp4_experts(const uint8_t *gu_blocks, const uint8_t *gu_scales, const flo
         for (int64_t e = 0; e < num_experts; e++) {
             const int64_t n = counts[e];
             if (n == 0) continue;
+            if (n > max_tokens) {
+                start += n;
+                continue;
+            }
             int64_t r0, r1;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n * gh; i++) deinterleave32(x + start * hidden + i * 32, xd + i * 32);
