@@ -239,10 +239,11 @@ class Experts(nn.Module):
         return table
 
     def weight(self, name: str, local: int) -> torch.Tensor:
-        """The [out, in] weight of projection `name` of local expert `local`, in the model dtype."""
+        """The [out, in] weight of projection `name` of local expert `local`, in the model dtype. Packed
+        experts give a dequantized copy in a buffer that the next call for that projection overwrites."""
         if self.packed:
             return mxfp4_linear.dequantize(getattr(self, f"{name}_blocks")[local],
-                                           getattr(self, f"{name}_scales")[local], self.dtype)
+                                           getattr(self, f"{name}_scales")[local], self.dtype, reuse=True)
         return getattr(self, name)[local]
 
     def run_expert(self, local: int, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ FLAG_SETS = (("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"),
              ("-O3", "-fPIC", "-shared"))
 
 _lock = threading.Lock()
+_thread_buffers = threading.local()  # see dequantize(reuse=True)
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
@@ -176,16 +177,28 @@ def experts(x: torch.Tensor, counts: list[int], gate_up: tuple[torch.Tensor, tor
     return out
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+               reuse: bool = False) -> torch.Tensor:
     """mxfp4.dequantize, in one pass of the compiled kernel where it is available (CPU, float32 or
-    bfloat16); the same values bit for bit either way."""
+    bfloat16); the same values bit for bit either way.
+
+    reuse=True writes into this thread's buffer for that shape and dtype, overwritten by the next such
+    call: a weight dequantized for one use. A fresh allocation of tens of MB costs more in page faults
+    than the decoding itself."""
     if not (blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()):
         return mxfp4.dequantize(blocks, scales, dtype)
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape \
             or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK:
         return mxfp4.dequantize(blocks, scales, dtype)  # raises, naming what is wrong
     blocks, scales = blocks.contiguous(), scales.contiguous()
-    out = torch.empty(*scales.shape, mxfp4.BLOCK_SIZE, dtype=dtype)
+    shape = (*scales.shape, mxfp4.BLOCK_SIZE)
+    if reuse:
+        buffers = _thread_buffers.__dict__.setdefault("by_shape", {})
+        out = buffers.get((shape, dtype))
+        if out is None:
+            out = buffers[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+    else:
+        out = torch.empty(shape, dtype=dtype)
     library().mxfp4_dequantize(blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), scales.numel(),
                                int(dtype == torch.bfloat16), torch.get_num_threads())
     return out.flatten(-2)

@@ -1,5 +1,7 @@
 """The compiled MXFP4 linear kernel against an exact (float64) product with the dequantized weights."""
 
+import threading
+
 import pytest
 import torch
 
@@ -86,6 +88,23 @@ def test_a_layer_of_experts_in_one_call_equals_each_expert_in_turn(counts):
         if n <= 2:
             assert torch.equal(limited[start:start + n], got[start:start + n])
         start += n
+
+
+def test_a_reused_buffer_is_one_per_thread_shape_and_dtype():
+    blocks, scales, _ = random_packed(rows=4, groups=2, seed=6)
+    first = mxfp4_linear.dequantize(blocks, scales, torch.float32, reuse=True)
+    want = mxfp4.dequantize(blocks, scales, torch.float32)
+    assert torch.equal(first, want)
+    again = mxfp4_linear.dequantize(blocks.flip(0), scales.flip(0), torch.float32, reuse=True)
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, want.flip(0))  # overwritten in place
+    assert mxfp4_linear.dequantize(blocks, scales, torch.bfloat16, reuse=True).data_ptr() != first.data_ptr()
+    assert mxfp4_linear.dequantize(blocks, scales, torch.float32).data_ptr() != first.data_ptr()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(
+        mxfp4_linear.dequantize(blocks, scales, torch.float32, reuse=True).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != first.data_ptr()
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_rounded_from_float32_sums():
