@@ -1,14 +1,19 @@
-"""x W^T + b straight from MXFP4 blocks for a few tokens, on CPU.
+"""MXFP4 expert weights used straight from their packed form, on CPU.
 
 Dequantizing a packed expert for every use writes 2 bytes per weight and reads them back; at batch 1
 that is nearly all of a packed model's decode time. The kernel in csrc/mxfp4_linear.c decodes each
 4-bit code in registers as it multiplies (a 16-entry table lookup per 16 codes on AVX-512, plain C
-elsewhere), so a token reads each packed weight once. It is compiled with the system's C compiler on
-first use and cached under $GPTOSS_CACHE_DIR/kernels; where no compiler works (or
-GPTOSS_MXFP4_KERNEL=0) `available()` is False and callers dequantize instead.
+elsewhere), so a token reads each packed weight once:
+- `experts`: a whole layer's experts (gate_up, clamped SwiGLU, down) in one call, for the experts
+  with few tokens; `linear`: one projection;
+- `dequantize`: the codec's dequantization in one pass, for the experts with many tokens (then a
+  oneDNN GEMM) and for loading.
+The library is compiled with the system's C compiler on first use and cached under
+$GPTOSS_CACHE_DIR/kernels; where no compiler works (or GPTOSS_MXFP4_KERNEL=0) `available()` is False
+and callers use the torch codec instead.
 
-Results agree with dequantize-then-GEMM to float32 rounding (products are exact, sums are float32 in
-a different order), not bit for bit.
+The products agree with dequantize-then-GEMM to float32 rounding (products are exact, sums are
+float32 in another order), not bit for bit; `dequantize` is bit for bit the codec's.
 """
 
 from __future__ import annotations

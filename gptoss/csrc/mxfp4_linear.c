@@ -1,4 +1,6 @@
 /* y = x W^T + b with W held as MXFP4 (gpt-oss expert layout), for a few tokens at a time.
+ * Entry points (loaded by gptoss/mxfp4_linear.py through ctypes): mxfp4_linear (one projection),
+ * mxfp4_experts (a layer's experts: gate_up, clamped SwiGLU, down), mxfp4_dequantize.
  *
  * W [rows, nblocks * 32]: blocks [rows, nblocks, 16] uint8 (low nibble = element 2j, high nibble =
  * element 2j+1, E2M1 codes), scales [rows, nblocks] uint8 (E8M0, multiplier 2^(s - 127)).
