@@ -28,6 +28,13 @@ def _find_onednn_linear():
         return None
 
 
+def _onednn_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _ONEDNN_LINEAR = _find_onednn_linear()
 # Up to this many tokens per expert, packed experts run the MXFP4 kernel; beyond it, dequantizing each
 # expert (one compiled pass) and running a oneDNN GEMM is faster. Measured on 2 AVX-512 cores at
@@ -57,8 +64,13 @@ class PrepackedLinearWeight:
 
     @staticmethod
     def supports(weight: torch.Tensor) -> bool:
-        return (_ONEDNN_LINEAR is not None and weight.dtype in (torch.float32, torch.bfloat16)
-                and weight.device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if not (_ONEDNN_LINEAR is not None and weight.device.type == "cpu"
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return False
+        if weight.dtype == torch.bfloat16:
+            # oneDNN reorders bf16 weights only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT.
+            return _onednn_bf16_supported()
+        return weight.dtype == torch.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self.min_rows:
@@ -412,7 +424,8 @@ class Transformer(nn.Module):
         """For serving on CPU: keeps the unembedding (the largest matmul of a decode step) a second
         time in oneDNN's layout, at the cost of its memory again. Logits stay bit for bit the same.
         Call it once the weights are loaded: the copy does not follow later changes to lm_head.
-        Returns whether it applies (float32 or bfloat16 on a oneDNN CPU)."""
+        Returns whether it applies (float32 on a oneDNN CPU; bfloat16 where oneDNN has bf16: AVX-512
+        BW/VL/DQ or AVX-NE-CONVERT)."""
         if self.prepacked_lm_head is None and PrepackedLinearWeight.supports(self.lm_head.weight):
             self.prepacked_lm_head = PrepackedLinearWeight(self.lm_head.weight)
         return self.prepacked_lm_head is not None
