@@ -37,10 +37,13 @@ def _onednn_bf16_supported() -> bool:
 
 _ONEDNN_LINEAR = _find_onednn_linear()
 # Up to this many tokens per expert, packed experts run the MXFP4 kernel; beyond it, dequantizing each
-# expert (one compiled pass) and running a oneDNN GEMM is faster. Measured on 2 AVX-512 cores at
-# gpt-oss-20b's and the small preset's expert shapes: oneDNN's bf16 GEMM overtakes the kernel at ~16
-# tokens, its float32 GEMM (weights reordered per call) only beyond 128.
-MXFP4_KERNEL_MAX_TOKENS = {torch.float32: 128, torch.bfloat16: 16}
+# expert (one compiled pass) and running a GEMM is faster. Measured on 2 cores at gpt-oss-20b's expert
+# shapes: on AVX-512 (Zen 4), oneDNN's bf16 GEMM overtakes the kernel at ~16 tokens, its float32 GEMM
+# (weights reordered per call) only beyond 128; on AVX2 (Zen 3) the float32 GEMM at ~64 tokens, and a
+# bf16 GEMM without bf16 hardware is 4x slower than the kernel up to 128 tokens at least.
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+MXFP4_KERNEL_MAX_TOKENS = {torch.float32: 128 if _AVX512 else 64,
+                           torch.bfloat16: 16 if _onednn_bf16_supported() else 128}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

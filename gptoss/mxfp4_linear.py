@@ -2,8 +2,8 @@
 
 Dequantizing a packed expert for every use writes 2 bytes per weight and reads them back; at batch 1
 that is nearly all of a packed model's decode time. The kernel in csrc/mxfp4_linear.c decodes each
-4-bit code in registers as it multiplies (a 16-entry table lookup per 16 codes on AVX-512, plain C
-elsewhere), so a token reads each packed weight once:
+4-bit code in registers as it multiplies (a 16-entry table lookup per 16 codes on AVX-512, an 8-entry
+one per 8 codes on AVX2 + FMA, plain C elsewhere), so a token reads each packed weight once:
 - `experts`: a whole layer's experts (gate_up, clamped SwiGLU, down) in one call, for the experts
   with few tokens; `linear`: one projection;
 - `dequantize`: the codec's dequantization in one pass, for the experts with many tokens (then a

@@ -129,14 +129,33 @@ def test_the_result_does_not_depend_on_the_thread_count():
     assert torch.equal(alone, shared)
 
 
-def test_the_portable_c_path_is_as_exact_as_the_simd_path(tmp_path, monkeypatch):
+def cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+# Each path a machine can run, whatever -march=native picks here: plain C (no -march), AVX2 + FMA.
+@pytest.mark.parametrize("flags, simd", [((), 0), (("-mavx2", "-mfma"), 256)], ids=["plain-c", "avx2"])
+def test_each_c_path_is_exact_where_the_cpu_runs_it(tmp_path, monkeypatch, flags, simd):
+    if simd == 256 and not (cpu_has("avx2") and cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2 + FMA")
     monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))
-    portable = mxfp4_linear.build(("-O3", "-fPIC", "-shared"))  # no -march: no AVX-512 code
-    assert portable.mxfp4_linear_simd() == 0
-    blocks, scales, bias = random_packed(rows=20, groups=5, seed=3)
-    x = torch.randn(6, 160)
-    for lib in (portable, None):  # None: the library built for this machine
-        assert_within_float32_rounding(mxfp4_linear.linear(x, blocks, scales, bias, lib=lib), x, blocks, scales, bias)
+    lib = mxfp4_linear.build(("-O3", *flags, "-fPIC", "-shared"))
+    assert lib.mxfp4_linear_simd() == simd
+    blocks, scales, bias = random_packed(rows=22, groups=5, seed=3)  # 22 rows: a tail beside the tiles
+    for tokens in (1, 2, 3, 4, 6):
+        x = torch.randn(tokens, 160)
+        got = mxfp4_linear.linear(x, blocks, scales, bias, lib=lib)
+        assert_within_float32_rounding(got, x, blocks, scales, bias)
+    every_byte = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(3, 1, 1)
+    extreme = torch.tensor([0, 127, 250], dtype=torch.uint8).view(3, 1).repeat(1, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = torch.empty(3, 16, 32, dtype=dtype)
+        lib.mxfp4_dequantize(every_byte.data_ptr(), extreme.data_ptr(), got.data_ptr(), 48,
+                             int(dtype == torch.bfloat16), 1)
+        assert torch.equal(got.flatten(-2), mxfp4.dequantize(every_byte, extreme, dtype))
 
 
 def test_shapes_that_do_not_match_are_refused_by_name():

@@ -7,14 +7,15 @@
  * x arrives deinterleaved per block: xd [tokens, nblocks, 2, 16] float32 (the 16 even elements of
  * the block, then the 16 odd ones), so that the low and the high nibbles of 16 bytes each meet 16
  * consecutive floats. Every weight is decoded once per group of up to 4 tokens, in registers: no
- * dequantized copy of W is ever written. Products are exact in float32; sums are float32 (their
+ * dequantized copy of W is ever written. SIMD paths: AVX-512 (a 16-entry table lookup per 16 codes),
+ * AVX2 + FMA (8 entries per 8 codes, sign apart); plain C elsewhere. Products are exact in float32; sums are float32 (their
  * order differs from a dequantize-then-GEMM, so results agree to float32 rounding, not bit for bit).
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -26,6 +27,8 @@ static const float FP4_VALUES[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +
 int mxfp4_linear_simd(void) {
 #if defined(__AVX512F__)
     return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 256;
 #else
     return 0;
 #endif
@@ -62,6 +65,56 @@ static inline __attribute__((always_inline)) void tile4_avx512(
         for (int t = 0; t < NT; t++)
             out[(t0 + t) * rows + r + i] = _mm512_reduce_add_ps(acc[i][t]) + (bias ? bias[r + i] : 0.0f);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* One block's 32 weights as w[0..3]: the low-nibble (even) elements of bytes 0-7 and 8-15, then the
+ * high-nibble (odd) ones, i.e. in xd's order. AVX2 looks up 8 entries, not 16: the table holds the
+ * eight magnitudes already times the block's scale (exact: a power of two), and bit 3 of a code is
+ * its sign, moved to bit 31 and xor-ed in. */
+static inline __attribute__((always_inline)) void decode_block_avx2(const uint8_t *codes, float scale, __m256 w[4]) {
+    const __m256 lut = _mm256_mul_ps(_mm256_loadu_ps(FP4_VALUES), _mm256_set1_ps(scale));
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    for (int half = 0; half < 2; half++) {
+        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * half)));
+        /* vpermps reads only the low 3 bits of each index: the low nibble needs no mask. */
+        w[half] = _mm256_xor_ps(_mm256_permutevar8x32_ps(lut, c),
+                                _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(c, 28), sign)));
+        w[2 + half] = _mm256_xor_ps(_mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(c, 4)),
+                                    _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(c, 24), sign)));
+    }
+}
+
+static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* NR rows by NT tokens, NR * NT <= 8 (AVX2 has 16 vector registers: the sums, one row's decoded
+ * block and the table must fit): each decoded block serves NT tokens. */
+static inline __attribute__((always_inline)) void tile_avx2(
+        const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias, float *out,
+        int64_t rows, int64_t nblocks, int64_t r, int64_t t0, const int NR, const int NT, const float *multiplier) {
+    const int64_t in_features = nblocks * 32;
+    __m256 acc[4][TOKEN_TILE];
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < NT; t++) acc[i][t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nblocks; g++) {
+        for (int i = 0; i < NR; i++) {
+            const int64_t at = (r + i) * nblocks + g;
+            __m256 w[4];
+            decode_block_avx2(blocks + at * 16, multiplier[scales[at]], w);
+            for (int t = 0; t < NT; t++) {
+                const float *xg = xd + (t0 + t) * in_features + g * 32;
+                __m256 a = acc[i][t];
+                for (int k = 0; k < 4; k++) a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xg + 8 * k), a);
+                acc[i][t] = a;
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < NT; t++)
+            out[(t0 + t) * rows + r + i] = hsum_avx2(acc[i][t]) + (bias ? bias[r + i] : 0.0f);
+}
 #endif
 
 static void rows_range(const uint8_t *blocks, const uint8_t *scales, const float *xd, const float *bias,
@@ -80,8 +133,25 @@ static void rows_range(const uint8_t *blocks, const uint8_t *scales, const float
             }
         }
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; r0 + 4 <= r1; r0 += 4) {
+        for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_TILE) {
+            switch (tokens - t0 < TOKEN_TILE ? (int)(tokens - t0) : TOKEN_TILE) {
+            case 1: tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 4, 1, multiplier); break;
+            case 2: tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 4, 2, multiplier); break;
+            case 3:
+                tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 2, 3, multiplier);
+                tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0 + 2, t0, 2, 3, multiplier);
+                break;
+            default:
+                tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0, t0, 2, 4, multiplier);
+                tile_avx2(blocks, scales, xd, bias, out, rows, nblocks, r0 + 2, t0, 2, 4, multiplier);
+                break;
+            }
+        }
+    }
 #endif
-    for (int64_t r = r0; r < r1; r++) {  /* single rows: the rest, or every row without AVX-512 */
+    for (int64_t r = r0; r < r1; r++) {  /* single rows: the rest, or every row without AVX-512/AVX2 */
         const uint8_t *row_blocks = blocks + r * nblocks * 16;
         const uint8_t *row_scales = scales + r * nblocks;
         const float b = bias ? bias[r] : 0.0f;
@@ -181,6 +251,14 @@ void mxfp4_dequantize(const uint8_t *blocks, const uint8_t *scales, void *out, i
         const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
         _mm512_storeu_ps(values, _mm512_permutex2var_ps(even, first, odd));
         _mm512_storeu_ps(values + 16, _mm512_permutex2var_ps(even, second, odd));
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 w[4];
+        decode_block_avx2(blocks + g * 16, multiplier[scales[g]], w);
+        for (int half = 0; half < 2; half++) {  /* interleave the even and odd elements of 8 bytes */
+            const __m256 lo = _mm256_unpacklo_ps(w[half], w[2 + half]), hi = _mm256_unpackhi_ps(w[half], w[2 + half]);
+            _mm256_storeu_ps(values + 16 * half, _mm256_permute2f128_ps(lo, hi, 0x20));
+            _mm256_storeu_ps(values + 16 * half + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
 #else
         const float scale = multiplier[scales[g]];
         for (int j = 0; j < 16; j++) {
