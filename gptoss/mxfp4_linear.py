@@ -183,14 +183,14 @@ def experts(x: torch.Tensor, counts: list[int], gate_up: tuple[torch.Tensor, tor
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-               reuse: bool = False) -> torch.Tensor:
-    """mxfp4.dequantize, in one pass of the compiled kernel where it is available (CPU, float32 or
-    bfloat16); the same values bit for bit either way.
+               reuse: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """mxfp4.dequantize, in one pass of the compiled kernel (`lib`, default `library()`) where it is
+    available (CPU, float32 or bfloat16); the same values bit for bit either way.
 
     reuse=True writes into this thread's buffer for that shape and dtype, overwritten by the next such
     call: a weight dequantized for one use. A fresh allocation of tens of MB costs more in page faults
     than the decoding itself."""
-    if not (blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()):
+    if not (blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and (lib or available())):
         return mxfp4.dequantize(blocks, scales, dtype)
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape \
             or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK:
@@ -204,6 +204,6 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
             out = buffers[(shape, dtype)] = torch.empty(shape, dtype=dtype)
     else:
         out = torch.empty(shape, dtype=dtype)
-    library().mxfp4_dequantize(blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), scales.numel(),
-                               int(dtype == torch.bfloat16), torch.get_num_threads())
+    (lib or library()).mxfp4_dequantize(blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), scales.numel(),
+                                        int(dtype == torch.bfloat16), torch.get_num_threads())
     return out.flatten(-2)

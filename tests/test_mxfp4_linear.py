@@ -152,10 +152,8 @@ def test_each_c_path_is_exact_where_the_cpu_runs_it(tmp_path, monkeypatch, flags
     every_byte = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(3, 1, 1)
     extreme = torch.tensor([0, 127, 250], dtype=torch.uint8).view(3, 1).repeat(1, 16)
     for dtype in (torch.float32, torch.bfloat16):
-        got = torch.empty(3, 16, 32, dtype=dtype)
-        lib.mxfp4_dequantize(every_byte.data_ptr(), extreme.data_ptr(), got.data_ptr(), 48,
-                             int(dtype == torch.bfloat16), 1)
-        assert torch.equal(got.flatten(-2), mxfp4.dequantize(every_byte, extreme, dtype))
+        got = mxfp4_linear.dequantize(every_byte, extreme, dtype, lib=lib)
+        assert torch.equal(got, mxfp4.dequantize(every_byte, extreme, dtype))
 
 
 def test_shapes_that_do_not_match_are_refused_by_name():
