@@ -157,9 +157,9 @@ class Engine:
         """
         start = time.perf_counter()
         batch = self.scheduler.schedule()
-        logits = self.runner.execute(batch)
+        hidden = self.runner.execute(batch)
         to_sample = [self.scheduler.requests[item.request_id] for item in batch.requests if item.sample]
-        sampled = self.sampler(logits, to_sample)
+        sampled = self.sampler.sample_hidden(hidden, to_sample, self.runner.logits, self.runner.greedy_tokens)
         outputs = self.scheduler.update(batch, sampled.token_ids, sampled.logprobs)
         if self._pending:
             outputs, self._pending = self._pending + outputs, []

@@ -32,7 +32,7 @@ def kv_block_bytes(config: ModelConfig, groups: tuple[KVCacheGroup, ...], block_
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     context: PagedAttentionContext  # the tokens' positions and where each layer's K/V go
-    sample_rows: torch.Tensor  # [num_sampled]: rows whose logits are sampled
+    sample_rows: torch.Tensor  # [num_sampled]: rows whose next token is sampled
 
 
 class ModelRunner:
@@ -40,8 +40,10 @@ class ModelRunner:
         config = model.config
         self.model, self.groups, self.block_size = model, groups, block_size
         self.device = model.device
-        # Every step unembeds a row per running request: worth a second, prepacked copy on CPU.
+        # Every step unembeds a row per running request: worth a second, prepacked copy on CPU, and a
+        # 7-bit one that finds greedy rows' tokens exactly without the full float32 matmul.
         model.prepack_unembedding()
+        model.prepare_greedy_unembedding()
         group_of_layer = {layer: gi for gi, g in enumerate(groups) for layer in g.layer_ids}
         slot_of_layer = {layer: si for g in groups for si, layer in enumerate(g.layer_ids)}
         self.group_of_layer = [group_of_layer[i] for i in range(config.num_hidden_layers)]
@@ -54,14 +56,30 @@ class ModelRunner:
         self.last_forward_s = 0.0
 
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Computes the step's tokens into the cache; returns float32 logits [num_sampled, vocab] of
-        the requests with `sample` set, in batch order. Runs every layer even for an empty batch
-        (an expert-parallel MoE needs every rank in every layer's all-to-all)."""
+        """Computes the step's tokens into the cache; returns the final hidden states [num_sampled,
+        hidden] of the requests with `sample` set, in batch order, for `logits` or `greedy_tokens`.
+        Runs every layer even for an empty batch (an expert-parallel MoE needs every rank in every
+        layer's all-to-all). `last_forward_s` counts this and the step's unembedding calls."""
         inputs = self.prepare(batch)
         start = time.perf_counter()
-        logits = self.forward(inputs)
+        hidden = self.forward(inputs)
         self.last_forward_s = time.perf_counter() - start
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] of `execute`'s rows."""
+        start = time.perf_counter()
+        logits = self.model.unembed(hidden)
+        self.last_forward_s += time.perf_counter() - start
         return logits
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax token of each of `execute`'s rows ([N] long, -1 where undecided), without their
+        logits; None where the model has no screened unembedding (see Transformer.greedy_tokens)."""
+        start = time.perf_counter()
+        tokens = self.model.greedy_tokens(hidden)
+        self.last_forward_s += time.perf_counter() - start
+        return tokens
 
     def prepare(self, batch: SchedulerOutput) -> StepInputs:
         input_ids: list[int] = []
@@ -91,4 +109,4 @@ class ModelRunner:
                           torch.tensor(sample_rows, dtype=torch.long).to(dev))
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        return self.model(inputs.input_ids, inputs.context, logit_rows=inputs.sample_rows)
+        return self.model.final_hidden(inputs.input_ids, inputs.context, rows=inputs.sample_rows)

@@ -1,11 +1,13 @@
 """`Sampler`: one token per sampled request from the step's logits, with the request's own rules.
 
 Built on the batched primitives of `gptoss.sampling` (temperature, top-k, top-p, min-p, per-row
-generators); adds penalties, logprobs and the all-greedy fast path.
+generators); adds penalties, logprobs and the greedy fast paths: rows that want nothing but the argmax
+(greedy, no logprobs, no penalties) take the model's screened argmax where it has one, without logits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,32 @@ class Sampler:
     def __init__(self, seed: int):
         # Noise of sampled requests without a seed of their own: the engine's runs are reproducible.
         self.generator = torch.Generator().manual_seed(seed)
+
+    def sample_hidden(self, hidden: torch.Tensor, requests: list[Request],
+                      logits_of: Callable[[torch.Tensor], torch.Tensor],
+                      argmax_of: Callable[[torch.Tensor], torch.Tensor | None]) -> SamplerOutput:
+        """hidden [B, H], row i for requests[i] -> the sampled tokens (and logprobs). Rows that want
+        only the argmax go to `argmax_of` (tokens, -1 where undecided; None: not available); the
+        others, and the undecided, to `logits_of` and then the sampling rules (`__call__`)."""
+        token_ids = [-1] * len(requests)
+        argmax_only = [i for i, r in enumerate(requests)
+                       if r.sampling.is_greedy and r.sampling.logprobs is None and not r.sampling.has_penalties]
+        found = argmax_of(hidden[argmax_only]) if argmax_only else None
+        if found is not None:
+            for i, token in zip(argmax_only, found.tolist(), strict=True):
+                token_ids[i] = token
+        rest = [i for i, token in enumerate(token_ids) if token < 0]
+        if not rest:
+            return SamplerOutput(token_ids, None)
+        if len(rest) == len(requests):
+            return self(logits_of(hidden), requests)
+        sampled = self(logits_of(hidden[rest]), [requests[i] for i in rest])
+        logprobs = None if sampled.logprobs is None else [None] * len(requests)
+        for j, i in enumerate(rest):
+            token_ids[i] = sampled.token_ids[j]
+            if logprobs is not None:
+                logprobs[i] = sampled.logprobs[j]
+        return SamplerOutput(token_ids, logprobs)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] float32, row i for requests[i] -> the sampled tokens (and logprobs)."""

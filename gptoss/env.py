@@ -21,3 +21,9 @@ def mxfp4_kernel_enabled() -> bool:
     """$GPTOSS_MXFP4_KERNEL: "0" turns off the compiled MXFP4 linear kernel (packed experts are then
     dequantized per use, as on machines without a C compiler)."""
     return os.environ.get("GPTOSS_MXFP4_KERNEL", "1") != "0"
+
+
+def greedy_screen_enabled() -> bool:
+    """$GPTOSS_GREEDY_SCREEN: "0" turns off the screened argmax of greedy rows on CPU (they then take
+    the full float32 unembedding, like sampled rows)."""
+    return os.environ.get("GPTOSS_GREEDY_SCREEN", "1") != "0"

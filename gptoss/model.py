@@ -19,6 +19,7 @@ from torch import nn
 
 from gptoss import mxfp4, mxfp4_linear
 from gptoss.config import ModelConfig, yarn_concentration
+from gptoss.greedy_unembedding import GreedyUnembedding
 
 
 def _find_onednn_linear():
@@ -410,6 +411,7 @@ class Transformer(nn.Module):
         self.lm_head.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(config, device)
         self.prepacked_lm_head: PrepackedLinearWeight | None = None  # see prepack_unembedding
+        self.greedy_unembedding: GreedyUnembedding | None = None  # see prepare_greedy_unembedding
 
     @property
     def device(self) -> torch.device:
@@ -433,6 +435,15 @@ class Transformer(nn.Module):
             self.prepacked_lm_head = PrepackedLinearWeight(self.lm_head.weight)
         return self.prepacked_lm_head is not None
 
+    def prepare_greedy_unembedding(self) -> bool:
+        """For serving on CPU: keeps a 7-bit copy of the float32 unembedding (a quarter of its bytes)
+        with which `greedy_tokens` finds greedy rows' argmax exactly without the full float32 matmul.
+        Call it once the weights are loaded. Returns whether it applies (float32 on a CPU where the
+        screen's SIMD kernel builds; $GPTOSS_GREEDY_SCREEN=0 turns it off)."""
+        if self.greedy_unembedding is None and GreedyUnembedding.applies(self.lm_head.weight):
+            self.greedy_unembedding = GreedyUnembedding(self.lm_head.weight)
+        return self.greedy_unembedding is not None
+
     def new_cache(self) -> KVCache:
         return KVCache(self.device, [LayerKV() for _ in self.layers])
 
@@ -449,6 +460,12 @@ class Transformer(nn.Module):
         Returns:
             float32 logits [T, vocab], or [N, vocab] with `logit_rows`.
         """
+        return self.unembed(self.final_hidden(token_ids, context, logit_rows))
+
+    @torch.inference_mode()
+    def final_hidden(self, token_ids: torch.Tensor, context: AttentionContext | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` up to the unembedding: the final norm's output [T or N, hidden] (model dtype)."""
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D [T], got shape {tuple(token_ids.shape)}")
         token_ids = token_ids.to(self.device)
@@ -457,9 +474,21 @@ class Transformer(nn.Module):
         x = self.embed_tokens(token_ids)
         for block in self.layers:
             x = block(x, cos, sin, context)
-        if logit_rows is not None:
-            x = x[logit_rows]  # the unembedding is the largest matmul: only for the rows that are sampled
-        x = self.norm(x)
+        if rows is not None:
+            x = x[rows]  # the unembedding is the largest matmul: only for the rows that are sampled
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """final_hidden [N, hidden] -> float32 logits [N, vocab]."""
         if self.prepacked_lm_head is not None:
-            return self.prepacked_lm_head(x).float()
-        return linear(x, self.lm_head.weight).float()
+            return self.prepacked_lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """final_hidden [N, hidden] -> [N] long: each row's argmax token, or -1 where the screen left the
+        row undecided (take its logits then); None where `prepare_greedy_unembedding` did not apply."""
+        if self.greedy_unembedding is None:
+            return None
+        return self.greedy_unembedding(hidden)[0]

@@ -19,27 +19,16 @@ float32 in another order), not bit for bit; `dequantize` is bit for bit the code
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-from gptoss import env, mxfp4
+from gptoss import env, mxfp4, native
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "mxfp4_linear.c"
-# Flag sets tried in order: the first that compiles is used.
-FLAG_SETS = (("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"),
-             ("-O3", "-fPIC", "-shared", "-fopenmp"),
-             ("-O3", "-fPIC", "-shared"))
+SOURCE = native.CSRC / "mxfp4_linear.c"
 
 _lock = threading.Lock()
 _thread_buffers = threading.local()  # see dequantize(reuse=True)
@@ -47,40 +36,7 @@ _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: a cache shared by different machines must not mix builds."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(built, target)  # atomic: concurrent builders each leave a whole library
-
-
-def _compiler() -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    return compiler
-
-
-def build(flags: tuple[str, ...]) -> ctypes.CDLL:
-    """The kernel compiled with `flags` (cached by source, compiler, flags and CPU), loaded."""
-    compiler = _compiler()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = env.cache_root() / "kernels" / f"mxfp4_linear-{key}.so"
-    if not target.exists():
-        _compile(compiler, flags, target)
-    lib = ctypes.CDLL(str(target))
+def declare(lib: ctypes.CDLL) -> None:
     lib.mxfp4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mxfp4_linear.restype = None
     lib.mxfp4_linear_simd.restype = ctypes.c_int
@@ -89,21 +45,19 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.mxfp4_experts.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_float] * 2 + \
         [ctypes.c_int64, ctypes.c_int]
     lib.mxfp4_experts.restype = None
+
+
+def build(flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The kernel compiled with `flags` (cached), loaded and typed."""
+    lib = native.build(SOURCE, flags)
+    declare(lib)
     return lib
 
 
 def _load() -> ctypes.CDLL:
-    errors = []
-    for flags in FLAG_SETS:
-        try:
-            lib = build(flags)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = (getattr(e, "stderr", None) or str(e)).strip()
-            errors.append(f"[{' '.join(flags)}] {detail.splitlines()[-1] if detail else type(e).__name__}")
-            continue
-        logger.info("MXFP4 linear kernel built with %s (SIMD width %d)", " ".join(flags), lib.mxfp4_linear_simd())
-        return lib
-    raise RuntimeError("could not build the MXFP4 kernel: " + "; ".join(errors))
+    lib, flags = native.load(SOURCE, declare)
+    logger.info("MXFP4 linear kernel built with %s (SIMD width %d)", " ".join(flags), lib.mxfp4_linear_simd())
+    return lib
 
 
 def library() -> ctypes.CDLL | None:

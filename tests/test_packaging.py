@@ -107,13 +107,14 @@ def test_wheel_ships_the_grpc_contract_beside_its_stubs(built):
         assert z.read(f"{PROTO_DIR}/gptoss.proto") == (ROOT / PROTO_DIR / "gptoss.proto").read_bytes()
 
 
-def test_wheel_ships_the_mxfp4_kernel_source_where_its_loader_looks(built):
-    from gptoss import mxfp4_linear
+def test_wheel_ships_the_kernel_sources_where_their_loaders_look(built):
+    from gptoss import greedy_unembedding, mxfp4_linear
 
-    source = mxfp4_linear.SOURCE.relative_to(ROOT).as_posix()
-    assert source in wheel_files(built.wheel)
-    with zipfile.ZipFile(built.wheel) as z:
-        assert z.read(source) == mxfp4_linear.SOURCE.read_bytes()
+    for path in (mxfp4_linear.SOURCE, greedy_unembedding.SOURCE):
+        source = path.relative_to(ROOT).as_posix()
+        assert source in wheel_files(built.wheel)
+        with zipfile.ZipFile(built.wheel) as z:
+            assert z.read(source) == path.read_bytes()
 
 
 def test_wheel_holds_nothing_but_the_packages(built):
@@ -142,8 +143,9 @@ def test_installed_wheel_imports_from_the_fresh_venv_outside_the_checkout(built,
         import gptoss, parallel, engine, cluster
         proto = importlib.resources.files("serve.proto.gptoss.v1") / "gptoss.proto"
         assert proto.is_file(), proto
-        from gptoss import mxfp4_linear
-        assert mxfp4_linear.SOURCE.is_file(), mxfp4_linear.SOURCE  # the kernel can be built from the wheel
+        from gptoss import greedy_unembedding, mxfp4_linear
+        for source in (mxfp4_linear.SOURCE, greedy_unembedding.SOURCE):  # the kernels build from the wheel
+            assert source.is_file(), source
         assert callable(serve.app.build_app)
         dist = importlib.metadata.distribution("gptoss-serve")
         print(json.dumps({"prefix": sys.prefix, "dist": str(dist.locate_file("")),

@@ -1,0 +1,126 @@
+"""Greedy tokens without the full unembedding, exactly, on CPU.
+
+A decode step's largest matmul is the unembedding (vocabulary 201,088 x hidden), and a greedy row
+without logprobs needs only its argmax. `GreedyUnembedding` keeps a 7-bit integer copy of the float32
+unembedding (a quarter of its bytes, 2.5x the multiply rate of float32 FMA on AVX2) and screens the
+whole vocabulary with it (csrc/greedy_screen.c); a rigorous bound on the screen's error (Cauchy-Schwarz
+on the quantization residuals of both sides, from per-row norms computed here) rules out every row
+that cannot be the argmax, and the few candidates left are scored exactly (float32 products summed in
+double). The token is the argmax of the exact logits h.w_i, the lowest index among equal ones: the
+full float32 GEMM's own argmax wherever its rounding (~1e-7 relative) does not reorder the top rows.
+
+Where the screen cannot decide a row (too many candidates: a zero or degenerate hidden state) it
+returns -1 and the caller computes that row's logits the ordinary way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import torch
+
+from gptoss import env, native
+
+logger = logging.getLogger(__name__)
+
+SOURCE = native.CSRC / "greedy_screen.c"
+WEIGHT_MAX = 64  # the C kernel's int8 range: [-64, 64]
+K_ALIGN = 64  # it reads 64 columns at a time
+_CHUNK_ROWS = 8192
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    lib.greedy_screen_simd.restype = ctypes.c_int
+    lib.greedy_screen.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    lib.greedy_screen.restype = ctypes.c_int
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled screen, built on first call; None (after one warning) where it cannot be built."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library, flags = native.load(SOURCE, declare)
+                logger.info("greedy screen built with %s (SIMD width %d)", " ".join(flags),
+                            _library.greedy_screen_simd())
+            except RuntimeError as e:
+                _failure = str(e)
+                logger.warning("%s; greedy rows use the full unembedding", _failure)
+    return _library
+
+
+def _round_up(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> the nearest float32 not below it (the bounds must hold in float32)."""
+    y = x.float()
+    return torch.where(y.double() < x, torch.nextafter(y, torch.tensor(float("inf"))), y)
+
+
+class GreedyUnembedding:
+    """The argmax of `hidden @ weight.T` per row, screened (see the module). weight [V, K] float32 CPU."""
+
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL | None = None):
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"GreedyUnembedding needs a float32 CPU matrix, got {weight.dtype} {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        self.lib = lib or library()
+        if self.lib is None:
+            raise RuntimeError(f"the greedy screen is not available: {_failure}")
+        self.weight = weight.contiguous()
+        vocab, k = weight.shape
+        self.padded = -(-k // K_ALIGN) * K_ALIGN
+        self.quantized = torch.zeros(vocab, self.padded, dtype=torch.int8)
+        self.scale = torch.empty(vocab, dtype=torch.float32)
+        self.rowsum = torch.empty(vocab, dtype=torch.int32)
+        self.norm = torch.empty(vocab, dtype=torch.float32)
+        self.error = torch.empty(vocab, dtype=torch.float32)
+        for start in range(0, vocab, _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            w = self.weight[rows].double()
+            scale = (w.abs().amax(dim=1) / WEIGHT_MAX).float()  # exact: a division by a power of two
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round(w / scale.double()[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+            self.quantized[rows, :k] = q.to(torch.int8)
+            self.scale[rows] = scale
+            self.rowsum[rows] = q.sum(dim=1).to(torch.int32)
+            self.norm[rows] = _round_up(w.norm(dim=1))
+            self.error[rows] = _round_up((w - q * scale.double()[:, None]).norm(dim=1))
+
+    @classmethod
+    def applies(cls, weight: torch.Tensor) -> bool:
+        """Where the screen is worth building: a finite float32 CPU unembedding on a CPU with the
+        kernel's SIMD path (plain C is no faster than the float32 GEMM), not turned off."""
+        if not (env.greedy_screen_enabled() and weight.dtype == torch.float32 and weight.device.type == "cpu"):
+            return False
+        lib = library()
+        return lib is not None and lib.greedy_screen_simd() > 0 and bool(torch.isfinite(weight).all())
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, K] -> (tokens [N] long, -1 where undecided; candidates [N] int32, rows scored
+        exactly). Rows holding NaN or inf are left undecided."""
+        n, k = hidden.shape
+        if k != self.weight.shape[1]:
+            raise ValueError(f"hidden {tuple(hidden.shape)} does not match the unembedding {tuple(self.weight.shape)}")
+        h = hidden.float().contiguous()
+        tokens = torch.full((n,), -1, dtype=torch.int64)
+        candidates = torch.zeros(n, dtype=torch.int32)
+        finite = torch.isfinite(h).all(dim=1)
+        if not bool(finite.all()):
+            rows = finite.nonzero().flatten()
+            if len(rows):
+                tokens[rows], candidates[rows] = self(h[rows])
+            return tokens, candidates
+        if n and self.lib.greedy_screen(
+                self.quantized.data_ptr(), self.scale.data_ptr(), self.rowsum.data_ptr(), self.norm.data_ptr(),
+                self.error.data_ptr(), self.weight.data_ptr(), h.data_ptr(), n, self.weight.shape[0], k, self.padded,
+                tokens.data_ptr(), candidates.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError("greedy screen: out of memory for its candidate pools")
+        return tokens, candidates

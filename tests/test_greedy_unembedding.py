@@ -1,0 +1,129 @@
+"""The screened greedy argmax (gptoss/greedy_unembedding.py, csrc/greedy_screen.c): exact tokens
+against the full product, on random and adversarial weights, on each C path the CPU runs; undecided
+rows (degenerate or non-finite) are reported as such; the engine's greedy tokens do not change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gptoss
+from engine import Engine, EngineConfig, SamplingParams
+from gptoss import greedy_unembedding, native
+from gptoss.greedy_unembedding import GreedyUnembedding
+from tests.test_mxfp4_linear import cpu_has
+
+pytestmark = pytest.mark.skipif(greedy_unembedding.library() is None, reason="no C compiler: no greedy screen")
+
+
+def exact_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (hidden.double() @ weight.double().T).argmax(dim=-1)
+
+
+# Each path a machine can run: plain C (no -march), AVX2.
+@pytest.fixture(params=[((), 0), (("-mavx2", "-mfma"), 256)], ids=["plain-c", "avx2"])
+def lib(request, tmp_path, monkeypatch):
+    flags, simd = request.param
+    if simd and not (cpu_has("avx2") and cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))
+    built = native.build(greedy_unembedding.SOURCE, ("-O3", *flags, "-fPIC", "-shared", "-fopenmp"))
+    greedy_unembedding.declare(built)
+    assert built.greedy_screen_simd() == simd
+    return built
+
+
+@pytest.mark.parametrize("hidden_size", [64, 100])  # 100: columns padded to the kernel's 64
+def test_tokens_are_the_exact_argmax_and_few_rows_are_scored(lib, hidden_size):
+    gen = torch.Generator().manual_seed(hidden_size)
+    weight = torch.randn(20_011, hidden_size, generator=gen) * 0.02  # an odd count: tails beside the tiles
+    screen = GreedyUnembedding(weight, lib=lib)
+    for rows in (1, 3, 4, 9):
+        hidden = torch.randn(rows, hidden_size, generator=gen) * 3
+        tokens, candidates = screen(hidden)
+        assert torch.equal(tokens, exact_argmax(hidden, weight))
+        assert bool((candidates >= 1).all()) and int(candidates.max()) < 20_011 // 10  # it does screen
+
+
+def test_near_ties_below_the_screens_resolution_are_decided_exactly(lib):
+    # Every row's logit is its tiny delta: the rest of each row is orthogonal to h and large, so the
+    # 7-bit screen's errors dwarf the differences. Only the exact rescoring can find the argmax.
+    gen = torch.Generator().manual_seed(1)
+    k, vocab = 128, 1500
+    h = torch.randn(k, generator=gen, dtype=torch.float64)
+    direction = h / h.dot(h)
+    noise = torch.randn(vocab, k, generator=gen, dtype=torch.float64)
+    noise -= torch.outer(noise @ h, direction)  # orthogonal to h
+    delta = torch.randn(vocab, generator=gen, dtype=torch.float64) * 1e-3
+    weight = (noise + torch.outer(delta, direction)).float()
+    hidden = h.float()[None]
+    screen = GreedyUnembedding(weight, lib=lib)
+    tokens, candidates = screen(hidden)
+    assert tokens.item() == exact_argmax(hidden, weight).item()
+    approx = screen.quantized[:, :k].double() @ torch.round(hidden[0].double() / (hidden.abs().max() / 63))
+    assert approx.argmax().item() != tokens.item()  # the screen alone would have picked another row
+    assert candidates.item() > 1
+    # Equal logits: the lowest index, like argmax.
+    tied = torch.cat([weight[:7], weight[tokens.item()][None], weight[7:]])
+    assert GreedyUnembedding(tied, lib=lib)(hidden)[0].item() == 7
+
+
+def test_rows_the_screen_cannot_decide_are_left_to_the_caller(lib):
+    weight = torch.randn(10_000, 64)
+    screen = GreedyUnembedding(weight, lib=lib)
+    hidden = torch.randn(4, 64)
+    hidden[1] = 0  # every row ties: nothing can be screened out
+    hidden[2, 5] = float("nan")
+    tokens, _ = screen(hidden)
+    assert tokens[1].item() == -1 and tokens[2].item() == -1
+    assert tokens[[0, 3]].tolist() == exact_argmax(hidden[[0, 3]], weight).tolist()
+
+
+def test_weights_it_cannot_screen_are_refused_by_name():
+    with pytest.raises(ValueError, match="float32 CPU matrix"):
+        GreedyUnembedding(torch.zeros(8, 64, dtype=torch.bfloat16))
+    assert not GreedyUnembedding.applies(torch.zeros(8, 64, dtype=torch.bfloat16))
+    weight = torch.randn(8, 64)
+    weight[3, 3] = float("inf")
+    assert not GreedyUnembedding.applies(weight)
+
+
+def test_the_engines_tokens_and_logprobs_are_those_of_the_full_unembedding(tiny_checkpoint):
+    model = gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, kv_cache_bytes=64 << 20)
+    prompts = [[(7 * i + 3 * j) % 1000 + 10 for j in range(5 + 3 * i)] for i in range(6)]
+    greedy = SamplingParams.greedy(max_tokens=12, stop_token_ids=())
+    with_logprobs = SamplingParams.greedy(max_tokens=12, stop_token_ids=(), logprobs=2)
+    sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=12, stop_token_ids=())
+    params = [greedy, greedy, with_logprobs, sampled, greedy, greedy]
+
+    screened = Engine(model, config)
+    assert model.greedy_unembedding is not None or not GreedyUnembedding.applies(model.lm_head.weight)
+    calls = []
+    screen = model.greedy_unembedding
+    if screen is not None:
+        model.greedy_unembedding = lambda h: calls.append(len(h)) or screen(h)
+    got = screened.generate(prompts, params)
+    model.greedy_unembedding = None  # the full unembedding for every row
+    want = Engine(model, config).generate(prompts, params)
+    model.greedy_unembedding = screen
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert got[2].logprobs == want[2].logprobs and got[2].logprobs
+    if screen is not None:
+        assert calls and max(calls) == 4  # the four plain greedy rows, not the logprob or sampled ones
+
+
+def test_without_a_compiler_greedy_rows_take_the_full_unembedding(tmp_path, monkeypatch, caplog, tiny_model):
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(greedy_unembedding, "_library", None)
+    monkeypatch.setattr(greedy_unembedding, "_failure", None)
+    assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
+    assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
+    warnings = [r for r in caplog.records if "could not build greedy_screen.c" in r.getMessage()]
+    assert len(warnings) == 1 and "full unembedding" in warnings[0].getMessage()
+
+
+def test_the_switch_turns_the_screen_off(monkeypatch, tiny_model):
+    monkeypatch.setenv("GPTOSS_GREEDY_SCREEN", "0")
+    assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
