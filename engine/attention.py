@@ -9,7 +9,8 @@ Cache layout per layer: K and V each [Hkv, num_blocks, block_size, D]. Gathering
 dim 1 yields [Hkv, B, S, D] directly, the layout batched matmuls want, with one contiguous copy per
 block and head.
 
-Decodes are one batched problem (each query against its own gathered keys). Prefill chunks are padded
+Decodes are one batched problem (each query against its own gathered keys); on CPU a kernel reads
+them from the blocks in place instead (engine/decode_attention.py). Prefill chunks are padded
 in buckets of similar sizes, so a long chunk is never padded together with many short ones; in a
 sliding-window layer a long chunk is cut into window-sized tiles of queries that each read only their
 window, which keeps those layers linear in the chunk length.
@@ -23,6 +24,7 @@ from itertools import pairwise
 
 import torch
 
+from engine import decode_attention
 from gptoss.model import Attention
 
 # Prefill chunks are padded to a common [queries x keys] shape in buckets of similar sizes; a bucket
@@ -53,6 +55,11 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None  # [Bd * nb] long: blocks each decode reads (null-padded)
     decode_bias: torch.Tensor | None  # [Bd, 1, nb * bs] float32: 0 where a key is visible, -inf elsewhere
     prefills: tuple[PrefillBucket, ...]
+    # For the CPU decode kernel (engine/decode_attention.py), which reads the blocks in place:
+    decode_table: torch.Tensor | None = None  # [Bd, nb] long: each decode's blocks
+    decode_positions: torch.Tensor | None = None  # [Bd] long: each decode's query position
+    decode_key_starts: torch.Tensor | None = None  # [Bd] long: the key position its first block starts at
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,17 +109,19 @@ def build_attention_metadata(start_positions: Sequence[int], num_tokens: Sequenc
     slots = table[request_of_token, positions // block_size - offsets[request_of_token]] * block_size
     slot_mapping = slots + positions % block_size
 
-    decode_ids = decode_bias = None
+    decode_ids = decode_bias = decode_table = None
     if num_decodes:
         nbd = max(len(ids) for ids in block_ids[:num_decodes])
         key_pos = offsets[:num_decodes, None] * block_size + torch.arange(nbd * block_size)  # [Bd, S]
-        decode_ids = table[:num_decodes, :nbd].reshape(-1).to(device)
+        decode_table = table[:num_decodes, :nbd].contiguous()
+        decode_ids = decode_table.reshape(-1).to(device)
         decode_bias = _visibility_bias(starts[:num_decodes, None, None], key_pos[:, None, :], window).to(device)
     pieces = _prefill_pieces(range(num_decodes, b), start_positions, num_tokens, block_offsets, block_ids,
                              block_size, window)
     prefills = tuple(_prefill_bucket(bucket, block_size, window, device, whole=len(pieces) == len(bucket))
                      for bucket in _bucket_prefills(pieces, block_size))
-    return AttentionMetadata(slot_mapping.to(device), num_decodes, decode_ids, decode_bias, prefills)
+    return AttentionMetadata(slot_mapping.to(device), num_decodes, decode_ids, decode_bias, prefills,
+                             decode_table, starts[:num_decodes], offsets[:num_decodes] * block_size, window)
 
 
 @dataclass(frozen=True)
@@ -213,7 +222,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     t, hq, d = q.shape
     out = torch.empty(t, hq, d, dtype=torch.float32, device=q.device)
     nd = meta.num_decodes
-    if nd:
+    if nd and meta.decode_table is not None and decode_attention.applies(q, k_cache):
+        out[:nd] = decode_attention.decode_attention(q[:nd], k_cache, v_cache, sinks, scale, meta.decode_table,
+                                                     meta.decode_positions, meta.decode_key_starts, meta.window)
+    elif nd:
         out[:nd] = _attend(q[:nd, None], k_cache, v_cache, meta.decode_block_ids, meta.decode_bias, sinks,
                            scale)[:, 0]
     for bucket in meta.prefills:

@@ -16,23 +16,16 @@ returns -1 and the caller computes that row's logits the ordinary way.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 
 import torch
 
 from gptoss import env, native
-
-logger = logging.getLogger(__name__)
 
 SOURCE = native.CSRC / "greedy_screen.c"
 WEIGHT_MAX = 64  # the C kernel's int8 range: [-64, 64]
 K_ALIGN = 64  # it reads 64 columns at a time
 _CHUNK_ROWS = 8192
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -41,21 +34,12 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.greedy_screen.restype = ctypes.c_int
 
 
+KERNEL = native.Kernel(SOURCE, declare, "greedy rows use the full unembedding")
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled screen, built on first call; None (after one warning) where it cannot be built."""
-    global _library, _failure
-    if _library is not None or _failure is not None:
-        return _library
-    with _lock:
-        if _library is None and _failure is None:
-            try:
-                _library, flags = native.load(SOURCE, declare)
-                logger.info("greedy screen built with %s (SIMD width %d)", " ".join(flags),
-                            _library.greedy_screen_simd())
-            except RuntimeError as e:
-                _failure = str(e)
-                logger.warning("%s; greedy rows use the full unembedding", _failure)
-    return _library
+    return KERNEL.library()
 
 
 def _round_up(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +57,7 @@ class GreedyUnembedding:
                              f"on {weight.device}")
         self.lib = lib or library()
         if self.lib is None:
-            raise RuntimeError(f"the greedy screen is not available: {_failure}")
+            raise RuntimeError(f"the greedy screen is not available: {KERNEL.failure}")
         self.weight = weight.contiguous()
         vocab, k = weight.shape
         self.padded = -(-k // K_ALIGN) * K_ALIGN

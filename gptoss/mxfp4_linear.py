@@ -30,10 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = native.CSRC / "mxfp4_linear.c"
 
-_lock = threading.Lock()
 _thread_buffers = threading.local()  # see dequantize(reuse=True)
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -54,25 +51,12 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> ctypes.CDLL:
-    lib, flags = native.load(SOURCE, declare)
-    logger.info("MXFP4 linear kernel built with %s (SIMD width %d)", " ".join(flags), lib.mxfp4_linear_simd())
-    return lib
+KERNEL = native.Kernel(SOURCE, declare, "packed experts are dequantized per use instead (slower)")
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first call; None (after one warning) where it cannot be built."""
-    global _library, _failure
-    if _library is not None or _failure is not None:
-        return _library
-    with _lock:
-        if _library is None and _failure is None:
-            try:
-                _library = _load()
-            except RuntimeError as e:
-                _failure = str(e)
-                logger.warning("%s; packed experts are dequantized per use instead (slower)", _failure)
-    return _library
+    return KERNEL.library()
 
 
 def available() -> bool:
@@ -85,7 +69,7 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: to
     [T, R] in x's dtype, with `lib` (default: `library()`, which must be available)."""
     lib = lib or library()
     if lib is None:
-        raise RuntimeError(f"the MXFP4 kernel is not available: {_failure}")
+        raise RuntimeError(f"the MXFP4 kernel is not available: {KERNEL.failure}")
     rows, groups = scales.shape
     if (blocks.dtype, scales.dtype) != (torch.uint8, torch.uint8) or blocks.shape != (rows, groups, 16):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales "

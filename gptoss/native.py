@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from gptoss import env
+
+logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # Flag sets tried in order: the first that compiles is used.
@@ -77,3 +81,27 @@ def load(source: Path, declare: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.C
         declare(lib)
         return lib, flags
     raise RuntimeError(f"could not build {source.name}: " + "; ".join(errors))
+
+
+class Kernel:
+    """One C source, built and loaded on first use (thread-safe); where it cannot be built, `library()`
+    is None after a single warning that ends with `fallback` (what callers do instead)."""
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], None], fallback: str):
+        self.source, self.declare, self.fallback = source, declare, fallback
+        self.failure: str | None = None
+        self._library: ctypes.CDLL | None = None
+        self._lock = threading.Lock()
+
+    def library(self) -> ctypes.CDLL | None:
+        if self._library is not None or self.failure is not None:
+            return self._library
+        with self._lock:
+            if self._library is None and self.failure is None:
+                try:
+                    self._library, flags = load(self.source, self.declare)
+                    logger.info("%s built with %s", self.source.name, " ".join(flags))
+                except RuntimeError as e:
+                    self.failure = str(e)
+                    logger.warning("%s; %s", self.failure, self.fallback)
+        return self._library

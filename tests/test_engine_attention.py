@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine import attention, decode_attention
 from engine.attention import build_attention_metadata, paged_attention, write_kv
+from gptoss import native
 from gptoss.model import attention_mask, sink_attention
+from tests.test_mxfp4_linear import cpu_has
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
@@ -29,10 +32,20 @@ BATCHES = {
 }
 
 
+@pytest.fixture(params=["decode-kernel", "torch"])
+def decode_path(request, monkeypatch):
+    """Decodes through the CPU kernel (where it builds), or through torch's gathers."""
+    kernel = request.param == "decode-kernel"
+    if kernel and decode_attention.library() is None:
+        pytest.skip("no C compiler: no decode attention kernel")
+    monkeypatch.setenv("GPTOSS_DECODE_ATTENTION_KERNEL", "1" if kernel else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("window", [None, 8, 5], ids=["full", "window-8", "window-5"])
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (8, 2), (2, 2)], ids=["gqa-2", "gqa-4", "mha"])
 @pytest.mark.parametrize("batch", list(BATCHES.values()), ids=list(BATCHES))
-def test_paged_attention_equals_the_reference_per_request(batch, hq, hkv, window):
+def test_paged_attention_equals_the_reference_per_request(batch, hq, hkv, window, decode_path):
     gen = torch.Generator().manual_seed(0)
     d = 16
     k_cache = torch.randn(hkv, NUM_BLOCKS, BLOCK_SIZE, d, generator=gen)  # garbage where nothing was written
@@ -95,3 +108,41 @@ def test_a_long_prefill_chunk_in_a_sliding_window_layer_is_cut_into_window_sized
     [bucket] = meta.prefills
     assert tuple(bucket.bias.shape) == (38, 8, 16)
     assert sorted(bucket.out_rows.tolist()) == list(range(300))
+
+
+# Each path a machine can run: plain C (no -march), AVX2 + FMA; float32 and bfloat16 caches; a head
+# size that is not a multiple of the vector width.
+@pytest.mark.parametrize("flags, simd", [((), False), (("-mavx2", "-mfma"), True)], ids=["plain-c", "avx2"])
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 12)],
+                         ids=["f32", "bf16", "f32-d12"])
+def test_the_decode_kernel_equals_the_torch_path(tmp_path, monkeypatch, flags, simd, dtype, d):
+    if simd and not (cpu_has("avx2") and cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))
+    try:
+        lib = native.build(decode_attention.SOURCE, ("-O3", *flags, "-fPIC", "-shared", "-fopenmp"))
+    except Exception as e:  # noqa: BLE001 - no compiler here
+        pytest.skip(f"cannot build the kernel: {e}")
+    decode_attention.declare(lib)
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv = 8, 2
+    k_cache = torch.randn(hkv, NUM_BLOCKS, BLOCK_SIZE, d, generator=gen).to(dtype)
+    v_cache = torch.randn(hkv, NUM_BLOCKS, BLOCK_SIZE, d, generator=gen).to(dtype)
+    sinks = torch.randn(hq, generator=gen)
+    for window in (None, 6):
+        cached = [0, 3, 9, 30, 17]
+        free_blocks = torch.randperm(NUM_BLOCKS - 1, generator=gen).add(1).tolist()
+        tables = [[free_blocks.pop() for _ in range(c // BLOCK_SIZE + 1)] for c in cached]
+        offsets = [0] * len(cached)
+        if window:  # a table that starts past block 0, as the engine's do once the window has moved on
+            offsets[3] = 4
+            tables[3] = tables[3][4:]
+        positions = torch.tensor(cached)
+        meta = build_attention_metadata(cached, [1] * len(cached), len(cached), offsets, tables, BLOCK_SIZE, window,
+                                        positions, torch.device("cpu"))
+        q = torch.randn(len(cached), hq, d, generator=gen).to(dtype)
+        got = decode_attention.decode_attention(q, k_cache, v_cache, sinks, 0.3, meta.decode_table,
+                                                meta.decode_positions, meta.decode_key_starts, window, lib=lib)
+        want = attention._attend(q[:, None], k_cache, v_cache, meta.decode_block_ids, meta.decode_bias, sinks,
+                                 0.3)[:, 0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -116,8 +116,8 @@ def test_the_engines_tokens_and_logprobs_are_those_of_the_full_unembedding(tiny_
 def test_without_a_compiler_greedy_rows_take_the_full_unembedding(tmp_path, monkeypatch, caplog, tiny_model):
     monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(greedy_unembedding, "_library", None)
-    monkeypatch.setattr(greedy_unembedding, "_failure", None)
+    monkeypatch.setattr(greedy_unembedding.KERNEL, "_library", None)  # built again (and failing) below
+    monkeypatch.setattr(greedy_unembedding.KERNEL, "failure", None)
     assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
     assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
     warnings = [r for r in caplog.records if "could not build greedy_screen.c" in r.getMessage()]

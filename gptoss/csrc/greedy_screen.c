@@ -78,16 +78,14 @@ static inline __attribute__((always_inline)) void dot_tile(const int8_t *wq, con
     for (int i = 0; i < NR; i++)
         for (int t = 0; t < NT; t++) acc[i][t] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kp; k += 64) {
-        __m256i w0[ROW_TILE], w1[ROW_TILE];
-        for (int i = 0; i < NR; i++) {
-            w0[i] = _mm256_loadu_si256((const __m256i *)(wq + (r + i) * kp + k));
-            w1[i] = _mm256_loadu_si256((const __m256i *)(wq + (r + i) * kp + k + 32));
-        }
+        /* The weights are read as memory operands: registers hold the sums and one token's codes. */
         for (int t = 0; t < NT; t++) {
             const __m256i a0 = _mm256_loadu_si256((const __m256i *)(u + (t0 + t) * kp + k));
             const __m256i a1 = _mm256_loadu_si256((const __m256i *)(u + (t0 + t) * kp + k + 32));
             for (int i = 0; i < NR; i++) {
-                const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a0, w0[i]), _mm256_maddubs_epi16(a1, w1[i]));
+                const int8_t *w = wq + (r + i) * kp + k;
+                const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a0, _mm256_loadu_si256((const __m256i *)w)),
+                                                       _mm256_maddubs_epi16(a1, _mm256_loadu_si256((const __m256i *)(w + 32))));
                 acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(pairs, ones));
             }
         }
@@ -158,7 +156,18 @@ static void offer_block(const Screen *s, Pool *p, const int32_t *dots, int64_t r
         block_max = fmaxf(block_max, lower[j]);
     }
     if (block_max > p->max_lower) p->max_lower = block_max;
-    for (j = 0; j < nrows; j++)
+    j = 0;
+#if defined(__AVX2__)
+    const __m256 threshold = _mm256_set1_ps(p->max_lower);
+    for (; j + 8 <= nrows; j += 8) {
+        int reach = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(upper + j), threshold, _CMP_GE_OQ));
+        for (; reach; reach &= reach - 1) {
+            const int l = __builtin_ctz(reach);
+            pool_offer(p, (int32_t)(rb + j + l), lower[j + l], upper[j + l]);
+        }
+    }
+#endif
+    for (; j < nrows; j++)
         if (upper[j] >= p->max_lower) pool_offer(p, (int32_t)(rb + j), lower[j], upper[j]);
 }
 
