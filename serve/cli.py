@@ -465,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--packed-experts", choices=sorted(PACKED_EXPERTS), default="auto",
-                   help="keep experts MXFP4 (4.25 bits/weight) in memory; auto: only if dequantized they "
-                        "would not fit the free memory")
+                   help="keep experts MXFP4 (4.25 bits/weight) in memory; auto: on CPU where the MXFP4 "
+                        "kernel builds (faster), elsewhere only if dequantized they would not fit the free memory")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load even if the weights look too big for the free memory")
     p.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")

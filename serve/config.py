@@ -38,8 +38,9 @@ class ModelSection(_Section):
         None, description="The model id clients send as `model` (default: the checkpoint folder's name).")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Weights and activations.")
     packed_experts: bool | Literal["auto"] = Field(
-        "auto", description="Keep experts MXFP4 in memory (4.25 bits/weight). auto: only where dequantized "
-                            "experts would not fit in free memory.")
+        "auto", description="Keep experts MXFP4 in memory (4.25 bits/weight). auto: on CPU where the MXFP4 "
+                            "kernel builds (faster there); elsewhere only where dequantized experts would not "
+                            "fit in free memory.")
 
 
 class GroupSection(_Section):

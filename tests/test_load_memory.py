@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gptoss
-from gptoss import memory
+from gptoss import memory, mxfp4_linear
 from gptoss.checkpoint import CheckpointReader
 from gptoss.errors import CheckpointError, InsufficientMemoryError
 from gptoss.load import _memory_options, _plan_memory, estimate_load, estimate_load_bytes
@@ -94,10 +94,29 @@ def test_the_smallest_ep_group_that_fits_is_offered():
                        "check_memory=False to try anyway"]
 
 
+@pytest.fixture
+def memory_rule(monkeypatch):
+    """auto's rule where the MXFP4 kernel does not apply (a GPU, a CPU without a C compiler): the CPU
+    stands in for the device, its kernel switched off."""
+    monkeypatch.setattr(mxfp4_linear, "available", lambda: False)
+
+
+@pytest.mark.skipif(not mxfp4_linear.available(), reason="no C compiler to build the MXFP4 kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_auto_keeps_experts_packed_on_a_cpu_with_the_kernel_even_with_memory_to_spare(
+        tiny_checkpoint, monkeypatch, caplog, dtype):
+    fake_free_memory(monkeypatch, 64 * GIB)
+    with caplog.at_level(logging.INFO, logger="gptoss.load"):
+        model = gptoss.load_model(tiny_checkpoint, dtype=dtype)
+    assert all(block.mlp.experts.packed for block in model.layers)
+    assert "experts kept packed (MXFP4) on cpu: the MXFP4 kernel runs them faster" in caplog.text
+    assert not gptoss.load_model(tiny_checkpoint, dtype=dtype, packed_experts=False).layers[0].mlp.experts.packed
+
+
 @pytest.mark.parametrize("free, packed", [(None, False), (64 * GIB, False), ("between", True)],
                          ids=["unknown-free-memory", "plenty", "only-packed-fits"])
 def test_auto_keeps_experts_packed_only_when_dequantized_would_not_fit(tiny_checkpoint, monkeypatch, caplog,
-                                                                       free, packed):
+                                                                       memory_rule, free, packed):
     config = gptoss.load_config(tiny_checkpoint)
     if free == "between":
         free = (estimate_load_bytes(config, torch.float32, True) + estimate_load_bytes(config, torch.float32, False)) // 2
@@ -124,7 +143,7 @@ def plan_preset(monkeypatch, preset: str, free_gib: float, packed_experts: bool 
     ("gpt-oss-120b", 74.5, list(range(16)), False),  # a rank of 8 on an 80 GB GPU: ~31.7 GiB dequantized
 ], ids=["20b-16GiB-packed", "20b-24GiB-packed", "20b-64GiB-dequantized", "120b-rank-of-8-80GB-dequantized"])
 def test_auto_picks_packed_experts_for_the_released_shapes_only_where_dequantized_would_not_fit(
-        monkeypatch, caplog, preset, free_gib, experts, packed):
+        monkeypatch, caplog, memory_rule, preset, free_gib, experts, packed):
     with caplog.at_level(logging.INFO, logger="gptoss.load"):
         assert plan_preset(monkeypatch, preset, free_gib, None, experts) is packed
     assert ("experts kept packed (MXFP4)" if packed else "experts kept dequantized to bfloat16") in caplog.text
