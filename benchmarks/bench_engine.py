@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench_common import checkpoint_or_default, git_revision  # noqa: E402
 
 import gptoss  # noqa: E402
-from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from engine import Engine, EngineConfig, SamplingParams, decode_attention  # noqa: E402
 from gptoss.load import TORCH_DTYPES  # noqa: E402
 
 PAD_ID = 199999  # <|endoftext|>, the checkpoint's pad_token_id
@@ -244,6 +244,9 @@ def main() -> int:
     packed = model.layers[0].mlp.experts.packed
     print(f"# our experts: {'MXFP4-packed' if packed else 'dequantized'} (--packed-experts {args.packed_experts})")
     engine = Engine(model, engine_config)
+    screened = model.greedy_unembedding is not None
+    print(f"# our greedy rows: {'screened argmax (exact)' if screened else 'full unembedding'}; decode attention: "
+          f"{'CPU kernel' if decode_attention.available() else 'torch gathers'}")
     rss_engine = rss_bytes() - rss0
     hf = load_transformers(checkpoint, args.hf_experts, dtype)
     rss_hf = rss_bytes() - rss0 - rss_engine
@@ -327,6 +330,7 @@ def main() -> int:
             "benchmark": "bench_engine", "git": git_revision(), "checkpoint": checkpoint,
             "max_tokens": args.max_tokens, "repeats": args.repeats, "hf_experts": args.hf_experts,
             "packed_experts": packed,
+            "greedy_screen": screened,
             "ratio_at_1": by_n[1]["ratio"] if 1 in by_n else None,
             "ratio_at_32": by_n[32]["ratio"] if 32 in by_n else None,
             "identical_tokens": all(r["identical_tokens"] for r in rows),

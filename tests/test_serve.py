@@ -181,25 +181,29 @@ def test_grpc_reflection_health_and_model_info(serve_app, stub):
 
 def test_a_cancelled_grpc_call_frees_its_kv_blocks(serve_app, stub):
     before = sum(r.num_output_tokens for r in kv_settles_empty(serve_app).ranks)
+    # Sampled, and as long as max_model_len (2048) allows: greedy decoding of the tiny model is fast on
+    # CPU (exact screened argmax), and the cancel must land before the request could end by itself.
     call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(1, 200))),
-                                            sampling=pb.SamplingParams(max_tokens=1500, temperature=0)), timeout=120)
+                                            sampling=pb.SamplingParams(max_tokens=1840, temperature=1, seed=7)),
+                         timeout=120)
     next(call)
     busy = serve_app.model_server.stats.remote().result()
     assert busy.num_kv_blocks_used > 0  # the request holds its prompt's blocks
     call.cancel()
     stats = kv_settles_empty(serve_app)
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
-    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1500  # it did not run to max_tokens
+    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1840  # it did not run to max_tokens
 
 
 def test_an_http_client_that_goes_away_aborts_its_request(serve_app):
-    body = {"model": "tiny-test", "prompt": list(range(3, 120)), "max_tokens": 1500, "temperature": 0, "stream": True}
+    body = {"model": "tiny-test", "prompt": list(range(3, 120)), "max_tokens": 1920, "temperature": 1, "seed": 7,
+            "stream": True}  # sampled and long, as above
     before = sum(r.num_output_tokens for r in kv_settles_empty(serve_app).ranks)
     with requests.post(f"{serve_app.http}/v1/completions", json=body, timeout=60, stream=True) as response:
         assert next(line for line in response.iter_lines() if line).startswith(b"data: ")
     stats = kv_settles_empty(serve_app)
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
-    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1500
+    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1920
 
 
 def test_a_grpc_deadline_ends_the_call_with_deadline_exceeded_and_aborts_the_request(serve_app, stub):
