@@ -1,13 +1,16 @@
 """Greedy tokens without the full unembedding, exactly, on CPU.
 
 A decode step's largest matmul is the unembedding (vocabulary 201,088 x hidden), and a greedy row
-without logprobs needs only its argmax. `GreedyUnembedding` keeps a 7-bit integer copy of the float32
-unembedding (a quarter of its bytes, 2.5x the multiply rate of float32 FMA on AVX2) and screens the
-whole vocabulary with it (csrc/greedy_screen.c); a rigorous bound on the screen's error (Cauchy-Schwarz
-on the quantization residuals of both sides, from per-row norms computed here) rules out every row
-that cannot be the argmax, and the few candidates left are scored exactly (float32 products summed in
-double). The token is the argmax of the exact logits h.w_i, the lowest index among equal ones: the
-full float32 GEMM's own argmax wherever its rounding (~1e-7 relative) does not reorder the top rows.
+without logprobs needs only its argmax. `GreedyUnembedding` keeps a 7-bit integer copy of the
+unembedding (a quarter of float32's bytes, half of bfloat16's; 2.5x the multiply rate of float32 FMA
+on AVX2) and screens the whole vocabulary with it (csrc/greedy_screen.c); a rigorous bound on the
+screen's error (Cauchy-Schwarz on the quantization residuals of both sides, from per-row norms computed
+here) rules out every row that cannot be the argmax, and the few candidates left are scored exactly
+(products summed in double). In float32 the token is the argmax of the exact logits h.w_i, the lowest
+index among equal ones: the full float32 GEMM's own argmax wherever its rounding (~1e-7 relative) does
+not reorder the top rows. A bfloat16 unembedding's logits are bfloat16 (many ties at the top): there
+the exact logits are rounded to bfloat16 and the lowest index among the largest wins, as over a
+bfloat16 GEMM's logits, except where the GEMM's float32 sums round across a bfloat16 boundary.
 
 Where the screen cannot decide a row (too many candidates: a zero or degenerate hidden state) it
 returns -1 and the caller computes that row's logits the ordinary way.
@@ -24,13 +27,15 @@ from gptoss import env, native
 SOURCE = native.CSRC / "greedy_screen.c"
 WEIGHT_MAX = 64  # the C kernel's int8 range: [-64, 64]
 K_ALIGN = 64  # it reads 64 columns at a time
+DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_ROWS = 8192
 
 
 
 def declare(lib: ctypes.CDLL) -> None:
     lib.greedy_screen_simd.restype = ctypes.c_int
-    lib.greedy_screen.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    lib.greedy_screen.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + \
+        [ctypes.c_void_p] * 2 + [ctypes.c_int]
     lib.greedy_screen.restype = ctypes.c_int
 
 
@@ -49,12 +54,13 @@ def _round_up(x: torch.Tensor) -> torch.Tensor:
 
 
 class GreedyUnembedding:
-    """The argmax of `hidden @ weight.T` per row, screened (see the module). weight [V, K] float32 CPU."""
+    """The argmax of `hidden @ weight.T` per row, screened (see the module). weight [V, K] float32 or
+    bfloat16, on CPU."""
 
     def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL | None = None):
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"GreedyUnembedding needs a float32 CPU matrix, got {weight.dtype} {tuple(weight.shape)} "
-                             f"on {weight.device}")
+        if weight.dtype not in DTYPES or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"GreedyUnembedding needs a float32 or bfloat16 CPU matrix, got {weight.dtype} "
+                             f"{tuple(weight.shape)} on {weight.device}")
         self.lib = lib or library()
         if self.lib is None:
             raise RuntimeError(f"the greedy screen is not available: {KERNEL.failure}")
@@ -80,9 +86,9 @@ class GreedyUnembedding:
 
     @classmethod
     def applies(cls, weight: torch.Tensor) -> bool:
-        """Where the screen is worth building: a finite float32 CPU unembedding on a CPU with the
-        kernel's SIMD path (plain C is no faster than the float32 GEMM), not turned off."""
-        if not (env.greedy_screen_enabled() and weight.dtype == torch.float32 and weight.device.type == "cpu"):
+        """Where the screen is worth building: a finite float32 or bfloat16 CPU unembedding on a CPU
+        with the kernel's SIMD path (plain C is no faster than the GEMM), not turned off."""
+        if not (env.greedy_screen_enabled() and weight.dtype in DTYPES and weight.device.type == "cpu"):
             return False
         lib = library()
         return lib is not None and lib.greedy_screen_simd() > 0 and bool(torch.isfinite(weight).all())
@@ -104,7 +110,8 @@ class GreedyUnembedding:
             return tokens, candidates
         if n and self.lib.greedy_screen(
                 self.quantized.data_ptr(), self.scale.data_ptr(), self.rowsum.data_ptr(), self.norm.data_ptr(),
-                self.error.data_ptr(), self.weight.data_ptr(), h.data_ptr(), n, self.weight.shape[0], k, self.padded,
+                self.error.data_ptr(), self.weight.data_ptr(), int(self.weight.dtype == torch.bfloat16), h.data_ptr(),
+                n, self.weight.shape[0], k, self.padded,
                 tokens.data_ptr(), candidates.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("greedy screen: out of memory for its candidate pools")
         return tokens, candidates

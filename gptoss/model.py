@@ -436,9 +436,10 @@ class Transformer(nn.Module):
         return self.prepacked_lm_head is not None
 
     def prepare_greedy_unembedding(self) -> bool:
-        """For serving on CPU: keeps a 7-bit copy of the float32 unembedding (a quarter of its bytes)
-        with which `greedy_tokens` finds greedy rows' argmax exactly without the full float32 matmul.
-        Call it once the weights are loaded. Returns whether it applies (float32 on a CPU where the
+        """For serving on CPU: keeps a 7-bit copy of the unembedding (a quarter of float32's bytes,
+        half of bfloat16's) with which `greedy_tokens` finds greedy rows' argmax exactly without the
+        full matmul (in bfloat16: the first largest logit rounded to bfloat16). Call it once the
+        weights are loaded. Returns whether it applies (float32 or bfloat16 on a CPU where the
         screen's SIMD kernel builds; $GPTOSS_GREEDY_SCREEN=0 turns it off)."""
         if self.greedy_unembedding is None and GreedyUnembedding.applies(self.lm_head.weight):
             self.greedy_unembedding = GreedyUnembedding(self.lm_head.weight)

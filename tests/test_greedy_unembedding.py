@@ -79,10 +79,41 @@ def test_rows_the_screen_cannot_decide_are_left_to_the_caller(lib):
     assert tokens[[0, 3]].tolist() == exact_argmax(hidden[[0, 3]], weight).tolist()
 
 
+def bf16_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What a bfloat16 unembedding's greedy token is: the first largest of the logits in bfloat16."""
+    return (hidden.double() @ weight.double().T).float().bfloat16().float().argmax(dim=-1)
+
+
+def test_a_bfloat16_unembedding_takes_the_first_largest_logit_in_bfloat16(lib):
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(30_011, 64, generator=gen) * 0.05).bfloat16()
+    screen = GreedyUnembedding(weight, lib=lib)
+    hidden = (torch.randn(6, 64, generator=gen) * 2).bfloat16()
+    tokens, _ = screen(hidden)
+    assert torch.equal(tokens, bf16_argmax(hidden, weight))
+    # Rows whose logits differ by less than a bfloat16 step tie after rounding: the first one wins,
+    # not the largest exact logit (rows 9000 + 1..4 are a little larger than row 9000 but round alike).
+    h = hidden[:1]
+    best = int(tokens[0])
+    nudge = torch.zeros(64, dtype=torch.float64)
+    nudge[int(h.abs().argmax())] = 1.0
+    rows = [weight[best].double() + nudge * 1e-3 * i * float(h[0].abs().max()) ** -1 for i in range(1, 5)]
+    weight2 = weight.clone()
+    weight2[9000] = weight[best]
+    for i, row in enumerate(rows, start=1):
+        weight2[9000 + i] = row.bfloat16()
+    weight2[best] = 0  # row 9000 and its near-copies now lead
+    logits = (h.double() @ weight2.double().T)[0]
+    assert logits[9001:9005].max() > logits[9000]  # exact order: a near-copy leads
+    expected = int(bf16_argmax(h, weight2))
+    got = int(GreedyUnembedding(weight2, lib=lib)(h)[0])
+    assert got == expected and got in range(9000, 9005)
+
+
 def test_weights_it_cannot_screen_are_refused_by_name():
-    with pytest.raises(ValueError, match="float32 CPU matrix"):
-        GreedyUnembedding(torch.zeros(8, 64, dtype=torch.bfloat16))
-    assert not GreedyUnembedding.applies(torch.zeros(8, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU matrix"):
+        GreedyUnembedding(torch.zeros(8, 64, dtype=torch.float16))
+    assert not GreedyUnembedding.applies(torch.zeros(8, 64, dtype=torch.float16))
     weight = torch.randn(8, 64)
     weight[3, 3] = float("inf")
     assert not GreedyUnembedding.applies(weight)
@@ -127,3 +158,20 @@ def test_without_a_compiler_greedy_rows_take_the_full_unembedding(tmp_path, monk
 def test_the_switch_turns_the_screen_off(monkeypatch, tiny_model):
     monkeypatch.setenv("GPTOSS_GREEDY_SCREEN", "0")
     assert not GreedyUnembedding.applies(tiny_model.lm_head.weight)
+
+
+def test_a_bfloat16_tie_is_kept_where_the_screen_is_exact(lib):
+    # Weights and hidden state on the screen's own integer grid: the screen is exact, its bounds tight,
+    # so only the bfloat16 allowance keeps row 5 (logit 1000) beside row 10 (logit 1001): both round
+    # to 1000 in bfloat16, and the first one is the token.
+    weight = torch.zeros(300, 64)
+    weight[:, 2] = 64  # every row's largest entry: quantization step 1, exact
+    weight[:, 0] = torch.arange(300) % 10
+    weight[5, :2] = torch.tensor([15.0, 55.0])
+    weight[10, :2] = torch.tensor([15.0, 56.0])
+    hidden = torch.zeros(1, 64)
+    hidden[0, :2] = torch.tensor([63.0, 1.0])
+    weight, hidden = weight.bfloat16(), hidden.bfloat16()
+    assert int(bf16_argmax(hidden, weight)) == 5
+    assert int(GreedyUnembedding(weight, lib=lib)(hidden)[0]) == 5
+    assert int(GreedyUnembedding(weight.float(), lib=lib)(hidden.float())[0]) == 10  # float32: the exact argmax

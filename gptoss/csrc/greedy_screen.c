@@ -2,7 +2,9 @@
  *
  * For each hidden row h [K] the wanted token is argmax_i h.w_i over the vocabulary (V rows w_i). A
  * cheap 7-bit integer product screens all rows; only the rows that the screen cannot rule out are
- * then scored exactly (in double: the products of float32 values are exact, the sums nearly so).
+ * then scored exactly (in double: the products of float32 values are exact, the sums nearly so). A
+ * bfloat16 unembedding's logits are bfloat16: there the scores are rounded so, and the argmax is the
+ * lowest index among the largest rounded ones (see relaxed()).
  *
  * Weights: wq [V, Kp] int8 in [-64, 64] with w_i ~ sw[i] * wq[i] (Kp = K padded to 64 with zeros),
  * rowsum[i] = sum_k wq[i, k], wnorm[i] >= ||w_i||, werr[i] >= ||w_i - sw[i] wq[i]||.
@@ -18,6 +20,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 
 #if defined(__AVX2__)
@@ -42,17 +45,32 @@ int greedy_screen_simd(void) {
 typedef struct {
     int32_t *index;
     float *upper;
-    int n, overflow;
+    int n, overflow, bf16;
     float max_lower;
+    float reach; /* what an upper bound must reach to stay a candidate: see relaxed() */
 } Pool;
 
+/* The threshold for a largest lower bound x. Exact argmax: x itself. Argmax of the logits rounded to
+ * bfloat16 (ties to the lowest index): every row whose rounded logit equals the rounded maximum must
+ * stay, and such a row's logit is at least x less one bfloat16 ulp of x (<= 2^-7 |x|; 2^-6 is taken). */
+static inline float relaxed(float x, int bf16) {
+    return bf16 ? x - 0x1p-6f * fabsf(x) - 1e-37f : x;
+}
+
+static inline void raise_max_lower(Pool *p, float lower) {
+    if (lower > p->max_lower) {
+        p->max_lower = lower;
+        p->reach = relaxed(lower, p->bf16);
+    }
+}
+
 static void pool_offer(Pool *p, int32_t index, float lower, float upper) {
-    if (upper < p->max_lower || p->overflow) return;
-    if (lower > p->max_lower) p->max_lower = lower;
+    if (upper < p->reach || p->overflow) return;
+    raise_max_lower(p, lower);
     if (p->n == POOL) {
         int kept = 0;
         for (int j = 0; j < p->n; j++)
-            if (p->upper[j] >= p->max_lower) {
+            if (p->upper[j] >= p->reach) {
                 p->index[kept] = p->index[j];
                 p->upper[kept++] = p->upper[j];
             }
@@ -159,10 +177,10 @@ static void offer_block(const Screen *s, Pool *p, const int32_t *dots, int64_t r
         upper[j] = approx + bound;
         block_max = fmaxf(block_max, lower[j]);
     }
-    if (block_max > p->max_lower) p->max_lower = block_max;
+    raise_max_lower(p, block_max);
     j = 0;
 #if defined(__AVX2__)
-    const __m256 threshold = _mm256_set1_ps(p->max_lower);
+    const __m256 threshold = _mm256_set1_ps(p->reach);
     for (; j + 8 <= nrows; j += 8) {
         int reach = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(upper + j), threshold, _CMP_GE_OQ));
         for (; reach; reach &= reach - 1) {
@@ -172,7 +190,7 @@ static void offer_block(const Screen *s, Pool *p, const int32_t *dots, int64_t r
     }
 #endif
     for (; j < nrows; j++)
-        if (upper[j] >= p->max_lower) pool_offer(p, (int32_t)(rb + j), lower[j], upper[j]);
+        if (upper[j] >= p->reach) pool_offer(p, (int32_t)(rb + j), lower[j], upper[j]);
 }
 
 static void screen_rows(const Screen *s, Pool *pools, int64_t r0, int64_t r1, int64_t tokens, int32_t *dots) {
@@ -200,6 +218,41 @@ static void screen_rows(const Screen *s, Pool *pools, int64_t r0, int64_t r1, in
     }
 }
 
+static double exact_dot_bf16(const float *h, const uint16_t *w, int64_t k) {
+    double s = 0;
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (; j + 8 <= k; j += 8)
+        for (int a = 0; a < 2; a++) {
+            const __m128i bits = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(w + j + 4 * a))), 16);
+            acc[a] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(h + j + 4 * a)), _mm256_cvtps_pd(_mm_castsi128_ps(bits)),
+                                     acc[a]);
+        }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
+    s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+    for (; j < k; j++) {
+        const uint32_t bits = (uint32_t)w[j] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        s += (double)h[j] * (double)f;
+    }
+    return s;
+}
+
+/* double -> float -> bfloat16 (round to nearest even both times), back as a float. */
+static inline float round_bf16(double x) {
+    const float f = (float)x;
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    float r;
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+
 static double exact_dot(const float *h, const float *w, int64_t k) {
     double s = 0;
     int64_t j = 0;
@@ -217,11 +270,12 @@ static double exact_dot(const float *h, const float *w, int64_t k) {
     return s;
 }
 
-/* h [tokens, k] float32, w [vocab, k] float32 (the unembedding itself, for the exact scores) ->
- * out[t] the argmax of row t (lowest index among equal scores) or -1 where undecided; candidates[t]
- * the number of rows scored exactly. Returns 0, or -1 if memory ran out (out then all -1). */
+/* h [tokens, k] float32, w [vocab, k] float32, or bfloat16 with w_bf16 (the unembedding itself, for
+ * the exact scores) -> out[t] the argmax of row t (lowest index among equal scores; with w_bf16,
+ * among the scores rounded to bfloat16, as a bfloat16 matmul's logits are) or -1 where undecided;
+ * candidates[t] the number of rows scored exactly. Returns 0, or -1 if memory ran out (out then all -1). */
 int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, const float *wnorm, const float *werr,
-                  const float *w, const float *h, int64_t tokens, int64_t vocab, int64_t k, int64_t kp,
+                  const void *w, int w_bf16, const float *h, int64_t tokens, int64_t vocab, int64_t k, int64_t kp,
                   int64_t *out, int32_t *candidates, int num_threads) {
     for (int64_t t = 0; t < tokens; t++) out[t] = -1, candidates[t] = 0;
     if (num_threads < 1) num_threads = 1;
@@ -262,7 +316,8 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
         for (int64_t p = 0; p < num_threads * tokens; p++) {
             pools[p].index = index + p * POOL;
             pools[p].upper = upper + p * POOL;
-            pools[p].max_lower = -INFINITY;
+            pools[p].max_lower = pools[p].reach = -INFINITY;
+            pools[p].bf16 = w_bf16;
         }
         const Screen s = {wq, sw, wnorm, werr, rowsum, u, sa, a_err, a_norm, kp};
 #pragma omp parallel num_threads(num_threads)
@@ -287,15 +342,18 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
                 if (p->max_lower > max_lower) max_lower = p->max_lower;
             }
             if (overflow || !(max_lower > -INFINITY)) continue;
+            const float reach = relaxed(max_lower, w_bf16);
             int64_t best = -1;
             double best_score = -INFINITY;
             int32_t scored = 0;
             for (int i = 0; i < num_threads; i++) {
                 const Pool *p = &pools[i * tokens + t];
                 for (int j = 0; j < p->n; j++) {
-                    if (p->upper[j] < max_lower) continue;
+                    if (p->upper[j] < reach) continue;
                     const int64_t row = p->index[j];
-                    const double score = exact_dot(h + t * k, w + row * k, k);
+                    const double exact = w_bf16 ? exact_dot_bf16(h + t * k, (const uint16_t *)w + row * k, k)
+                                                : exact_dot(h + t * k, (const float *)w + row * k, k);
+                    const double score = w_bf16 ? round_bf16(exact) : exact;
                     scored++;
                     if (score > best_score || (score == best_score && row < best)) best = row, best_score = score;
                 }
