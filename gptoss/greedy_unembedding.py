@@ -19,16 +19,18 @@ returns -1 and the caller computes that row's logits the ordinary way.
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 
 from gptoss import env, native
 
+logger = logging.getLogger(__name__)
+
 SOURCE = native.CSRC / "greedy_screen.c"
-WEIGHT_MAX = 64  # the C kernel's int8 range: [-64, 64]
 K_ALIGN = 64  # it reads 64 columns at a time
 DTYPES = (torch.float32, torch.bfloat16)
-_CHUNK_ROWS = 8192
+GIVE_UP_AFTER = 8
 
 
 
@@ -37,6 +39,9 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.greedy_screen.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + \
         [ctypes.c_void_p] * 2 + [ctypes.c_int]
     lib.greedy_screen.restype = ctypes.c_int
+    lib.greedy_screen_prepare.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + \
+        [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    lib.greedy_screen_prepare.restype = None
 
 
 KERNEL = native.Kernel(SOURCE, declare, "greedy rows use the full unembedding")
@@ -45,12 +50,6 @@ KERNEL = native.Kernel(SOURCE, declare, "greedy rows use the full unembedding")
 def library() -> ctypes.CDLL | None:
     """The compiled screen, built on first call; None (after one warning) where it cannot be built."""
     return KERNEL.library()
-
-
-def _round_up(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> the nearest float32 not below it (the bounds must hold in float32)."""
-    y = x.float()
-    return torch.where(y.double() < x, torch.nextafter(y, torch.tensor(float("inf"))), y)
 
 
 class GreedyUnembedding:
@@ -67,22 +66,17 @@ class GreedyUnembedding:
         self.weight = weight.contiguous()
         vocab, k = weight.shape
         self.padded = -(-k // K_ALIGN) * K_ALIGN
-        self.quantized = torch.zeros(vocab, self.padded, dtype=torch.int8)
+        self.quantized = torch.empty(vocab, self.padded, dtype=torch.int8)
         self.scale = torch.empty(vocab, dtype=torch.float32)
         self.rowsum = torch.empty(vocab, dtype=torch.int32)
         self.norm = torch.empty(vocab, dtype=torch.float32)
         self.error = torch.empty(vocab, dtype=torch.float32)
-        for start in range(0, vocab, _CHUNK_ROWS):
-            rows = slice(start, start + _CHUNK_ROWS)
-            w = self.weight[rows].double()
-            scale = (w.abs().amax(dim=1) / WEIGHT_MAX).float()  # exact: a division by a power of two
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            q = torch.round(w / scale.double()[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX)
-            self.quantized[rows, :k] = q.to(torch.int8)
-            self.scale[rows] = scale
-            self.rowsum[rows] = q.sum(dim=1).to(torch.int32)
-            self.norm[rows] = _round_up(w.norm(dim=1))
-            self.error[rows] = _round_up((w - q * scale.double()[:, None]).norm(dim=1))
+        self.lib.greedy_screen_prepare(self.weight.data_ptr(), int(weight.dtype == torch.bfloat16), vocab, k,
+                                       self.padded, self.quantized.data_ptr(), self.scale.data_ptr(),
+                                       self.rowsum.data_ptr(), self.norm.data_ptr(), self.error.data_ptr(),
+                                       torch.get_num_threads())
+        self.undecided_calls = 0  # calls in a row that left most of their rows undecided
+        self.gave_up = False
 
     @classmethod
     def applies(cls, weight: torch.Tensor) -> bool:
@@ -95,13 +89,17 @@ class GreedyUnembedding:
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [N, K] -> (tokens [N] long, -1 where undecided; candidates [N] int32, rows scored
-        exactly). Rows holding NaN or inf are left undecided."""
+        exactly). Rows holding NaN or inf are left undecided; so is every row once GIVE_UP_AFTER calls
+        in a row have left most of theirs undecided (the screen's bound is too wide for this model's
+        hidden states: it would only add its own time to the full unembedding's)."""
         n, k = hidden.shape
         if k != self.weight.shape[1]:
             raise ValueError(f"hidden {tuple(hidden.shape)} does not match the unembedding {tuple(self.weight.shape)}")
         h = hidden.float().contiguous()
         tokens = torch.full((n,), -1, dtype=torch.int64)
         candidates = torch.zeros(n, dtype=torch.int32)
+        if self.gave_up:
+            return tokens, candidates
         finite = torch.isfinite(h).all(dim=1)
         if not bool(finite.all()):
             rows = finite.nonzero().flatten()
@@ -114,4 +112,11 @@ class GreedyUnembedding:
                 n, self.weight.shape[0], k, self.padded,
                 tokens.data_ptr(), candidates.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("greedy screen: out of memory for its candidate pools")
+        if n:
+            self.undecided_calls = self.undecided_calls + 1 if int((tokens < 0).sum()) * 2 > n else 0
+            if self.undecided_calls >= GIVE_UP_AFTER:
+                self.gave_up = True
+                logger.info("greedy screen: %d calls in a row left most rows undecided (its error bound is wide "
+                            "next to these logits' spread); greedy rows take the full unembedding from now on",
+                            GIVE_UP_AFTER)
         return tokens, candidates

@@ -4,6 +4,8 @@ rows (degenerate or non-finite) are reported as such; the engine's greedy tokens
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -175,3 +177,32 @@ def test_a_bfloat16_tie_is_kept_where_the_screen_is_exact(lib):
     assert int(bf16_argmax(hidden, weight)) == 5
     assert int(GreedyUnembedding(weight, lib=lib)(hidden)[0]) == 5
     assert int(GreedyUnembedding(weight.float(), lib=lib)(hidden.float())[0]) == 10  # float32: the exact argmax
+
+
+def test_the_prepared_copy_is_the_documented_quantization(lib):
+    weight = torch.randn(1000, 100) * 0.03
+    weight[7] = 0
+    for w in (weight, weight.bfloat16()):
+        screen = GreedyUnembedding(w, lib=lib)
+        w64 = w.double()
+        scale = (w64.abs().amax(dim=1) / 64).float()
+        scale[7] = 1.0
+        q = torch.round(w64 / scale.double()[:, None]).clamp(-64, 64)
+        assert torch.equal(screen.scale, scale)
+        assert torch.equal(screen.quantized[:, :100], q.to(torch.int8)) and not screen.quantized[:, 100:].any()
+        assert torch.equal(screen.rowsum, q.sum(dim=1).int())
+        for got, exact in ((screen.norm, w64.norm(dim=1)), (screen.error, (w64 - q * scale.double()[:, None]).norm(dim=1))):
+            assert bool((got.double() >= exact).all()) and torch.allclose(got.double(), exact, rtol=1e-6)
+
+
+def test_a_screen_that_cannot_decide_gives_up_and_stays_out_of_the_way(lib, caplog):
+    caplog.set_level(logging.INFO, logger=greedy_unembedding.__name__)
+    weight = torch.randn(1, 64).repeat(5000, 1)  # every row the same: every row ties, nothing is ruled out
+    screen = GreedyUnembedding(weight, lib=lib)
+    hidden = torch.randn(2, 64)
+    for _ in range(greedy_unembedding.GIVE_UP_AFTER):
+        assert not screen.gave_up
+        assert screen(hidden)[0].tolist() == [-1, -1]
+    assert screen.gave_up and "full unembedding from now on" in caplog.text
+    screen.lib = None  # no more kernel calls
+    assert screen(hidden)[0].tolist() == [-1, -1]

@@ -370,3 +370,48 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
     free(dots);
     return ok ? 0 : -1;
 }
+
+/* The screen's copy of w [vocab, k] (float32, or bfloat16 with w_bf16): per row, sw = max|w| / 64
+ * (1 for a zero row), wq = round(w / sw) (zero-padded to kp columns), rowsum = sum(wq), and the norms
+ * wnorm >= ||w||, werr >= ||w - sw wq||, summed in double and rounded up to float. */
+void greedy_screen_prepare(const void *w, int w_bf16, int64_t vocab, int64_t k, int64_t kp, int8_t *wq, float *sw,
+                           int32_t *rowsum, float *wnorm, float *werr, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < vocab; r++) {
+        float amax = 0;
+        for (int64_t j = 0; j < k; j++) {
+            float x = w_bf16 ? 0 : ((const float *)w)[r * k + j];
+            if (w_bf16) {
+                const uint32_t bits = (uint32_t)((const uint16_t *)w)[r * k + j] << 16;
+                memcpy(&x, &bits, sizeof x);
+            }
+            amax = fmaxf(amax, fabsf(x));
+        }
+        const float scale = amax > 0 ? amax / 64 : 1.0f; /* exact: a power-of-two division */
+        double norm2 = 0, err2 = 0;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < kp; j++) {
+            int q = 0;
+            if (j < k) {
+                float x;
+                if (w_bf16) {
+                    const uint32_t bits = (uint32_t)((const uint16_t *)w)[r * k + j] << 16;
+                    memcpy(&x, &bits, sizeof x);
+                } else {
+                    x = ((const float *)w)[r * k + j];
+                }
+                q = (int)nearbyint((double)x / scale);
+                q = q > 64 ? 64 : (q < -64 ? -64 : q);
+                const double d = (double)x - (double)q * scale;
+                norm2 += (double)x * x;
+                err2 += d * d;
+            }
+            wq[r * kp + j] = (int8_t)q;
+            sum += q;
+        }
+        sw[r] = scale;
+        rowsum[r] = sum;
+        wnorm[r] = nextafterf((float)sqrt(norm2), INFINITY);
+        werr[r] = err2 > 0 ? nextafterf((float)sqrt(err2), INFINITY) : 0.0f;
+    }
+}
