@@ -218,6 +218,18 @@ static void screen_rows(const Screen *s, Pool *pools, int64_t r0, int64_t r1, in
     }
 }
 
+static inline float bf16_to_float(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Element `at` of w, float32 or bfloat16. */
+static inline float weight_at(const void *w, int w_bf16, int64_t at) {
+    return w_bf16 ? bf16_to_float(((const uint16_t *)w)[at]) : ((const float *)w)[at];
+}
+
 static double exact_dot_bf16(const float *h, const uint16_t *w, int64_t k) {
     double s = 0;
     int64_t j = 0;
@@ -233,12 +245,7 @@ static double exact_dot_bf16(const float *h, const uint16_t *w, int64_t k) {
     _mm256_storeu_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
     s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 #endif
-    for (; j < k; j++) {
-        const uint32_t bits = (uint32_t)w[j] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        s += (double)h[j] * (double)f;
-    }
+    for (; j < k; j++) s += (double)h[j] * (double)bf16_to_float(w[j]);
     return s;
 }
 
@@ -379,27 +386,14 @@ void greedy_screen_prepare(const void *w, int w_bf16, int64_t vocab, int64_t k, 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < vocab; r++) {
         float amax = 0;
-        for (int64_t j = 0; j < k; j++) {
-            float x = w_bf16 ? 0 : ((const float *)w)[r * k + j];
-            if (w_bf16) {
-                const uint32_t bits = (uint32_t)((const uint16_t *)w)[r * k + j] << 16;
-                memcpy(&x, &bits, sizeof x);
-            }
-            amax = fmaxf(amax, fabsf(x));
-        }
+        for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(weight_at(w, w_bf16, r * k + j)));
         const float scale = amax > 0 ? amax / 64 : 1.0f; /* exact: a power-of-two division */
         double norm2 = 0, err2 = 0;
         int32_t sum = 0;
         for (int64_t j = 0; j < kp; j++) {
             int q = 0;
             if (j < k) {
-                float x;
-                if (w_bf16) {
-                    const uint32_t bits = (uint32_t)((const uint16_t *)w)[r * k + j] << 16;
-                    memcpy(&x, &bits, sizeof x);
-                } else {
-                    x = ((const float *)w)[r * k + j];
-                }
+                const float x = weight_at(w, w_bf16, r * k + j);
                 q = (int)nearbyint((double)x / scale);
                 q = q > 64 ? 64 : (q < -64 ? -64 : q);
                 const double d = (double)x - (double)q * scale;
