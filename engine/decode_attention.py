@@ -20,7 +20,6 @@ from gptoss import native
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 
 
-
 def declare(lib: ctypes.CDLL) -> None:
     lib.decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + \
         [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]

@@ -159,7 +159,8 @@ class Engine:
         batch = self.scheduler.schedule()
         hidden = self.runner.execute(batch)
         to_sample = [self.scheduler.requests[item.request_id] for item in batch.requests if item.sample]
-        sampled = self.sampler.sample_hidden(hidden, to_sample, self.runner.logits, self.runner.greedy_tokens)
+        argmax_of = self.runner.greedy_tokens if self.runner.model.screens_greedy_rows else None
+        sampled = self.sampler.sample_hidden(hidden, to_sample, self.runner.logits, argmax_of)
         outputs = self.scheduler.update(batch, sampled.token_ids, sampled.logprobs)
         if self._pending:
             outputs, self._pending = self._pending + outputs, []

@@ -41,7 +41,7 @@ class ModelRunner:
         self.model, self.groups, self.block_size = model, groups, block_size
         self.device = model.device
         # Every step unembeds a row per running request: worth a second, prepacked copy on CPU, and a
-        # 7-bit one that finds greedy rows' tokens exactly without the full float32 matmul.
+        # 7-bit one that finds greedy rows' tokens exactly without the full matmul.
         model.prepack_unembedding()
         model.prepare_greedy_unembedding()
         group_of_layer = {layer: gi for gi, g in enumerate(groups) for layer in g.layer_ids}

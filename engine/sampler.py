@@ -30,10 +30,13 @@ class Sampler:
 
     def sample_hidden(self, hidden: torch.Tensor, requests: list[Request],
                       logits_of: Callable[[torch.Tensor], torch.Tensor],
-                      argmax_of: Callable[[torch.Tensor], torch.Tensor | None]) -> SamplerOutput:
+                      argmax_of: Callable[[torch.Tensor], torch.Tensor | None] | None) -> SamplerOutput:
         """hidden [B, H], row i for requests[i] -> the sampled tokens (and logprobs). Rows that want
-        only the argmax go to `argmax_of` (tokens, -1 where undecided; None: not available); the
-        others, and the undecided, to `logits_of` and then the sampling rules (`__call__`)."""
+        only the argmax go to `argmax_of` (tokens, -1 where undecided; None: no answer); the others,
+        the undecided, and every row where `argmax_of` is None, to `logits_of` and then the sampling
+        rules (`__call__`)."""
+        if argmax_of is None:
+            return self(logits_of(hidden), requests)
         token_ids = [-1] * len(requests)
         argmax_only = [i for i, r in enumerate(requests)
                        if r.sampling.is_greedy and r.sampling.logprobs is None and not r.sampling.has_penalties]

@@ -25,5 +25,5 @@ def mxfp4_kernel_enabled() -> bool:
 
 def greedy_screen_enabled() -> bool:
     """$GPTOSS_GREEDY_SCREEN: "0" turns off the screened argmax of greedy rows on CPU (they then take
-    the full float32 unembedding, like sampled rows)."""
+    the full unembedding, like sampled rows)."""
     return os.environ.get("GPTOSS_GREEDY_SCREEN", "1") != "0"

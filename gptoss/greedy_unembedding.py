@@ -4,16 +4,17 @@ A decode step's largest matmul is the unembedding (vocabulary 201,088 x hidden),
 without logprobs needs only its argmax. `GreedyUnembedding` keeps a 7-bit integer copy of the
 unembedding (a quarter of float32's bytes, half of bfloat16's; 2.5x the multiply rate of float32 FMA
 on AVX2) and screens the whole vocabulary with it (csrc/greedy_screen.c); a rigorous bound on the
-screen's error (Cauchy-Schwarz on the quantization residuals of both sides, from per-row norms computed
-here) rules out every row that cannot be the argmax, and the few candidates left are scored exactly
+screen's error (Cauchy-Schwarz on the quantization residuals of both sides, from per-row norms prepared
+with the copy) rules out every row that cannot be the argmax, and the few candidates left are scored exactly
 (products summed in double). In float32 the token is the argmax of the exact logits h.w_i, the lowest
 index among equal ones: the full float32 GEMM's own argmax wherever its rounding (~1e-7 relative) does
 not reorder the top rows. A bfloat16 unembedding's logits are bfloat16 (many ties at the top): there
 the exact logits are rounded to bfloat16 and the lowest index among the largest wins, as over a
 bfloat16 GEMM's logits, except where the GEMM's float32 sums round across a bfloat16 boundary.
 
-Where the screen cannot decide a row (too many candidates: a zero or degenerate hidden state) it
-returns -1 and the caller computes that row's logits the ordinary way.
+Where the screen cannot decide a row (too many candidates: a zero or degenerate hidden state, or a
+bound too wide for the logits' spread, as at hidden 2880 on random weights) it returns -1 and the
+caller computes that row's logits the ordinary way; a screen that keeps failing stops trying.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ SOURCE = native.CSRC / "greedy_screen.c"
 K_ALIGN = 64  # it reads 64 columns at a time
 DTYPES = (torch.float32, torch.bfloat16)
 GIVE_UP_AFTER = 8
-
 
 
 def declare(lib: ctypes.CDLL) -> None:

@@ -486,10 +486,15 @@ class Transformer(nn.Module):
             return self.prepacked_lm_head(hidden).float()
         return linear(hidden, self.lm_head.weight).float()
 
+    @property
+    def screens_greedy_rows(self) -> bool:
+        """Whether `greedy_tokens` answers: the screen was prepared and has not given up."""
+        return self.greedy_unembedding is not None and not self.greedy_unembedding.gave_up
+
     @torch.inference_mode()
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """final_hidden [N, hidden] -> [N] long: each row's argmax token, or -1 where the screen left the
-        row undecided (take its logits then); None where `prepare_greedy_unembedding` did not apply."""
-        if self.greedy_unembedding is None:
+        row undecided (take its logits then); None where it does not answer (`screens_greedy_rows`)."""
+        if not self.screens_greedy_rows:
             return None
         return self.greedy_unembedding(hidden)[0]
