@@ -8,13 +8,39 @@
 - `ModelRunner` (model_runner.py): the model's layers over one step's flat batch of tokens.
 - `Sampler` (sampler.py) and `SamplingParams` (sampling_params.py).
 Everything a caller gets back (outputs.py) is a frozen dataclass of plain values.
+
+The names below are imported on first use, so `engine.sampling_params` and `engine.outputs` come without
+torch (the gateway's admission workers build SamplingParams and never run a model).
 """
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.outputs import Completion, EngineStats, FinishReason, RequestOutput, TokenLogprobs
-from engine.sampling_params import DEFAULT_STOP_TOKEN_IDS, SamplingParams
-from gptoss.errors import InvalidRequestError
+from __future__ import annotations
 
-__all__ = ["DEFAULT_STOP_TOKEN_IDS", "Completion", "Engine", "EngineConfig", "EngineStats",
-           "FinishReason", "InvalidRequestError", "RequestOutput", "SamplingParams", "TokenLogprobs"]
+import importlib
+from typing import TYPE_CHECKING
+
+_MODULE_OF = {
+    "EngineConfig": "engine.config", "Engine": "engine.engine",
+    "Completion": "engine.outputs", "EngineStats": "engine.outputs", "FinishReason": "engine.outputs",
+    "RequestOutput": "engine.outputs", "TokenLogprobs": "engine.outputs",
+    "DEFAULT_STOP_TOKEN_IDS": "engine.sampling_params", "SamplingParams": "engine.sampling_params",
+    "InvalidRequestError": "gptoss.errors",
+}
+
+__all__ = ["Completion", "DEFAULT_STOP_TOKEN_IDS", "Engine", "EngineConfig", "EngineStats", "FinishReason",
+           "InvalidRequestError", "RequestOutput", "SamplingParams", "TokenLogprobs"]
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.outputs import Completion, EngineStats, FinishReason, RequestOutput, TokenLogprobs
+    from engine.sampling_params import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+    from gptoss.errors import InvalidRequestError
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

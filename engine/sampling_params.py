@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from gptoss.errors import invalid
-from gptoss.sampling import MIN_TEMPERATURE
+from gptoss.greedy_threshold import MIN_TEMPERATURE
 
 # harmony's <|return|> and <|call|> (= gptoss.tokenizer.STOP_TOKEN_IDS, not imported here because that
 # module loads openai-harmony). Not <|end|>: the model ends an analysis message with it and goes on.

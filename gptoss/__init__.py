@@ -1,18 +1,46 @@
-"""gpt-oss: what the network computes (config, layers, MXFP4, checkpoints, tokenizer + harmony)."""
+"""gpt-oss: what the network computes (config, layers, MXFP4, checkpoints, tokenizer + harmony).
 
-from gptoss.config import PRESETS, ModelConfig, get_preset
-from gptoss.errors import (
-    CheckpointError,
-    ClientError,
-    GptossError,
-    InvalidRequestError,
-    ServerError,
-    UnavailableError,
-)
-from gptoss.load import load_config, load_model
-from gptoss.model import Transformer
-from gptoss.writer import write_random_checkpoint
+The names below are imported on first use: the tokenizer and harmony modules are imported without torch
+(the gateway's admission workers render prompts and never load a model).
+"""
 
-__all__ = ["CheckpointError", "ClientError", "GptossError", "InvalidRequestError", "ModelConfig", "PRESETS",
-           "ServerError", "Transformer", "UnavailableError", "get_preset", "load_config", "load_model",
-           "write_random_checkpoint"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_MODULE_OF = {
+    "PRESETS": "gptoss.config", "ModelConfig": "gptoss.config", "get_preset": "gptoss.config",
+    "CheckpointError": "gptoss.errors", "ClientError": "gptoss.errors", "GptossError": "gptoss.errors",
+    "InvalidRequestError": "gptoss.errors", "ServerError": "gptoss.errors", "UnavailableError": "gptoss.errors",
+    "load_config": "gptoss.load", "load_model": "gptoss.load",
+    "Transformer": "gptoss.model",
+    "write_random_checkpoint": "gptoss.writer",
+}
+
+__all__ = ["CheckpointError", "ClientError", "GptossError", "InvalidRequestError", "ModelConfig",
+           "PRESETS", "ServerError", "Transformer", "UnavailableError", "get_preset", "load_config",
+           "load_model", "write_random_checkpoint"]
+
+if TYPE_CHECKING:
+    from gptoss.config import PRESETS, ModelConfig, get_preset
+    from gptoss.errors import (
+        CheckpointError,
+        ClientError,
+        GptossError,
+        InvalidRequestError,
+        ServerError,
+        UnavailableError,
+    )
+    from gptoss.load import load_config, load_model
+    from gptoss.model import Transformer
+    from gptoss.writer import write_random_checkpoint
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gptoss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

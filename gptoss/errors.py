@@ -13,6 +13,8 @@ serving layer maps errors to statuses in one place from these attributes.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class GptossError(Exception):
     """Base of every error this project raises on purpose."""
@@ -44,9 +46,19 @@ class InvalidRequestError(ClientError):
         return type(self), (self.param, str(self))
 
 
+def shorten(value: object, max_chars: int = 80) -> str:
+    """repr(value), cut short (strings to `max_chars`, containers to a few items), for error messages:
+    a 70 KB field must not come back whole in a 400's body."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = max_chars
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 3
+    return short.repr(value)
+
+
 def invalid(param: str, rule: str, value: object) -> InvalidRequestError:
-    """`InvalidRequestError` with the message "<param> must be <rule>, got <value>"."""
-    return InvalidRequestError(param, f"{param} must be {rule}, got {value!r}")
+    """`InvalidRequestError` with the message "<param> must be <rule>, got <value>" (the value cut short)."""
+    return InvalidRequestError(param, f"{param} must be {rule}, got {shorten(value)}")
 
 
 class NotFoundError(ClientError):
@@ -69,7 +81,7 @@ class PayloadTooLargeError(ClientError):
     """The request body is larger than the server accepts."""
 
     http_status = 413
-    grpc_code = "INVALID_ARGUMENT"
+    grpc_code = "RESOURCE_EXHAUSTED"  # what gRPC itself answers for a message over the size limit
 
 
 class ServerError(GptossError):

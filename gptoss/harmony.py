@@ -38,6 +38,14 @@ _FUNCTIONS_PREFIX = "functions."
 _TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; keeps the TypeScript-like decl valid
 
 
+class ChatMessageError(ValueError):
+    """A message that cannot be rendered; `index` is its position in the chat."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"messages[{index}]: {problem}")
+        self.index, self.problem = index, problem
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """A function call made by the assistant earlier in the chat (an OpenAI `tool_calls` entry)."""
@@ -165,9 +173,9 @@ def _chat_to_harmony(messages: Sequence[ChatMessage]) -> list[Message]:
         elif m.role == "tool":
             name = m.name or call_id_to_name.get(m.tool_call_id or "")
             if not name:
-                raise ValueError(
-                    f"messages[{i}].name must be set, or messages[{i}].tool_call_id must match an "
-                    f"earlier assistant tool call, got name={m.name!r} tool_call_id={m.tool_call_id!r}"
+                raise ChatMessageError(
+                    i, f"name must be set, or tool_call_id must match an earlier assistant tool call, got "
+                       f"name={m.name!r} tool_call_id={m.tool_call_id!r}"
                 )
             author = Author.new(Role.TOOL, _FUNCTIONS_PREFIX + name)
             out.append(
@@ -235,6 +243,7 @@ class ToolCallStart:
     index: int  # position among this completion's tool calls
     recipient: str  # e.g. "functions.get_weather"
     name: str  # the recipient without the "functions." namespace
+    call_id: str = ""  # the id an API gives the call (OpenAI's `call_...`); the serving layer sets it
 
 
 @dataclass(frozen=True)
@@ -307,8 +316,12 @@ class StreamingParser:
         """End of the completion: flushes a message cut off mid-content (e.g. by max_tokens)."""
         deltas: list[StreamDelta] = []
         if not self._finished and self._open is not None and self._parser is not None:
-            self._parser.process_eos()
-            self._close(deltas)
+            try:
+                self._parser.process_eos()
+                self._close(deltas)
+            except HarmonyError:  # malformed to the end: what was emitted stands, the rest is dropped
+                self._num_skipped += 1
+            self._open = None
         # A message cut off inside its header has no content yet, so there is nothing to flush.
         self._finished = True
         return merge_deltas(deltas)

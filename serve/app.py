@@ -15,17 +15,18 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
 from serve.config import AppConfig, parse_config
-from serve.gateway import Pipeline
+from serve.gateway import GatewayService
 from serve.grpc_api import GrpcApi
 from serve.model_server import ModelServer, replica_bundles
 from serve.openai_api import make_openai_app
 
+# Requests reach the gateway as raw bytes, checked for size and parsed there (serve/grpc_registration.py).
 GRPC_SERVICER_FUNCTIONS = [
-    "serve.proto.gptoss.v1.gptoss_pb2_grpc.add_GptossServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "serve.grpc_registration.add_gptoss_service",
+    "serve.grpc_registration.add_health_service",
 ]
 MODEL_SERVER_NAME = "ModelServer"
 GATEWAY_NAME = "Gateway"
@@ -58,6 +59,9 @@ def build_app_from_config(config: AppConfig) -> Application:
         num_replicas=gw.num_replicas,
         ray_actor_options={"num_cpus": gw.num_cpus},
         max_ongoing_requests=gw.max_ongoing_requests,
+        # Overload waits in the proxies up to this, then gets 429 with Retry-After (RESOURCE_EXHAUSTED).
+        max_queued_requests=gw.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
     ).bind(model_server, config)
 
 
@@ -98,12 +102,14 @@ def resolve_device(device: str) -> str:
 @serve.ingress()
 class Gateway(GrpcApi):
     """The ingress: the OpenAI HTTP API (FastAPI) and the gRPC methods in one deployment, sharing one
-    pipeline; it scales apart from the model servers."""
+    gateway service; it scales apart from the model servers."""
 
     def __init__(self, model_server, config: AppConfig):
-        self.pipeline = Pipeline(model_server, config)
-        self.max_request_bytes = config.gateway.max_request_bytes
+        self.gateway = GatewayService(model_server, config)
 
     def __serve_build_asgi_app__(self):
-        """Called by Serve after the constructor: the FastAPI app, bound to this replica's pipeline."""
-        return make_openai_app(self.pipeline, self.max_request_bytes)
+        """Called by Serve after the constructor: the FastAPI app, bound to this replica's service."""
+        return make_openai_app(self.gateway)
+
+    def __del__(self) -> None:
+        self.gateway.close()  # the admission workers

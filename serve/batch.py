@@ -36,18 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import DEFAULT_STOP_TOKEN_IDS, SamplingParams
 from gptoss.errors import ClientError, InvalidRequestError, UnavailableError
 from gptoss.tokenizer import START_ID, encode
+from serve.admission import AdmissionContext, Generation, RequestLimits, prepare_chat, prepare_completion
+from serve.choices import ChoiceAssembler
 from serve.config import AppConfig
-from serve.gateway import ChoiceAssembler, Generation
+from serve.model_protocol import ModelChunk
 from serve.openai_protocol import (
     ChatChoiceAccumulator,
     ChatCompletionRequest,
     ChatDeltaBuilder,
     CompletionRequest,
+    parse_body,
 )
-from serve.protocol import ModelChunk
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +74,10 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "see
 
 # --- render (CPU) ------------------------------------------------------------------------------------
 
-def render_batch(table, jsonl: bool = False) -> dict[str, list]:
+def render_batch(table, jsonl: bool = False, limits: RequestLimits | None = None) -> dict[str, list]:
     """A batch of input rows (a pyarrow Table; JSONL lines in its `text` column when `jsonl`) ->
     rendered rows, one per input row, all of the same shape."""
-    rendered = [render_row(_parse_line(row["text"]) if jsonl else row) for row in table.to_pylist()]
+    rendered = [render_row(_parse_line(row["text"]) if jsonl else row, limits) for row in table.to_pylist()]
     return {name: [r[name] for r in rendered] for name in _RENDERED_COLUMNS}
 
 
@@ -88,9 +90,10 @@ def _parse_line(line: str) -> dict[str, Any]:
     return row if isinstance(row, dict) else {"_error": f"the line must be a JSON object, got {type(row).__name__}"}
 
 
-def render_row(row: dict[str, Any]) -> dict[str, Any]:
+def render_row(row: dict[str, Any], limits: RequestLimits | None = None) -> dict[str, Any]:
     """An input row -> the generation it asks for (prompt ids, sampling as JSON, how to parse the
-    reply), or the row's error."""
+    reply), or the row's error. The row is admitted as the online APIs admit a request (the same limits);
+    the engine checks its prompt against the model."""
     fields = {k: _plain(v) for k, v in row.items() if v is not None}
     row_id = str(fields.pop("id", "") or "")
     rendered = {"id": row_id, "prompt_token_ids": [], "prefill_token_ids": [], "sampling": "", "stop": [],
@@ -100,7 +103,10 @@ def render_row(row: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequestError("line", fields["_error"])
         if not row_id:
             raise InvalidRequestError("id", "id must be a non-empty string or number (it names the row's result)")
-        generation = _generation(row_id, fields)
+        # Rendered as online chats are, with today's date in harmony's system message.
+        context = AdmissionContext(limits or RequestLimits(), None, row_id,
+                                   current_date=time.strftime("%Y-%m-%d", time.gmtime()))
+        generation = _generation(fields, context)
     except ClientError as e:
         return rendered | {"error": f"{e.param}: {e}" if e.param and not str(e).startswith(e.param) else str(e)}
     return rendered | {
@@ -109,15 +115,13 @@ def render_row(row: dict[str, Any]) -> dict[str, Any]:
         "harmony": generation.harmony, "include_reasoning": generation.include_reasoning}
 
 
-def _generation(row_id: str, fields: dict[str, Any]) -> Generation:
-    from serve.openai_api import chat_generation, parse_body
-
+def _generation(fields: dict[str, Any], context: AdmissionContext) -> Generation:
     if "messages" in fields:
         chat = parse_body(ChatCompletionRequest, fields)
         if chat.n != 1 or chat.stream:
             raise InvalidRequestError("n" if chat.n != 1 else "stream", "a batch row has one choice and no stream "
                                                                        "(n: 1, stream: false)")
-        return dataclasses.replace(chat_generation(chat), request_id=row_id)
+        return prepare_chat(chat.chat_input(), context)
     if "prompt_token_ids" in fields:
         ids = fields.pop("prompt_token_ids")
         unknown = sorted(set(fields) - set(_SAMPLING_FIELDS))
@@ -127,11 +131,9 @@ def _generation(row_id: str, fields: dict[str, Any]) -> Generation:
         req = parse_body(CompletionRequest, {"prompt": ids, "max_tokens": None} | fields)
         if not isinstance(req.prompt, list) or not all(isinstance(t, int) for t in req.prompt):
             raise InvalidRequestError("prompt_token_ids", "prompt_token_ids must be a list of token ids")
-        sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
-                                  frequency_penalty=req.frequency_penalty, seed=req.seed)
-        return Generation(row_id, tuple(req.prompt), sampling, 1, req.stop_strings(),
-                          harmony=_ends_with_assistant_start(req.prompt))
+        # Generation stops at harmony's stop tokens, as online chats do.
+        [generation] = prepare_completion(req.completion_input(), context, stop_token_ids=DEFAULT_STOP_TOKEN_IDS)
+        return dataclasses.replace(generation, harmony=_ends_with_assistant_start(req.prompt))
     raise InvalidRequestError("messages", "a row needs `messages` (a chat) or `prompt_token_ids`")
 
 
@@ -266,10 +268,10 @@ def parse_row(row: dict[str, Any]) -> dict[str, Any]:
 
 # --- the pipeline ------------------------------------------------------------------------------------
 
-def render(ds, jsonl: bool = False, concurrency: int = 2):
+def render(ds, jsonl: bool = False, concurrency: int = 2, limits: RequestLimits | None = None):
     """Input rows (or, with `jsonl`, a `read_text` Dataset of JSONL lines) -> rendered rows (CPU tasks)."""
-    return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl}, num_cpus=_CPU_STAGE_CPUS,
-                          concurrency=concurrency)
+    return ds.map_batches(render_batch, batch_format="pyarrow", fn_kwargs={"jsonl": jsonl, "limits": limits},
+                          num_cpus=_CPU_STAGE_CPUS, concurrency=concurrency)
 
 
 def generate_and_parse(rendered, config: AppConfig, run_name: str):
@@ -310,7 +312,8 @@ def batch_generate(ds, config: AppConfig, run_name: str = "default"):
     Returns:
         a `ray.data.Dataset` of result rows (RESULT_COLUMNS).
     """
-    return generate_and_parse(render(ds, concurrency=_cpu_stage_concurrency(config)), config, run_name)
+    return generate_and_parse(render(ds, concurrency=_cpu_stage_concurrency(config), limits=config.request_limits()),
+                              config, run_name)
 
 
 def release_batch_groups(run_name: str | None = None) -> int:
@@ -353,7 +356,7 @@ def run_batch(config: AppConfig, input_path: str, output_dir: str, output_format
     done = read_done_ids(out)
     source, jsonl = read_input(input_path)
     num_rows = source.count()
-    pending = render(source, jsonl, _cpu_stage_concurrency(config))
+    pending = render(source, jsonl, _cpu_stage_concurrency(config), config.request_limits())
     if done:
         pending = pending.filter(lambda row: row["id"] not in done)
     num_pending = pending.count() if done else num_rows

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.config import GroupConfig
 from engine.config import EngineConfig
+from serve.validation import describe_validation_error
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -140,11 +141,26 @@ class ModelServerSection(_Section):
 
 
 class GatewaySection(_Section):
+    """The ingress replicas, and the limits every API (HTTP, gRPC, batch rows) applies in one place
+    (serve/admission.py), each checked before anything is built in its size."""
+
     num_replicas: PositiveInt = 1
     num_cpus: Annotated[float, Field(ge=0)] = 0.5
     max_ongoing_requests: PositiveInt = 1000
+    max_queued_requests: int = Field(
+        1000, ge=-1, description="Requests waiting in the proxies for a gateway replica before new ones get "
+                                 "429 / RESOURCE_EXHAUSTED (-1: no limit).")
+    max_request_bytes: PositiveInt = Field(
+        8 << 20, description="Largest HTTP body or gRPC message accepted (413 / RESOURCE_EXHAUSTED beyond); "
+                             "`gptoss-serve serve` also sets Serve's gRPC proxy to refuse larger messages.")
     max_n: PositiveInt = Field(8, description="Largest `n` (choices per request) accepted.")
-    max_request_bytes: PositiveInt = Field(8 << 20, description="Largest HTTP request body accepted.")
+    max_stop_strings: PositiveInt = Field(16, description="Most stop strings per request.")
+    max_stop_chars: PositiveInt = Field(256, description="Longest stop string, in characters.")
+    max_prompts: PositiveInt = Field(128, description="Most prompts in one /v1/completions request.")
+    max_messages: PositiveInt = Field(2048, description="Most messages in one chat.")
+    max_tools: PositiveInt = Field(128, description="Most tools in one chat.")
+    max_tool_schema_bytes: PositiveInt = Field(65536, description="Largest tool parameters schema, as JSON.")
+    max_json_depth: PositiveInt = Field(64, description="Deepest nesting of a JSON body or a tool schema.")
     max_prompt_tokens: PositiveInt | None = Field(
         None, description="Longest prompt accepted, in tokens (default: what the model's context allows).")
     max_output_tokens: PositiveInt | None = Field(
@@ -153,6 +169,17 @@ class GatewaySection(_Section):
     max_retries: Annotated[int, Field(ge=0)] = Field(
         2, description="A request whose group fails before its first token is sent to another group "
                        "this many times (its client sees nothing of it).")
+    admission_workers: Annotated[int, Field(ge=0)] = Field(
+        1, description="Processes per gateway replica that parse, check and render requests, off the event "
+                       "loop that streams every reply (0: on the loop, for trusted clients only).")
+    admission_timeout_s: PositiveFloat = Field(
+        10.0, description="A request whose admission (parsing, rendering) takes longer is refused (413) and "
+                          "its worker replaced.")
+    api_docs: bool | None = Field(
+        None, description="Serve /docs, /redoc and /openapi.json (default: only when no API keys are configured).")
+    metrics_endpoint: bool = Field(
+        True, description="Serve the gptoss_* metrics at GET /metrics on the API port (Prometheus text; "
+                          "public unless auth.public_health is off).")
 
 
 class BatchSection(_Section):
@@ -266,6 +293,18 @@ class AppConfig(_Section):
                           collective_timeout_s=g.collective_timeout_s, load_timeout_s=g.load_timeout_s,
                           step_timeout_s=g.step_timeout_s, name=name)
 
+    def request_limits(self):
+        """The limits every API applies (serve/admission.py)."""
+        from serve.admission import RequestLimits
+
+        g = self.gateway
+        return RequestLimits(max_request_bytes=g.max_request_bytes, max_n=g.max_n,
+                             max_logprobs=self.engine.max_logprobs, max_stop_strings=g.max_stop_strings,
+                             max_stop_chars=g.max_stop_chars, max_prompts=g.max_prompts, max_messages=g.max_messages,
+                             max_tools=g.max_tools, max_tool_schema_bytes=g.max_tool_schema_bytes,
+                             max_json_depth=g.max_json_depth, max_prompt_tokens=g.max_prompt_tokens,
+                             max_output_tokens=g.max_output_tokens)
+
     def max_ongoing_requests_per_replica(self) -> int:
         return self.model_server.max_ongoing_requests or 4 * self.engine.max_num_seqs * self.group.num_ranks
 
@@ -312,17 +351,3 @@ def load_config(path: str | Path | None) -> AppConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return parse_config(raw, str(path))
-
-
-def describe_validation_error(error: ValidationError) -> list[str]:
-    """One line per problem: "engine.max_num_seqs: Input should be greater than 0 (got -1)"."""
-    lines = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif "input" in problem and not isinstance(problem["input"], dict | list):
-            message += f" (got {problem['input']!r})"
-        lines.append(f"{where}: {message}")
-    return lines

@@ -1,6 +1,11 @@
 """The one place that maps exceptions to what a client sees: HTTP status + OpenAI's JSON error, or a
-gRPC status code + details. The client's message and the log's are kept apart: a server fault is
-logged in full and answered with a short message (no internals, no prompt text)."""
+gRPC status code + details.
+
+A client error says what was wrong with the request (naming the field). Anything else is our fault or
+our state: the client gets a fixed message for its kind and the request id, the log gets the full
+cause under that id. Internal text (a rank's remote traceback with pids, addresses and paths, an
+engine's out-of-memory figures) never reaches a client.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,14 @@ import ray
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from gptoss.errors import ClientError, GptossError, OverloadedError, UnavailableError
+from serve.admission import ContextLengthError
 
 logger = logging.getLogger("ray.serve")
+
+UNAVAILABLE_MESSAGE = ("the model server is unavailable (its EP group failed, is starting or is shutting down); "
+                       "retry")
+OVERLOADED_MESSAGE = "the server is overloaded (its queues are full); retry later"
+INTERNAL_MESSAGE = "internal server error"
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,6 @@ class ErrorReply:
 
     def openai_body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class ContextLengthError(ClientError):
-    """Prompt (+ max_tokens) longer than the model's context: OpenAI's `context_length_exceeded`."""
 
 
 class ReplicaUnavailableError(UnavailableError):
@@ -52,26 +59,23 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_reply(exc: BaseException) -> ErrorReply:
+def error_reply(exc: BaseException, request_id: str = "") -> ErrorReply:
+    """What the client sees of `exc`; server-side faults are logged here with `request_id`."""
     exc = unwrap(exc)
+    ref = f" (request id {request_id})" if request_id else ""
     if isinstance(exc, ClientError):
         code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
         return ErrorReply(exc.http_status, exc.grpc_code, exc.openai_type, str(exc), exc.param, code)
-    if isinstance(exc, OverloadedError):
-        return ErrorReply(429, "RESOURCE_EXHAUSTED", "rate_limit_error", str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, BackPressureError):
-        return ErrorReply(429, "RESOURCE_EXHAUSTED", "rate_limit_error",
-                          "the model servers' queues are full; retry later", retry_after_s=1.0)
-    if isinstance(exc, UnavailableError):
-        logger.warning("request failed: %s", exc)
-        return ErrorReply(exc.http_status, exc.grpc_code, exc.openai_type, str(exc), retry_after_s=1.0)
-    if isinstance(exc, GptossError) and exc.http_status == 504:
-        return ErrorReply(504, exc.grpc_code, exc.openai_type, str(exc))
-    if isinstance(exc, DeploymentUnavailableError | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
-        logger.warning("request failed: a model server replica is unavailable: %s", exc)
-        return ErrorReply(503, "UNAVAILABLE", "server_error", "the model server replica serving this request "
-                          "went away; retry", retry_after_s=1.0)
+    if isinstance(exc, OverloadedError | BackPressureError):
+        retry_after_s = getattr(exc, "retry_after_s", None) or 1.0
+        return ErrorReply(429, "RESOURCE_EXHAUSTED", "rate_limit_error", OVERLOADED_MESSAGE, retry_after_s=retry_after_s)
+    if isinstance(exc, UnavailableError | DeploymentUnavailableError | ray.exceptions.RayActorError
+                  | ray.exceptions.ActorUnavailableError):
+        logger.warning("request %s failed: %s: %s", request_id or "-", type(exc).__name__, exc)
+        return ErrorReply(503, "UNAVAILABLE", "server_error", UNAVAILABLE_MESSAGE + ref, retry_after_s=1.0)
+    if isinstance(exc, GptossError) and exc.http_status == 504:  # our deadline, with the client's timeout
+        return ErrorReply(504, exc.grpc_code, exc.openai_type, str(exc) + ref)
     if isinstance(exc, TimeoutError):
-        return ErrorReply(504, "DEADLINE_EXCEEDED", "timeout_error", "the request timed out")
-    logger.error("request failed with an internal error", exc_info=exc)
-    return ErrorReply(500, "INTERNAL", "server_error", f"internal server error ({type(exc).__name__})")
+        return ErrorReply(504, "DEADLINE_EXCEEDED", "timeout_error", "the request timed out" + ref)
+    logger.error("request %s failed with an internal error", request_id or "-", exc_info=exc)
+    return ErrorReply(500, "INTERNAL", "server_error", INTERNAL_MESSAGE + ref)

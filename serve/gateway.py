@@ -1,234 +1,37 @@
-"""The request pipeline both APIs share (OpenAI HTTP and gRPC): check the model and the lengths, send
-token ids to a model server replica through its DeploymentHandle, and turn the streamed token ids back
-into text, reasoning and tool-call deltas (harmony's streaming parser), with stop strings applied here
-(the engine sees ids only).
-
-The API layers (openai_api.py, grpc_api.py) validate their own request shapes, render harmony into a
-`Generation`, and map the `ChoiceEvent`s this yields (and `serve.errors` the exceptions) to their wire
-formats.
+"""`GatewayService`: what one gateway replica does for both APIs (OpenAI HTTP and gRPC), behind their
+wire formats: authenticate, admit (in admission workers, never on the event loop), send the
+generation's token ids to a model server replica through its DeploymentHandle, and turn the streamed
+token ids back into choice events (serve/choices.py). It also answers health from Serve's view of the
+model server replicas, without calling one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
+from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
-from engine.outputs import TokenLogprobs
 from engine.routing import prefix_routing_keys
-from engine.sampling_params import SamplingParams
-from gptoss.errors import AuthenticationError, InvalidRequestError, NotFoundError, UnavailableError
-from gptoss.harmony import (
-    ChatMessage,
-    FunctionTool,
-    StreamDelta,
-    StreamingParser,
-    TextDelta,
-    ToolCallArgsDelta,
-    merge_deltas,
-    render_prompt,
-    tool_call_prefill,
-)
-from gptoss.tokenizer import CALL_ID, IncrementalDecoder
+from gptoss.errors import AuthenticationError, InvalidRequestError, ServerError
+from serve.admission import AdmissionContext, Generation, ModelLimits, RequestLimits
+from serve.admission_workers import AdmissionWorkers
 from serve.auth import ApiKeys
+from serve.choices import ChoiceAssembler, ChoiceEvent, ChoiceUsage
 from serve.config import AppConfig
-from serve.errors import ContextLengthError, ReplicaUnavailableError, unwrap
+from serve.errors import ReplicaUnavailableError, unwrap
 from serve.metrics import GatewayMetrics
-from serve.protocol import ModelChunk, ModelInfo, ModelRequest
+from serve.model_protocol import ModelInfo, ModelRequest
 
 logger = logging.getLogger("ray.serve")
-
-_HEALTH_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One request as the pipeline runs it, built by an API layer."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
-    n: int = 1  # independent choices; choice i > 0 uses seed + i when a seed is given
-    stop: tuple[str, ...] = ()  # stop strings, on the answer's text
-    harmony: bool = True  # parse the completion as harmony (chat), else plain text (completions)
-    prefill_token_ids: tuple[int, ...] = ()  # the start of the reply, already at the prompt's end
-    include_reasoning: bool = True
-    cache_salt: str = ""  # the caller's tenant (from its API key): its own prefix-cache namespace
-
-
-@dataclass(frozen=True)
-class ChoiceUsage:
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    num_reasoning_tokens: int
-
-
-@dataclass(frozen=True)
-class ChoiceEvent:
-    """What one choice added since its previous event; the last one has `finish_reason`."""
-
-    index: int
-    token_ids: tuple[int, ...]
-    deltas: tuple[StreamDelta, ...]  # text by channel ("final" for plain text), tool-call starts and args
-    logprobs: tuple[TokenLogprobs, ...]  # of the tokens whose text is in the answer (or all, for plain text)
-    finish_reason: str | None = None  # "stop", "length", "tool_calls", "abort" (cancelled by Abort)
-    usage: ChoiceUsage | None = None  # the choice's counts so far (final on the last event)
-    replica_id: str = ""  # the model server replica (EP group) serving the choice
-
-
-class StopStrings:
-    """Cuts a text stream at the first stop string. Text that could be the start of a stop string is
-    held back until the next piece decides it, so no client ever sees part of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text to emit, whether a stop string ended the stream)."""
-        text = self._held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-class ChoiceAssembler:
-    """Turns one choice's model chunks into events: harmony parsing (or plain decoding), stop strings,
-    the reasoning switch, logprobs of the answer's tokens, and the finish reason."""
-
-    def __init__(self, index: int, generation: Generation):
-        self.index = index
-        self.generation = generation
-        self.parser = StreamingParser() if generation.harmony else None
-        self.decoder = None if generation.harmony else IncrementalDecoder()
-        self.stop = StopStrings(generation.stop) if generation.stop else None
-        self.stopped = False  # by a stop string
-        self.num_reasoning_tokens = 0
-        self._carry: list[StreamDelta] = []
-        if self.parser is not None and generation.prefill_token_ids:
-            self._carry = self.parser.feed(generation.prefill_token_ids)  # e.g. the named tool call's start
-
-    def add(self, chunk: ModelChunk) -> ChoiceEvent:
-        deltas, self._carry = self._carry, []
-        logprobs: list[TokenLogprobs] = []
-        for i, token in enumerate(chunk.token_ids):
-            if self.stopped:
-                break
-            token_deltas = self._token_deltas(token)
-            if any(isinstance(d, TextDelta) and d.channel == "analysis" for d in token_deltas):
-                self.num_reasoning_tokens += 1
-            if chunk.logprobs is not None and self._is_answer(token_deltas):
-                logprobs.append(chunk.logprobs[i])
-            deltas += token_deltas
-        finish_reason = "stop" if self.stopped else None
-        if finish_reason is None and chunk.finish_reason is not None:
-            deltas += self._flush()
-            finish_reason = self._finish_reason(chunk)
-        usage = ChoiceUsage(chunk.num_prompt_tokens, chunk.num_output_tokens, chunk.num_cached_tokens,
-                            self.num_reasoning_tokens)
-        if not self.generation.include_reasoning:
-            deltas = [d for d in deltas if not (isinstance(d, TextDelta) and d.channel == "analysis")]
-        return ChoiceEvent(self.index, chunk.token_ids, tuple(merge_deltas(deltas)), tuple(logprobs),
-                           finish_reason, usage, chunk.replica_id)
-
-    def _token_deltas(self, token: int) -> list[StreamDelta]:
-        if self.parser is not None:
-            deltas = self.parser.feed(token)
-        else:
-            text = self.decoder.feed([token])
-            deltas = [TextDelta("final", text)] if text else []
-        return self._apply_stop(deltas)
-
-    def _apply_stop(self, deltas: list[StreamDelta]) -> list[StreamDelta]:
-        if self.stop is None:
-            return deltas
-        out: list[StreamDelta] = []
-        for delta in deltas:
-            if isinstance(delta, TextDelta) and delta.channel == "final":
-                text, hit = self.stop.feed(delta.text)
-                if text:
-                    out.append(TextDelta("final", text))
-                if hit:
-                    self.stopped = True
-                    break
-            else:
-                out.append(delta)
-        return out
-
-    @staticmethod
-    def _is_answer(deltas: list[StreamDelta]) -> bool:
-        return any(isinstance(d, TextDelta) and d.channel != "analysis" or isinstance(d, ToolCallArgsDelta)
-                   for d in deltas)
-
-    def _flush(self) -> list[StreamDelta]:
-        if self.parser is not None:
-            deltas = self.parser.finish()
-        else:
-            text = self.decoder.flush()
-            deltas = [TextDelta("final", text)] if text else []
-        deltas = self._apply_stop(deltas)
-        if self.stop is not None and not self.stopped:
-            held = self.stop.flush()
-            if held:
-                deltas.append(TextDelta("final", held))
-        return deltas
-
-    def _finish_reason(self, chunk: ModelChunk) -> str:
-        if chunk.finish_reason == "abort":  # the model server aborted it (draining)
-            raise UnavailableError("the model server aborted the request (it is shutting down); retry")
-        if chunk.finish_reason == "stop" and self.parser is not None and chunk.token_ids[-1:] == (CALL_ID,):
-            return "tool_calls"
-        return chunk.finish_reason
-
-
-@dataclass(frozen=True)
-class ToolChoice:
-    mode: str = "auto"  # "auto", "none" (tools not shown to the model), "required", "function"
-    name: str | None = None  # mode "function": the function to call
-
-
-def render_chat(messages: list[ChatMessage], tools: list[FunctionTool], tool_choice: ToolChoice,
-                reasoning_effort: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(prompt token ids, prefill) for a chat: harmony's rendering with today's date, then for
-    tool_choice "required" or a named function the start of a tool call (the model cannot answer
-    otherwise: there is no guided decoding here).
-
-    Raises:
-        InvalidRequestError naming "messages", "tools" or "tool_choice".
-    """
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise InvalidRequestError("tools", f"tools must have distinct names, got {names}")
-    if tool_choice.mode in ("required", "function") and not tools:
-        raise InvalidRequestError("tool_choice", f"tool_choice {tool_choice.mode!r} needs tools, got none")
-    if tool_choice.mode == "function" and tool_choice.name not in names:
-        raise InvalidRequestError("tool_choice", f"tool_choice names function {tool_choice.name!r}, which is not "
-                                                 f"among the tools {names}")
-    try:
-        prompt = render_prompt(messages, tools=() if tool_choice.mode == "none" else tools,
-                               reasoning_effort=reasoning_effort, current_date=time.strftime("%Y-%m-%d", time.gmtime()))
-    except ValueError as e:
-        raise InvalidRequestError("messages", str(e)) from None
-    prefill: list[int] = []
-    if tool_choice.mode in ("required", "function"):
-        prefill = tool_call_prefill(tool_choice.name)
-    return tuple(prompt + prefill), tuple(prefill)
 
 
 def allow_everyone(credential: str | None) -> str:
@@ -263,48 +66,115 @@ class RecentFailures:
         return tuple(self._until)
 
 
+@dataclass(frozen=True)
+class FleetHealth:
+    """The model server deployment as Serve's controller last reported it."""
+
+    healthy: bool
+    status: str  # Serve's deployment status: HEALTHY, UPSCALING, UNHEALTHY, ...
+    num_running: int  # replicas (EP groups) serving, less those this gateway saw fail just now
+    num_starting: int
+    checked_at: float  # time.monotonic()
+
+    def body(self) -> dict[str, Any]:
+        return {"status": "ok" if self.healthy else "unavailable",
+                "model_servers": {"state": self.status, "running": self.num_running, "starting": self.num_starting}}
+
+
+class FleetView:
+    """Health from Serve's controller (which health-checks every replica on its own period), asked at
+    most every `period_s` however many probes arrive: a probe never sends a request to a model server,
+    so with `min_replicas: 0` it does not start a group."""
+
+    def __init__(self, app_name: str, deployment_name: str, failures: RecentFailures, period_s: float = 2.0):
+        self.app_name, self.deployment_name, self.period_s = app_name, deployment_name, period_s
+        self.failures = failures
+        self._last: FleetHealth | None = None
+        self._refresh: asyncio.Task | None = None
+
+    async def health(self) -> FleetHealth:
+        last = self._last
+        if last is not None and time.monotonic() - last.checked_at < self.period_s:
+            return last
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._read())
+        if last is not None:
+            return last  # a stale answer now beats a probe that waits on the controller
+        return await asyncio.shield(self._refresh)
+
+    async def _read(self) -> FleetHealth:
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=10.0)
+            deployment = status.applications[self.app_name].deployments[self.deployment_name]
+            states = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+            verdict = str(getattr(deployment.status, "value", deployment.status))
+        except Exception as e:  # noqa: BLE001 - no view of the fleet is "not healthy", never a failed probe
+            logger.warning("health: Serve's status could not be read (%s: %s)", type(e).__name__, e)
+            states, verdict = {}, "UNKNOWN"
+        running = max(0, states.get("RUNNING", 0) - len(self.failures.current()))
+        starting = states.get("STARTING", 0) + states.get("UPDATING", 0) + states.get("RECOVERING", 0)
+        # No replica and none wanted: scaled to zero (min_replicas 0); the next request starts one.
+        scaled_to_zero = verdict == "HEALTHY" and not any(states.values())
+        healthy = verdict not in ("UNHEALTHY", "DEPLOY_FAILED", "UNKNOWN") and (running > 0 or scaled_to_zero)
+        self._last = FleetHealth(healthy, verdict, running, starting, time.monotonic())
+        return self._last
+
+
 @dataclass
 class _OpenRequest:
     streams: list  # the request's DeploymentResponseGenerators
     aborted: bool = False
 
 
-class Pipeline:
-    """One per gateway replica. `run` streams a generation's events; `abort` ends a running one."""
+class GatewayService:
+    """One per gateway replica."""
 
-    def __init__(self, model_server, config: AppConfig,
-                 authenticate: Callable[[str | None], str] | None = None):
+    def __init__(self, model_server, config: AppConfig, authenticate: Callable[[str | None], str] | None = None):
         self.model_server = model_server  # DeploymentHandle of the ModelServer deployment
         self._streaming = model_server.options(stream=True)
         self.model_name = config.served_model_name()
-        self.limits = config.gateway
-        self.auth = config.auth
+        self.config = config
+        self.limits: RequestLimits = config.request_limits()
         self.block_size = config.engine.block_size
         self.prefix_blocks = config.model_server.router.prefix_blocks
         self._authenticate = authenticate or build_authenticator(config)
         self.metrics = GatewayMetrics(self.model_name)
+        self.workers = AdmissionWorkers(config.gateway.admission_workers, config.gateway.admission_timeout_s)
         self._failed_replicas = RecentFailures()
+        self.fleet = FleetView(model_server.app_name, model_server.deployment_name, self._failed_replicas)
         self._info: ModelInfo | None = None
-        self._open: dict[str, _OpenRequest] = {}
+        self._open: dict[str, _OpenRequest] = {}  # by the client's request id (gRPC's Abort names it)
+        self._run_numbers = itertools.count()
+
+    # --- admission ------------------------------------------------------------------------------
 
     def authenticate(self, credential: str | None) -> str:
-        """The caller's tenant. Raises AuthenticationError unless the credential (an API key) is accepted."""
+        """The caller's tenant.
+
+        Raises:
+            AuthenticationError (401) unless the credential is accepted; ServerError (500) when the
+            authenticator itself failed (a fault of ours must not read as a wrong key).
+        """
         try:
             return self._authenticate(credential)
         except AuthenticationError:
             raise
-        except Exception as e:  # an authenticator's bug must not let a request in
-            raise AuthenticationError("the credential could not be checked") from e
+        except Exception as e:
+            logger.error("the authenticator failed", exc_info=e)
+            raise ServerError("the credential could not be checked") from e
 
     def authenticate_health(self, credential: str | None) -> None:
-        """Health endpoints answer without a key unless `auth.public_health` is off."""
-        if not self.auth.public_health:
+        """Health and metrics endpoints answer without a key unless `auth.public_health` is off."""
+        if not self.config.auth.public_health:
             self.authenticate(credential)
 
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise NotFoundError(f"model {model!r} is not served here; the models are: [{self.model_name!r}] "
-                                f"(GET /v1/models)", "model")
+    async def admit(self, admit_function: Callable, body: bytes, request_id: str, tenant: str) -> Any:
+        """`admit_function(body, context)` in an admission worker (serve/admission_workers.py)."""
+        info = await self.info()
+        context = AdmissionContext(self.limits, self.model_name, request_id, tenant,
+                                   ModelLimits(info.max_model_len, info.vocab_size),
+                                   time.strftime("%Y-%m-%d", time.gmtime()))
+        return await self.workers.run(admit_function, body, context)
 
     async def info(self) -> ModelInfo:
         """The served model's facts, asked of a model server replica once (it waits for one to be up)."""
@@ -312,73 +182,37 @@ class Pipeline:
             self._info = await self.model_server.get_info.remote()
         return self._info
 
-    async def healthy(self) -> bool:
-        """Whether a model server replica answers with a healthy EP group."""
-        try:
-            health = await asyncio.wait_for(self.model_server.health.remote(), timeout=_HEALTH_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - any failure to answer is "not healthy"
-            return False
-        return health.healthy
+    async def health(self) -> FleetHealth:
+        return await self.fleet.health()
 
-    async def check_lengths(self, generation: Generation) -> Generation:
-        """Refuses, before any work, a prompt or max_tokens that cannot fit the model's context or the
-        gateway's limits; returns the generation with max_tokens capped by `max_output_tokens`."""
-        info = await self.info()
-        num_prompt = len(generation.prompt_token_ids)
-        prompt_field = "messages" if generation.harmony else "prompt"
-        limits = self.limits
-        if limits.max_prompt_tokens is not None and num_prompt > limits.max_prompt_tokens:
-            raise ContextLengthError(f"the prompt has {num_prompt} tokens; this server accepts at most "
-                                     f"{limits.max_prompt_tokens} (gateway.max_prompt_tokens)", prompt_field)
-        if num_prompt >= info.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {info.max_model_len} tokens; the prompt has "
-                f"{num_prompt} tokens and at least one must be generated", prompt_field)
-        max_tokens = generation.sampling.max_tokens
-        if limits.max_output_tokens is not None:
-            if max_tokens is not None and max_tokens > limits.max_output_tokens:
-                raise InvalidRequestError("max_tokens", f"max_tokens must be <= {limits.max_output_tokens} "
-                                                        f"(gateway.max_output_tokens), got {max_tokens}")
-            if max_tokens is None:
-                max_tokens = min(limits.max_output_tokens, info.max_model_len - num_prompt)
-                generation = dataclasses.replace(
-                    generation, sampling=dataclasses.replace(generation.sampling, max_tokens=max_tokens))
-        if max_tokens is not None and num_prompt + max_tokens > info.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {info.max_model_len} tokens; the prompt has "
-                f"{num_prompt} tokens and max_tokens asks for {max_tokens} more (at most "
-                f"{info.max_model_len - num_prompt})", "max_tokens")
-        bad = [t for t in generation.prompt_token_ids if not 0 <= t < info.vocab_size]
-        if bad:
-            raise InvalidRequestError("prompt", f"prompt token ids must be in [0, {info.vocab_size}), got {bad[:5]}")
-        if generation.sampling.logprobs is not None and generation.sampling.logprobs > info.max_logprobs:
-            raise InvalidRequestError("top_logprobs", f"top_logprobs must be <= {info.max_logprobs}, "
-                                                      f"got {generation.sampling.logprobs}")
-        if generation.n > limits.max_n:
-            raise InvalidRequestError("n", f"n must be <= {limits.max_n}, got {generation.n}")
-        return generation
+    # --- running -------------------------------------------------------------------------------
 
-    async def run(self, generation: Generation) -> AsyncIterator[ChoiceEvent]:
+    async def run(self, generation: Generation, abortable: bool = False) -> AsyncIterator[ChoiceEvent]:
         """The generation's events, choices interleaved as they arrive; leaving early cancels it all.
+        `abortable`: `abort(generation.request_id)` may end it (its id must then be unique among the
+        replica's running requests).
 
         Raises:
-            ClientError (names the field), UnavailableError, and what the model server raised.
+            ClientError, UnavailableError, and what the model server raised.
         """
-        generation = await self.check_lengths(generation)
-        if generation.request_id in self._open:
+        if abortable and generation.request_id in self._open:
             raise InvalidRequestError("request_id", f"request_id {generation.request_id!r} is already running")
-        request = self._open[generation.request_id] = _OpenRequest([])
+        request = _OpenRequest([])
+        if abortable:
+            self._open[generation.request_id] = request
+        run_id = f"{generation.request_id}/{next(self._run_numbers)}"
         try:
-            choices = [self._run_choice(generation, i, request) for i in range(generation.n)]
+            choices = [self._run_choice(generation, i, request, run_id) for i in range(generation.n)]
             async for _, event in interleave(choices):
                 yield event
         finally:
-            del self._open[generation.request_id]
+            if abortable:
+                del self._open[generation.request_id]
             for stream in request.streams:
                 stream.cancel()  # no-op for streams that ended; aborts the rest in their engines
 
     def abort(self, request_id: str) -> bool:
-        """Ends a running generation: each open choice's last event has finish_reason "abort"."""
+        """Ends a running abortable generation: each open choice's last event has finish_reason "abort"."""
         request = self._open.get(request_id)
         if request is None:
             return False
@@ -387,20 +221,21 @@ class Pipeline:
             stream.cancel()
         return True
 
-    def _model_request(self, generation: Generation, index: int) -> ModelRequest:
+    def _model_request(self, generation: Generation, index: int, run_id: str) -> ModelRequest:
         sampling = generation.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**63)
         keys = prefix_routing_keys(generation.prompt_token_ids, self.block_size, generation.cache_salt,
                                    self.prefix_blocks)
-        return ModelRequest(f"{generation.request_id}-{index}", generation.prompt_token_ids, sampling,
-                            generation.cache_salt, keys, self._failed_replicas.current())
+        return ModelRequest(f"{run_id}-{index}", generation.prompt_token_ids, sampling, generation.cache_salt, keys,
+                            self._failed_replicas.current())
 
-    async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest
+    async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest, run_id: str
                           ) -> AsyncIterator[ChoiceEvent]:
-        model_request = self._model_request(generation, index)
+        model_request = self._model_request(generation, index, run_id)
         assembler = ChoiceAssembler(index, generation)
-        for attempt in range(self.limits.max_retries + 1):
+        max_retries = self.config.gateway.max_retries
+        for attempt in range(max_retries + 1):
             stream = self._streaming.generate.remote(model_request)
             request.streams.append(stream)
             started = False
@@ -419,17 +254,21 @@ class Pipeline:
                 cause = unwrap(e)
                 if isinstance(cause, ReplicaUnavailableError):
                     self._failed_replicas.note(cause.replica_id)  # route around it until Serve replaces it
-                if started or request.aborted or attempt == self.limits.max_retries or not _retryable(e):
+                if started or request.aborted or attempt == max_retries or not _retryable(e):
                     raise
                 if isinstance(cause, ReplicaUnavailableError):
                     model_request = dataclasses.replace(
                         model_request, avoid_replica_ids=(*model_request.avoid_replica_ids, cause.replica_id))
-                logger.warning("a model server replica failed before the first token (%s); retrying "
-                               "elsewhere (%d of %d)", type(cause).__name__, attempt + 1, self.limits.max_retries)
+                logger.warning("request %s: a model server replica failed before the first token (%s); retrying "
+                               "elsewhere (%d of %d)", generation.request_id, type(cause).__name__, attempt + 1,
+                               max_retries)
                 continue
             break
         # Aborted: the model server's stream ended early.
         yield ChoiceEvent(index, (), (), (), "abort", ChoiceUsage(len(generation.prompt_token_ids), 0, 0, 0))
+
+    def close(self) -> None:
+        self.workers.close()
 
 
 def _retryable(exc: BaseException) -> bool:

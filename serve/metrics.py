@@ -11,8 +11,12 @@ from a periodic stats poll (gauges set, counters advanced by what changed since 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import urllib.request
 from collections.abc import Sequence
 
+import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from cluster import GroupStats
@@ -26,6 +30,7 @@ E2E_BUCKETS_S = [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
 STEP_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24]
 
 _SERVER = ("model", "replica")
+logger = logging.getLogger("ray.serve")
 
 
 class ModelServerMetrics:
@@ -145,3 +150,47 @@ class GatewayMetrics:
 
     def error(self, api: str, http_status: int) -> None:
         self.errors.inc(tags={"api": api, "status": str(http_status)})
+
+
+# --- GET /metrics on the API port ----------------------------------------------------------------------
+
+GPTOSS_FAMILY_PREFIX = "ray_gptoss_"  # Ray's exporter adds its namespace to ours
+
+
+async def scrape_gptoss_metrics(timeout_s: float = 5.0) -> str:
+    """The gptoss_* series of every alive node's Ray metrics export, merged into one Prometheus text
+    page (one HELP and TYPE per family). A node that does not answer within `timeout_s` is left out."""
+    nodes = await asyncio.to_thread(ray.nodes)
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in nodes if n.get("Alive") and n.get("MetricsExportPort")]
+    pages = await asyncio.gather(*(asyncio.to_thread(_fetch, url, timeout_s) for url in urls))
+    return merge_families([page for page in pages if page], GPTOSS_FAMILY_PREFIX)
+
+
+def _fetch(url: str, timeout_s: float) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - Ray's own exporter
+            return response.read().decode("utf-8", errors="replace")
+    except OSError as e:
+        logger.warning("metrics: %s did not answer (%s)", url, e)
+        return ""
+
+
+def merge_families(pages: list[str], prefix: str) -> str:
+    """The families named `prefix`* of several Prometheus text pages, each once (HELP, TYPE, then the
+    samples of every page)."""
+    headers: dict[str, dict[str, str]] = {}  # family -> {"HELP": line, "TYPE": line}
+    samples: dict[str, list[str]] = {}
+    current: str | None = None
+    for page in pages:
+        for line in page.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                kind, name = line.split(" ", 3)[1:3]
+                current = name if name.startswith(prefix) else None
+                if current is not None:
+                    headers.setdefault(current, {}).setdefault(kind, line)
+                    samples.setdefault(current, [])
+            elif current is not None and line.startswith(current):
+                samples[current].append(line)
+    return "".join(f"{header.get('HELP', '')}\n{header.get('TYPE', '')}\n" + "".join(f"{s}\n" for s in samples[name])
+                   for name, header in headers.items())

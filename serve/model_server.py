@@ -23,7 +23,7 @@ from gptoss.errors import UnavailableError
 from serve.config import AppConfig
 from serve.errors import ReplicaUnavailableError
 from serve.metrics import ModelServerMetrics
-from serve.protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth
+from serve.model_protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth
 from serve.router import ReplicaLoad
 
 logger = logging.getLogger("ray.serve")  # what Serve writes to the replica's log

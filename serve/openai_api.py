@@ -1,61 +1,70 @@
-"""The OpenAI-compatible HTTP API: FastAPI routes over the gateway's pipeline.
+"""The OpenAI-compatible HTTP API: FastAPI routes over the gateway service.
 
 POST /v1/chat/completions, POST /v1/completions (text or token-id prompts, no template), GET /v1/models,
-GET /v1/models/{id}, GET /health. Errors are OpenAI's JSON error body with the matching status;
-streams are server-sent events ending with `data: [DONE]`.
+GET /v1/models/{id}, GET /health, GET /metrics. Errors are OpenAI's JSON error body with the matching
+status; streams are server-sent events ending with `data: [DONE]`. Every response carries the request's
+id in `x-request-id` (the client's own when it sent one): server errors quote it, and the gateway's log
+has their cause under it.
+
+A route reads the body (refused by size before it is read whole) and hands the bytes to admission
+(serve/openai_protocol.py, in an admission worker); it never parses or renders on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.sampling_params import SamplingParams
-from gptoss.errors import DeadlineExceededError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from gptoss.harmony import ChatMessage, FunctionTool, TextDelta, ToolCall
-from gptoss.tokenizer import encode
-from serve.config import describe_validation_error
+from gptoss.errors import DeadlineExceededError, NotFoundError, PayloadTooLargeError
+from gptoss.harmony import TextDelta
+from serve.admission import Generation, check_model
+from serve.choices import ChoiceEvent, ChoiceUsage
 from serve.errors import error_reply
-from serve.gateway import ChoiceEvent, ChoiceUsage, Generation, Pipeline, ToolChoice, interleave, render_chat
+from serve.gateway import GatewayService, interleave
+from serve.metrics import scrape_gptoss_metrics
 from serve.openai_protocol import (
     ChatChoiceAccumulator,
-    ChatCompletionRequest,
     ChatDeltaBuilder,
-    ChatMessageIn,
-    CompletionRequest,
-    NamedToolChoice,
+    ResponseOptions,
+    admit_chat_json,
+    admit_completion_json,
     chat_logprobs,
     completion_logprobs,
-    new_id,
     now_s,
     usage_body,
 )
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
 REPLICA_HEADER = "x-gptoss-replica"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
 
 
-def make_openai_app(pipeline: Pipeline, max_request_bytes: int) -> FastAPI:
-    """The FastAPI app of one gateway replica, over its pipeline."""
-    app = FastAPI(title="gptoss-serve", description="OpenAI-compatible API for gpt-oss")
-    app.state.pipeline = pipeline
-    app.state.max_request_bytes = max_request_bytes
+def make_openai_app(gateway: GatewayService) -> FastAPI:
+    """The FastAPI app of one gateway replica."""
+    docs = gateway.config.gateway.api_docs
+    if docs is None:  # an open schema of a keyed server tells strangers what it serves
+        docs = not gateway.config.auth.enabled
+    app = FastAPI(title="gptoss-serve", description="OpenAI-compatible API for gpt-oss",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.gateway = gateway
     app.state.started_at = now_s()
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
+    if gateway.config.gateway.metrics_endpoint:
+        app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     return app
 
@@ -63,90 +72,114 @@ def make_openai_app(pipeline: Pipeline, max_request_bytes: int) -> FastAPI:
 # --- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
-    pipeline: Pipeline = request.app.state.pipeline
-    pipeline.metrics.request("chat")
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    gateway.metrics.request("chat")
     try:
-        tenant = pipeline.authenticate(bearer_token(request))
-        chat = parse_body(ChatCompletionRequest, await read_json(request))
-        pipeline.check_model(chat.model)
-        generation = dataclasses.replace(chat_generation(chat), cache_salt=tenant)
-        events = with_deadline(pipeline.run(generation), chat.timeout)
-        if not chat.stream:
-            body, replica = await collect_chat(events, generation, chat, pipeline.model_name)
-            return JSONResponse(body, headers=replica_header(replica))
+        tenant = gateway.authenticate(bearer_token(request))
+        body = await read_body(request, gateway.limits.max_request_bytes)
+        generation, options = await gateway.admit(admit_chat_json, body, request_id, tenant)
+        events = with_deadline(gateway.run(generation), options.timeout_s)
+        if not options.stream:
+            reply, replica = await collect_chat(events, generation, options, gateway.model_name)
+            return JSONResponse(reply, headers=headers | replica_header(replica))
         first = await anext(events)  # errors before the first token still get their HTTP status
-        return event_stream(chat_chunks(first, events, generation, chat, pipeline.model_name),
-                            pipeline, "chat", first.replica_id)
+        chunks = chat_chunks(first, events, generation, options, gateway.model_name)
+        return event_stream(chunks, gateway, "chat", request_id, headers | replica_header(first.replica_id))
     except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
-        return error_response(e, pipeline, "chat")
+        return error_response(e, gateway, "chat", request_id, headers)
 
 
 async def completions(request: Request) -> Response:
-    pipeline: Pipeline = request.app.state.pipeline
-    pipeline.metrics.request("completions")
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    gateway.metrics.request("completions")
     try:
-        tenant = pipeline.authenticate(bearer_token(request))
-        req = parse_body(CompletionRequest, await read_json(request))
-        pipeline.check_model(req.model)
-        request_id = new_id("cmpl")
-        generations = completion_generations(req, request_id, tenant)
-        events = with_deadline(interleave([pipeline.run(g) for g in generations]), req.timeout)
-        if not req.stream:
-            body, replica = await collect_completion(events, req, request_id, pipeline.model_name)
-            return JSONResponse(body, headers=replica_header(replica))
+        tenant = gateway.authenticate(bearer_token(request))
+        body = await read_body(request, gateway.limits.max_request_bytes)
+        generations, options = await gateway.admit(admit_completion_json, body, request_id, tenant)
+        events = with_deadline(interleave([gateway.run(g) for g in generations]), options.timeout_s)
+        if not options.stream:
+            reply, replica = await collect_completion(events, generations, options, request_id, gateway.model_name)
+            return JSONResponse(reply, headers=headers | replica_header(replica))
         first = await anext(events)
-        return event_stream(completion_chunks(first, events, req, request_id, pipeline.model_name),
-                            pipeline, "completions", first[1].replica_id)
+        chunks = completion_chunks(first, events, generations, options, request_id, gateway.model_name)
+        return event_stream(chunks, gateway, "completions", request_id, headers | replica_header(first[1].replica_id))
     except Exception as e:  # noqa: BLE001
-        return error_response(e, pipeline, "completions")
+        return error_response(e, gateway, "completions", request_id, headers)
 
 
 async def list_models(request: Request) -> Response:
-    pipeline: Pipeline = request.app.state.pipeline
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
     try:
-        pipeline.authenticate(bearer_token(request))
-        return JSONResponse({"object": "list", "data": [await model_card(request)]})
+        gateway.authenticate(bearer_token(request))
+        return JSONResponse({"object": "list", "data": [await model_card(request)]}, headers=headers)
     except Exception as e:  # noqa: BLE001
-        return error_response(e, pipeline, "models")
+        return error_response(e, gateway, "models", request_id, headers)
 
 
 async def get_model(request: Request, model_id: str) -> Response:
-    pipeline: Pipeline = request.app.state.pipeline
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
     try:
-        pipeline.authenticate(bearer_token(request))
-        pipeline.check_model(model_id)
-        return JSONResponse(await model_card(request))
+        gateway.authenticate(bearer_token(request))
+        check_model(model_id, gateway.model_name)
+        return JSONResponse(await model_card(request), headers=headers)
     except Exception as e:  # noqa: BLE001
-        return error_response(e, pipeline, "models")
+        return error_response(e, gateway, "models", request_id, headers)
 
 
 async def health(request: Request) -> Response:
-    """200 when a model server replica answers with a healthy EP group, else 503."""
-    pipeline: Pipeline = request.app.state.pipeline
+    """200 while a model server replica serves (or the deployment is scaled to zero on purpose), else
+    503: Serve's view of the replicas, never a call to one."""
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
     try:
-        pipeline.authenticate_health(bearer_token(request))
+        gateway.authenticate_health(bearer_token(request))
     except Exception as e:  # noqa: BLE001
-        return error_response(e, pipeline, "health")
-    if await pipeline.healthy():
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "unavailable"}, status_code=503)
+        return error_response(e, gateway, "health", request_id, headers)
+    fleet = await gateway.health()
+    return JSONResponse(fleet.body(), status_code=200 if fleet.healthy else 503, headers=headers)
 
 
-def replica_header(replica_id: str) -> dict[str, str] | None:
-    """Which model server replica (EP group) served the request: for operators tracing a request."""
-    return {REPLICA_HEADER: replica_id} if replica_id else None
+async def metrics(request: Request) -> Response:
+    """The gptoss_* series of every node's Ray metrics export, in Prometheus' text format."""
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    try:
+        gateway.authenticate_health(bearer_token(request))
+        text = await scrape_gptoss_metrics()
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, gateway, "metrics", request_id, headers)
+    return PlainTextResponse(text, headers=headers, media_type="text/plain; version=0.0.4")
 
 
 async def model_card(request: Request) -> dict:
-    pipeline: Pipeline = request.app.state.pipeline
-    card = {"id": pipeline.model_name, "object": "model", "created": request.app.state.started_at,
+    gateway: GatewayService = request.app.state.gateway
+    card = {"id": gateway.model_name, "object": "model", "created": request.app.state.started_at,
             "owned_by": "gptoss-serve"}
-    with contextlib.suppress(asyncio.TimeoutError):  # no replica up yet: the card without the length
-        card["max_model_len"] = (await asyncio.wait_for(pipeline.info(), timeout=2.0)).max_model_len
+    with contextlib.suppress(asyncio.TimeoutError):  # no replica up yet: the card without the model's figures
+        info = await asyncio.wait_for(gateway.info(), timeout=2.0)
+        card["max_model_len"] = info.max_model_len
+        card["kernels"] = dict(info.kernels)
     return card
 
 
 # --- requests ----------------------------------------------------------------------------------------
+
+def request_id_of(request: Request) -> tuple[str, dict[str, str]]:
+    """(the request's id, headers the response must add to carry it). Behind Serve's HTTP proxy every
+    request has an `x-request-id` (the client's, or one the proxy made) and the proxy returns it on the
+    response; a request without one gets a new id, sent back here."""
+    value = request.headers.get(REQUEST_ID_HEADER)
+    if value is None:
+        request_id = uuid.uuid4().hex
+        return request_id, {REQUEST_ID_HEADER: request_id}
+    if len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable():
+        return value, {}
+    return uuid.uuid4().hex, {}  # not fit for logs: ours in the logs and error messages
+
 
 def bearer_token(request: Request) -> str | None:
     value = request.headers.get("authorization", "")
@@ -154,90 +187,19 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def read_json(request: Request) -> Any:
-    """The body as JSON, refusing bodies over the limit before reading them whole."""
-    limit = request.app.state.max_request_bytes
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, refusing bodies over `limit` before reading them whole."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the request body has {declared} bytes; at most {limit} are accepted")
+        raise PayloadTooLargeError(f"the request body has {declared} bytes; at most {limit} are accepted "
+                                   f"(gateway.max_request_bytes)")
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise PayloadTooLargeError(f"the request body is larger than the {limit} bytes accepted")
-    try:
-        data = json.loads(bytes(body).decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError("body", f"the request body must be UTF-8 JSON: byte {e.start} is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise InvalidRequestError("body", f"the request body must be JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("body", f"the request body must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def parse_body(model: type[ModelT], body: dict) -> ModelT:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        raise InvalidRequestError(_param(e), "; ".join(describe_validation_error(e))) from None
-
-
-def _param(error: ValidationError) -> str:
-    """The first problem's field as a dotted path, without pydantic's union-member tags."""
-    parts = [str(p) for p in error.errors()[0]["loc"]]
-    kept = [p for p in parts if not ("[" in p or p in ("str", "int", "float", "bool", "list", "dict")
-                                     or p.startswith("function-") or p[:1].isupper())]
-    return ".".join(kept) or "body"
-
-
-def sampling_params(**fields) -> SamplingParams:
-    """SamplingParams, whose checks name the field (e.g. "temperature must be ...")."""
-    return SamplingParams(**fields)
-
-
-def chat_generation(chat: ChatCompletionRequest) -> Generation:
-    messages = [chat_message(m, i) for i, m in enumerate(chat.messages)]
-    tools = []
-    for i, tool in enumerate(chat.tools or []):
-        try:
-            tools.append(FunctionTool(tool.function.name, tool.function.description, tool.function.parameters))
-        except ValueError as e:
-            raise InvalidRequestError(f"tools.{i}.function.name", f"tools.{i}.function.{e}") from None
-    if isinstance(chat.tool_choice, NamedToolChoice):
-        tool_choice = ToolChoice("function", chat.tool_choice.function.name)
-    else:
-        tool_choice = ToolChoice(chat.tool_choice or ("auto" if tools else "none"))
-    prompt, prefill = render_chat(messages, tools, tool_choice, chat.reasoning_effort)
-    sampling = sampling_params(max_tokens=chat.output_limit, temperature=chat.temperature, top_p=chat.top_p,
-                               top_k=chat.top_k, min_p=chat.min_p, presence_penalty=chat.presence_penalty,
-                               frequency_penalty=chat.frequency_penalty, seed=chat.seed, logprobs=chat.num_logprobs)
-    return Generation(new_id("chatcmpl"), prompt, sampling, chat.n, chat.stop_strings(), harmony=True,
-                      prefill_token_ids=prefill, include_reasoning=chat.include_reasoning)
-
-
-def chat_message(m: ChatMessageIn, i: int) -> ChatMessage:
-    try:
-        calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ())
-        return ChatMessage(m.role, m.text(), name=m.name if m.role == "tool" else None, tool_calls=calls,
-                           tool_call_id=m.tool_call_id, reasoning=m.reasoning or m.reasoning_content)
-    except ValueError as e:
-        raise InvalidRequestError(f"messages.{i}", f"messages.{i}: {e}") from None
-
-
-def completion_generations(req: CompletionRequest, request_id: str, tenant: str = "") -> list[Generation]:
-    sampling = sampling_params(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                               top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
-                               frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=req.logprobs,
-                               stop_token_ids=())  # raw text: the engine stops at max_tokens or a stop string
-    generations = []
-    for i, prompt in enumerate(req.prompts()):
-        ids = encode(prompt) if isinstance(prompt, str) else prompt
-        if not ids:
-            raise InvalidRequestError("prompt", "prompt must not be empty")
-        generations.append(Generation(f"{request_id}-{i}", tuple(ids), sampling, req.n, req.stop_strings(),
-                                      harmony=False, cache_salt=tenant))
-    return generations
+            raise PayloadTooLargeError(f"the request body is larger than the {limit} bytes accepted "
+                                       f"(gateway.max_request_bytes)")
+    return bytes(body)
 
 
 async def with_deadline(events: AsyncIterator, timeout_s: float | None) -> AsyncIterator:
@@ -258,36 +220,43 @@ async def with_deadline(events: AsyncIterator, timeout_s: float | None) -> Async
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def error_response(exc: BaseException, pipeline: Pipeline | None = None, api: str = "") -> JSONResponse:
-    reply = error_reply(exc)
-    if pipeline is not None:
-        pipeline.metrics.error(api, reply.http_status)
-    headers = {"Retry-After": str(math.ceil(reply.retry_after_s))} if reply.retry_after_s else None
+def replica_header(replica_id: str) -> dict[str, str]:
+    """Which model server replica (EP group) served the request: for operators tracing a request."""
+    return {REPLICA_HEADER: replica_id} if replica_id else {}
+
+
+def error_response(exc: BaseException, gateway: GatewayService | None = None, api: str = "", request_id: str = "",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    reply = error_reply(exc, request_id)
+    if gateway is not None:
+        gateway.metrics.error(api, reply.http_status)
+    headers = dict(headers or {})
+    if reply.retry_after_s:
+        headers["Retry-After"] = str(math.ceil(reply.retry_after_s))
     return JSONResponse(reply.openai_body(), status_code=reply.http_status, headers=headers)
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own 404 / 405, in OpenAI's error shape."""
-    error = NotFoundError(f"no route {request.method} {request.url.path}") if exc.status_code == 404 else None
-    if error is not None:
-        return error_response(error)
+    if exc.status_code == 404:
+        return error_response(NotFoundError(f"no route {request.method} {request.url.path[:200]}"))
     body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
     return JSONResponse(body, status_code=exc.status_code)
 
 
-def event_stream(chunks: AsyncIterator[dict], pipeline: Pipeline, api: str, replica_id: str) -> StreamingResponse:
+def event_stream(chunks: AsyncIterator[dict], gateway: GatewayService, api: str, request_id: str,
+                 headers: dict[str, str]) -> StreamingResponse:
     async def sse() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - a stream that already started can only report in-band
-            reply = error_reply(e)
-            pipeline.metrics.error(api, reply.http_status)
+            reply = error_reply(e, request_id)
+            gateway.metrics.error(api, reply.http_status)
             yield f"data: {json.dumps(reply.openai_body(), ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    headers = {"Cache-Control": "no-cache"} | (replica_header(replica_id) or {})
-    return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"} | headers)
 
 
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
@@ -296,90 +265,84 @@ async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
-async def collect_chat(events: AsyncIterator[ChoiceEvent], generation: Generation, chat: ChatCompletionRequest,
+def _usage_options(options: ResponseOptions, n: int, usages: list) -> dict:
+    if options.continuous_usage:
+        return {"usage": usage_body(usages, n)}
+    return {"usage": None} if options.include_usage else {}
+
+
+async def collect_chat(events: AsyncIterator[ChoiceEvent], generation: Generation, options: ResponseOptions,
                        model: str) -> tuple[dict, str]:
     """(the chat.completion body, the replica that served the first choice)."""
-    builder = ChatDeltaBuilder(chat.include_reasoning)
-    choices = [ChatChoiceAccumulator(i, builder, chat.logprobs) for i in range(chat.n)]
+    builder = ChatDeltaBuilder(generation.include_reasoning)
+    choices = [ChatChoiceAccumulator(i, builder, options.logprobs) for i in range(generation.n)]
     replica = ""
     async for event in events:
         choices[event.index].add(event)
         replica = replica or event.replica_id
-    return {"id": generation.request_id, "object": "chat.completion", "created": now_s(), "model": model,
-            "choices": [c.body() for c in choices], "usage": usage_body([c.usage for c in choices], chat.n)}, replica
+    return {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion", "created": now_s(),
+            "model": model, "choices": [c.body() for c in choices],
+            "usage": usage_body([c.usage for c in choices], generation.n)}, replica
 
 
 async def chat_chunks(first: ChoiceEvent, events: AsyncIterator[ChoiceEvent], generation: Generation,
-                      chat: ChatCompletionRequest, model: str) -> AsyncIterator[dict]:
-    builder = ChatDeltaBuilder(chat.include_reasoning)
-    base = {"id": generation.request_id, "object": "chat.completion.chunk", "created": now_s(), "model": model}
-    include_usage, every_chunk = usage_options(chat)
-    usages: list[ChoiceUsage | None] = [None] * chat.n
+                      options: ResponseOptions, model: str) -> AsyncIterator[dict]:
+    builder = ChatDeltaBuilder(generation.include_reasoning)
+    base = {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion.chunk", "created": now_s(),
+            "model": model}
+    usages: list[ChoiceUsage | None] = [None] * generation.n
     async for event in _chain(first, events):
         delta = builder.delta(event)
         usages[event.index] = event.usage
-        if not delta and event.finish_reason is None and not event.logprobs and not every_chunk:
+        if not delta and event.finish_reason is None and not event.logprobs and not options.continuous_usage:
             continue  # harmony headers and held-back text: nothing to show yet
         choice = {"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
-                  "logprobs": {"content": chat_logprobs(event.logprobs)} if chat.logprobs else None}
-        yield base | {"choices": [choice]} | chunk_usage(usages, chat.n, include_usage, every_chunk)
-    if include_usage:
-        yield base | {"choices": [], "usage": usage_body(usages, chat.n)}
+                  "logprobs": {"content": chat_logprobs(event.logprobs)} if options.logprobs else None}
+        yield base | {"choices": [choice]} | _usage_options(options, generation.n, usages)
+    if options.include_usage:
+        yield base | {"choices": [], "usage": usage_body(usages, generation.n)}
 
 
-def usage_options(request) -> tuple[bool, bool]:
-    """(a usage chunk at the end, usage on every chunk: vLLM's continuous_usage_stats)."""
-    options = request.stream_options
-    return (options is not None and options.include_usage,
-            options is not None and options.include_usage and options.continuous_usage_stats)
-
-
-def chunk_usage(usages: list, n: int, include_usage: bool, every_chunk: bool) -> dict:
-    if every_chunk:
-        return {"usage": usage_body(usages, n)}
-    return {"usage": None} if include_usage else {}
-
-
-async def collect_completion(events: AsyncIterator, req: CompletionRequest, request_id: str,
-                             model: str) -> tuple[dict, str]:
+async def collect_completion(events: AsyncIterator, generations: tuple[Generation, ...], options: ResponseOptions,
+                             request_id: str, model: str) -> tuple[dict, str]:
     """(the text_completion body, the replica that served the first choice)."""
-    num_choices = len(req.prompts()) * req.n
+    n = generations[0].n
+    num_choices = len(generations) * n
     replica = ""
     texts: list[list[str]] = [[] for _ in range(num_choices)]
     logprobs: list[list] = [[] for _ in range(num_choices)]
     finish: list[str | None] = [None] * num_choices
     usages: list[ChoiceUsage | None] = [None] * num_choices
     async for source, event in events:
-        index = source * req.n + event.index
+        index = source * n + event.index
         replica = replica or event.replica_id
         texts[index] += [d.text for d in event.deltas if isinstance(d, TextDelta)]
         logprobs[index] += event.logprobs
         if event.finish_reason is not None:
             finish[index], usages[index] = event.finish_reason, event.usage
     choices = [{"index": i, "text": "".join(texts[i]), "finish_reason": finish[i],
-                "logprobs": completion_logprobs(tuple(logprobs[i]), 0) if req.logprobs is not None else None}
+                "logprobs": completion_logprobs(tuple(logprobs[i]), 0) if options.logprobs else None}
                for i in range(num_choices)]
-    return {"id": request_id, "object": "text_completion", "created": now_s(), "model": model, "choices": choices,
-            "usage": usage_body(usages, req.n)}, replica
+    return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": now_s(), "model": model,
+            "choices": choices, "usage": usage_body(usages, n)}, replica
 
 
-async def completion_chunks(first: tuple, events: AsyncIterator, req: CompletionRequest, request_id: str,
-                            model: str) -> AsyncIterator[dict]:
-    base = {"id": request_id, "object": "text_completion", "created": now_s(), "model": model}
-    include_usage, every_chunk = usage_options(req)
-    num_choices = len(req.prompts()) * req.n
+async def completion_chunks(first: tuple, events: AsyncIterator, generations: tuple[Generation, ...],
+                            options: ResponseOptions, request_id: str, model: str) -> AsyncIterator[dict]:
+    base = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": now_s(), "model": model}
+    n = generations[0].n
+    num_choices = len(generations) * n
     offsets = [0] * num_choices
     usages: list[ChoiceUsage | None] = [None] * num_choices
     async for source, event in _chain(first, events):
-        index = source * req.n + event.index
+        index = source * n + event.index
         text = "".join(d.text for d in event.deltas if isinstance(d, TextDelta))
         usages[index] = event.usage
-        if not text and event.finish_reason is None and not every_chunk:
+        if not text and event.finish_reason is None and not options.continuous_usage:
             continue
         choice = {"index": index, "text": text, "finish_reason": event.finish_reason,
-                  "logprobs": completion_logprobs(event.logprobs, offsets[index]) if req.logprobs is not None
-                  else None}
+                  "logprobs": completion_logprobs(event.logprobs, offsets[index]) if options.logprobs else None}
         offsets[index] += len(text)
-        yield base | {"choices": [choice]} | chunk_usage(usages, req.n, include_usage, every_chunk)
-    if include_usage:
-        yield base | {"choices": [], "usage": usage_body(usages, req.n)}
+        yield base | {"choices": [choice]} | _usage_options(options, n, usages)
+    if options.include_usage:
+        yield base | {"choices": [], "usage": usage_body(usages, n)}

@@ -1,5 +1,9 @@
-"""The OpenAI API's request shapes (validated with pydantic, unknown fields refused) and the builders of
-its response bodies from the pipeline's events.
+"""The OpenAI API's wire format: its request shapes (validated with pydantic, unknown fields refused),
+their translation into admission inputs, and the builders of its response bodies from choice events.
+
+`admit_chat_json` / `admit_completion_json` turn a request body's bytes into the generation(s) to run
+and the options of the response (an admission worker's job: neither Ray nor FastAPI here). Limits are
+admission's (serve/admission.py), the same for every API; pydantic only checks the JSON types.
 
 Fields OpenAI defines that this server cannot honour (response_format other than text, logit_bias,
 audio, echo, suffix, ...) are refused with a 400 naming them, never silently ignored; fields that do
@@ -10,16 +14,33 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.outputs import TokenLogprobs
+from gptoss.errors import InvalidRequestError
 from gptoss.harmony import TextDelta, ToolCallArgsDelta, ToolCallStart
 from gptoss.tokenizer import token_bytes
-from serve.gateway import ChoiceEvent, ChoiceUsage
+from serve.admission import (
+    AdmissionContext,
+    ChatInput,
+    CompletionInput,
+    Generation,
+    MessageInput,
+    SamplingInput,
+    ToolCallInput,
+    ToolInput,
+    parse_json,
+    prepare_chat,
+    prepare_completion,
+)
+from serve.choices import ChoiceEvent, ChoiceUsage
+from serve.validation import describe_validation_error
 
 _PENALTY = Annotated[float, Field(ge=-2.0, le=2.0)]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -90,6 +111,11 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+# OpenAI's metadata: up to 16 string pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
+
+
 class _SamplingFields(_Strict):
     model: str | None = None
     stream: bool = False
@@ -98,9 +124,9 @@ class _SamplingFields(_Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # extension (vLLM): 0 keeps every token
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension (vLLM)
-    n: Annotated[int, Field(ge=1)] = 1
+    n: int = 1  # admission checks it against gateway.max_n
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: str | list[str] | None = None
     presence_penalty: _PENALTY = 0.0
     frequency_penalty: _PENALTY = 0.0
     logit_bias: dict[str, float] | None = None
@@ -112,9 +138,21 @@ class _SamplingFields(_Strict):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def sampling_input(self, max_tokens: int | None, logprobs: int | None) -> SamplingInput:
+        return SamplingInput(n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
+                             frequency_penalty=self.frequency_penalty, seed=self.seed, logprobs=logprobs,
+                             stop=self.stop_strings())
+
+    def response_options(self, logprobs: bool) -> ResponseOptions:
+        options = self.stream_options
+        return ResponseOptions(self.stream, options is not None and options.include_usage,
+                               options is not None and options.include_usage and options.continuous_usage_stats,
+                               logprobs, self.timeout)
+
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    messages: list[ChatMessageIn]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -125,7 +163,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
     include_reasoning: bool = True
     response_format: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
     service_tier: str | None = None
     modalities: list[str] | None = None
@@ -155,10 +193,23 @@ class ChatCompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def chat_input(self) -> ChatInput:
+        """The request as admission takes it."""
+        messages = tuple(MessageInput(m.role, m.text(), m.name,
+                                      tuple(ToolCallInput(c.function.name, c.function.arguments, c.id)
+                                            for c in m.tool_calls or ()),
+                                      m.tool_call_id, m.reasoning or m.reasoning_content) for m in self.messages)
+        tools = tuple(ToolInput(t.function.name, t.function.description, t.function.parameters)
+                      for t in self.tools or ())
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        return ChatInput(self.model, messages, self.sampling_input(self.output_limit, self.num_logprobs), tools,
+                         tool_choice=None if named else self.tool_choice,
+                         tool_choice_function=self.tool_choice.function.name if named else None,
+                         reasoning_effort=self.reasoning_effort, include_reasoning=self.include_reasoning)
+
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
-        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0)] | None = None
     echo: bool = False
@@ -174,14 +225,67 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of other than n is not supported by this server")
         return self
 
-    def prompts(self) -> list[str | list[int]]:
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]:
         """One entry per prompt: text, or token ids."""
         p = self.prompt
         if isinstance(p, str):
-            return [p]
+            return (p,)
         if p and isinstance(p[0], int):
-            return [p]
-        return list(p)
+            return (tuple(p),)
+        return tuple(q if isinstance(q, str) else tuple(q) for q in p)
+
+    def completion_input(self) -> CompletionInput:
+        """The request as admission takes it."""
+        return CompletionInput(self.model, self.prompts(), self.sampling_input(self.max_tokens, self.logprobs))
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """What shapes the response, besides the generations."""
+
+    stream: bool
+    include_usage: bool  # a usage chunk at the end of a stream
+    continuous_usage: bool  # usage on every chunk (vLLM's continuous_usage_stats)
+    logprobs: bool
+    timeout_s: float | None  # the request is aborted past it
+
+
+def parse_body(model: type[ModelT], body: dict) -> ModelT:
+    """A request shape from a parsed JSON body; the error names the first wrong field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise InvalidRequestError(_param(e), "; ".join(describe_validation_error(e))) from None
+
+
+def _param(error: ValidationError) -> str:
+    """The first problem's field as a dotted path, without pydantic's union-member tags."""
+    parts = [str(p)[:64] for p in error.errors()[0]["loc"]]
+    kept = [p for p in parts if not ("[" in p or p in ("str", "int", "float", "bool", "list", "dict")
+                                     or p.startswith("function-") or p[:1].isupper())]
+    return ".".join(kept) or "body"
+
+
+def read_body_json(body: bytes, context: AdmissionContext) -> dict:
+    """The request body as a JSON object (refused by name when it is not one, or nests too deeply)."""
+    data = parse_json(body, "body", context.limits.max_json_depth)
+    if not isinstance(data, dict):
+        raise InvalidRequestError("body", f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def admit_chat_json(body: bytes, context: AdmissionContext) -> tuple[Generation, ResponseOptions]:
+    """`POST /v1/chat/completions`' body -> (the generation, the response's options)."""
+    chat = parse_body(ChatCompletionRequest, read_body_json(body, context))
+    return prepare_chat(chat.chat_input(), context), chat.response_options(chat.logprobs)
+
+
+def admit_completion_json(body: bytes, context: AdmissionContext
+                          ) -> tuple[tuple[Generation, ...], ResponseOptions]:
+    """`POST /v1/completions`' body -> (a generation per prompt, the response's options)."""
+    request = parse_body(CompletionRequest, read_body_json(body, context))
+    generations = prepare_completion(request.completion_input(), context)
+    return generations, request.response_options(request.logprobs is not None)
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -232,15 +336,11 @@ def completion_logprobs(logprobs: tuple[TokenLogprobs, ...], text_offset: int) -
 
 
 class ChatDeltaBuilder:
-    """Per request: the OpenAI chat delta of each event (tool-call ids made once per call)."""
+    """Per request: the OpenAI chat delta of each event."""
 
     def __init__(self, include_reasoning: bool):
         self.include_reasoning = include_reasoning
-        self._call_ids: dict[tuple[int, int], str] = {}
         self._started: set[int] = set()
-
-    def call_id(self, choice: int, index: int) -> str:
-        return self._call_ids.setdefault((choice, index), f"call_{uuid.uuid4().hex[:24]}")
 
     def delta(self, event: ChoiceEvent) -> dict:
         delta: dict[str, Any] = {}
@@ -256,7 +356,7 @@ class ChatDeltaBuilder:
         calls = []
         for d in event.deltas:
             if isinstance(d, ToolCallStart):
-                calls.append({"index": d.index, "id": self.call_id(event.index, d.index), "type": "function",
+                calls.append({"index": d.index, "id": d.call_id, "type": "function",
                               "function": {"name": d.name, "arguments": ""}})
             elif isinstance(d, ToolCallArgsDelta):
                 if calls and calls[-1]["index"] == d.index:
@@ -285,7 +385,7 @@ class ChatChoiceAccumulator:
             if isinstance(d, TextDelta):
                 (self.reasoning if d.channel == "analysis" else self.content).append(d.text)
             elif isinstance(d, ToolCallStart):
-                self.calls.append({"id": self.builder.call_id(self.index, d.index), "type": "function",
+                self.calls.append({"id": d.call_id, "type": "function",
                                    "function": {"name": d.name, "arguments": ""}})
             elif isinstance(d, ToolCallArgsDelta):
                 self.calls[-1]["function"]["arguments"] += d.arguments

@@ -19,7 +19,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from gptoss.harmony import ChatMessage
 from gptoss.tokenizer import START_ID, encode
 from serve.batch import RESULT_COLUMNS, parse_row, render_row
-from serve.gateway import ToolChoice, render_chat
+from serve.admission import ToolChoice, render_chat
 from tests.scripted_model import TOOL_CALL_ARGUMENTS, TOOL_CALL_COMPLETION, TOOL_CALL_NAME
 
 WEATHER_TOOL = {"type": "function", "function": {"name": TOOL_CALL_NAME, "description": "Weather in a city",
@@ -36,7 +36,7 @@ def test_a_chat_row_renders_as_the_chat_api_renders_it():
     rendered = render_row(row)
     assert rendered["error"] == "" and rendered["id"] == "7"
     prompt, _ = render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")], [], ToolChoice("none"),
-                            "low")
+                            "low", time.strftime("%Y-%m-%d", time.gmtime()))  # the date, as online chats render it
     assert rendered["prompt_token_ids"] == list(prompt)
     sampling = json.loads(rendered["sampling"])
     assert (sampling["temperature"], sampling["max_tokens"]) == (0.5, 9)

@@ -1,4 +1,4 @@
-"""The gateway's request pipeline without Ray: harmony token streams -> events -> OpenAI / gRPC shapes.
+"""The gateway's choice assembly without Ray: harmony token streams -> events -> OpenAI / gRPC shapes.
 
 These feed completions built with the real tokenizer (a random-weight model does not speak harmony);
 tests/test_serve.py runs the same code behind real Serve deployments.
@@ -21,11 +21,12 @@ from gptoss.harmony import (
     tool_call_prefill,
 )
 from gptoss.tokenizer import CALL_ID, RETURN_ID, encode, get_encoding
-from serve.gateway import ChoiceAssembler, Generation, StopStrings, ToolChoice, render_chat
-from serve.grpc_api import responses
+from serve.admission import Generation, ToolChoice, render_chat
+from serve.choices import ChoiceAssembler, ChoiceUsage, StopStrings
+from serve.grpc_protocol import responses
 from serve.openai_protocol import ChatChoiceAccumulator, ChatDeltaBuilder, usage_body
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
-from serve.protocol import ModelChunk
+from serve.model_protocol import ModelChunk
 
 WEATHER = FunctionTool("get_weather", "Weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
 
@@ -147,8 +148,6 @@ def test_openai_chat_deltas_announce_the_role_once_and_carry_reasoning_under_bot
 
 
 def test_usage_counts_each_prompt_once_and_every_choices_tokens():
-    from serve.gateway import ChoiceUsage
-
     usages = [ChoiceUsage(10, 5, 8, 2), ChoiceUsage(10, 7, 10, 0), ChoiceUsage(6, 1, 0, 0), ChoiceUsage(6, 2, 0, 1)]
     body = usage_body(usages, n=2)  # two prompts, two choices each
     assert body["prompt_tokens"] == 16 and body["completion_tokens"] == 15 and body["total_tokens"] == 31
@@ -184,56 +183,3 @@ def test_tool_choice_none_hides_the_tools_and_required_forces_a_call():
     forced, prefill = render_chat(messages, [WEATHER], ToolChoice("required"), "low")
     assert "get_weather" in get_encoding().decode(list(with_tools)) and "get_weather" not in get_encoding().decode(list(hidden))
     assert forced == with_tools + prefill and get_encoding().decode(list(prefill)) == " to=functions"
-
-
-class _InfoOnlyModelServer:
-    """A model server handle that only answers get_info: enough for the pipeline's checks before any work."""
-
-    def __init__(self, info):
-        self.get_info = self
-        self._info = info
-
-    def options(self, **kw):
-        return self
-
-    async def remote(self):
-        return self._info
-
-
-def pipeline_with_limits(**gateway):
-    from serve.config import parse_config
-    from serve.gateway import Pipeline
-    from serve.protocol import ModelInfo
-
-    info = ModelInfo(max_model_len=1000, vocab_size=201088, num_hidden_layers=2, num_local_experts=8,
-                     num_experts_per_tok=4, num_ranks=1, dtype="float32", device="cpu", max_logprobs=20,
-                     block_size=16)
-    return Pipeline(_InfoOnlyModelServer(info), parse_config({"gateway": gateway}), authenticate=lambda key: "")
-
-
-@pytest.mark.parametrize(("prompt_len", "max_tokens", "param", "words"), [
-    (101, 10, "prompt", "gateway.max_prompt_tokens"),
-    (10, 51, "max_tokens", "gateway.max_output_tokens"),
-    (990, 20, "max_tokens", "at most 10"),
-    (1000, None, "prompt", "maximum context length is 1000"),
-], ids=["prompt-over-gateway-limit", "output-over-gateway-limit", "past-the-context", "prompt-fills-the-context"])
-def test_the_gateway_refuses_prompts_and_outputs_past_its_limits_naming_them(prompt_len, max_tokens, param, words):
-    import asyncio
-
-    limits = {"max_prompt_tokens": 100, "max_output_tokens": 50} if prompt_len < 900 else {}
-    pipeline = pipeline_with_limits(**limits)
-    request = Generation("req", (5,) * prompt_len, SamplingParams(max_tokens=max_tokens), harmony=False)
-    with pytest.raises(ClientError) as info:
-        asyncio.run(pipeline.check_lengths(request))
-    assert info.value.param == param and words in str(info.value)
-
-
-def test_without_max_tokens_the_gateway_caps_the_output_at_its_limit_or_the_context():
-    import asyncio
-
-    capped = asyncio.run(pipeline_with_limits(max_output_tokens=50).check_lengths(
-        Generation("req", (5,) * 980, SamplingParams())))
-    assert capped.sampling.max_tokens == 20  # the context's room is less than the limit
-    capped = asyncio.run(pipeline_with_limits(max_output_tokens=50).check_lengths(
-        Generation("req", (5,) * 10, SamplingParams())))
-    assert capped.sampling.max_tokens == 50

@@ -153,7 +153,7 @@ def test_user_text_that_looks_like_special_tokens_stays_text() -> None:
         (lambda: render_prompt([]), "messages"),
         (
             lambda: render_prompt([ChatMessage("user", "hi"), ChatMessage("tool", "{}")]),
-            r"messages\[1\]\.name",
+            r"messages\[1\]: name",
         ),
     ],
     ids=[

@@ -134,9 +134,9 @@ def grpc_cases():
     cases += [
         (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[201088])), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**31])), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**32 - 1])), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[201088])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**31])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**32 - 1])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 3000)), grpc.StatusCode.INVALID_ARGUMENT, "context length"),
         (pb.GenerateRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
         (pb.GenerateRequest(text="word " * 3000), grpc.StatusCode.INVALID_ARGUMENT, "context length"),

@@ -206,7 +206,14 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "num_ranks_per_group", "dtype", "device", "max_logprobs")
+    __slots__ = ("model", "max_model_len", "vocab_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "num_ranks_per_group", "dtype", "device", "max_logprobs", "kernels")
+    class KernelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +224,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -227,4 +235,5 @@ class ModelInfo(_message.Message):
     dtype: str
     device: str
     max_logprobs: int
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_local_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., num_ranks_per_group: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_logprobs: _Optional[int] = ...) -> None: ...
+    kernels: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_local_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., num_ranks_per_group: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., kernels: _Optional[_Mapping[str, str]] = ...) -> None: ...

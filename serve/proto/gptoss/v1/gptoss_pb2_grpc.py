@@ -5,7 +5,7 @@ import warnings
 
 from serve.proto.gptoss.v1 import gptoss_pb2 as serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

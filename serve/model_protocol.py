@@ -46,6 +46,7 @@ class ModelInfo:
     device: str
     max_logprobs: int
     block_size: int  # of the KV cache: the unit of prefix routing keys
+    kernels: tuple[tuple[str, str], ...] = ()  # compiled CPU kernel -> how it runs on the ranks ("avx2", ...)
 
 
 @dataclass(frozen=True)
