@@ -121,6 +121,7 @@ class RankStats:
     num_output_tokens: int  # sampled on this rank since start
     output_tokens_per_s: float  # over the last few seconds
     loop_alive: bool
+    kernels: tuple[tuple[str, str], ...] = ()  # CPU kernel -> how it runs (engine.kernels); empty on GPU
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class RankActor:
         self.communicator = None
         self.expert_token_counts = None  # parallel.ExpertTokenCounts the model's layers count into
         self.expert_ids: tuple[int, ...] = ()
+        self.kernels: tuple[tuple[str, str], ...] = ()
         self._progress = LoadProgress(rank, "waiting", 0, 0)
         self._commands: deque[_Add | _Abort] = deque()
         self._early_aborts: OrderedDict[str, None] = OrderedDict()  # engine thread only
@@ -246,6 +248,12 @@ class RankActor:
             self.expert_token_counts = apply_expert_parallel(model, self.communicator, placement)
         else:  # one rank: no dispatcher counts the routed tokens, hooks on the routers do
             self.expert_token_counts = count_expert_tokens(model)
+        if self.device.type == "cpu":  # loaded now, not inside the first request
+            from engine.kernels import prepare_cpu_kernels
+
+            self.kernels = tuple(prepare_cpu_kernels().items())
+            if self.rank == 0:
+                logger.info("CPU kernels: %s", "; ".join(f"{name}: {how}" for name, how in self.kernels))
         self.engine = Engine(model, self.config.engine)
         self._snapshot_stats()
         done = self._progress.tensors_total
@@ -371,7 +379,7 @@ class RankActor:
         node_id = self._stats.node_id if self._stats is not None else ray.get_runtime_context().get_node_id()
         self._stats = RankStats(self.rank, node_id, os.getpid(), self.expert_ids, stats, counts, self._num_steps,
                                 self._num_empty_steps, self._num_output_tokens, self._token_rate.rate(now),
-                                loop_alive=True)
+                                loop_alive=True, kernels=self.kernels)
         busyness = RankBusyness(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
         if busyness != self._last_busyness:  # an idle rank sends nothing
             self._last_busyness = busyness

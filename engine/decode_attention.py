@@ -34,8 +34,13 @@ def library() -> ctypes.CDLL | None:
     return KERNEL.library()
 
 
+def enabled() -> bool:
+    """$GPTOSS_DECODE_ATTENTION_KERNEL: "0" turns the kernel off (decodes take the torch path)."""
+    return os.environ.get("GPTOSS_DECODE_ATTENTION_KERNEL", "1") != "0"
+
+
 def available() -> bool:
-    return os.environ.get("GPTOSS_DECODE_ATTENTION_KERNEL", "1") != "0" and library() is not None
+    return enabled() and library() is not None
 
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -27,3 +27,10 @@ def greedy_screen_enabled() -> bool:
     """$GPTOSS_GREEDY_SCREEN: "0" turns off the screened argmax of greedy rows on CPU (they then take
     the full unembedding, like sampled rows)."""
     return os.environ.get("GPTOSS_GREEDY_SCREEN", "1") != "0"
+
+
+def prebuilt_kernels_dir() -> Path | None:
+    """$GPTOSS_KERNELS_DIR: prebuilt C kernels (`gptoss-serve kernels --prebuild DIR`), as an image
+    ships them; unset: kernels are compiled here on first use."""
+    value = os.environ.get("GPTOSS_KERNELS_DIR")
+    return Path(value) if value else None

@@ -212,6 +212,22 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """--prebuild DIR: every kernel at every portable CPU level, for an image (deploy/Dockerfile); else
+    how each kernel runs on this machine."""
+    from engine.kernels import KERNEL_SOURCES, prepare_cpu_kernels
+    from gptoss import native
+
+    if args.prebuild:
+        manifest = native.prebuild(KERNEL_SOURCES, Path(args.prebuild))
+        for name, entry in manifest.items():
+            print(f"{name}: {', '.join(entry['builds'])}")
+        return 0
+    for name, how in prepare_cpu_kernels().items():
+        print(f"{name}: {how}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import Engine, EngineConfig
     from gptoss import load_model
@@ -452,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("hf", "original"), default="hf")
     p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("kernels", help="how the compiled CPU kernels run here; --prebuild them for an image")
+    p.add_argument("--prebuild", metavar="DIR", help="build every kernel for every portable x86-64 level into DIR "
+                                                     "(then set GPTOSS_KERNELS_DIR=DIR where they run)")
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("generate", help="chat with the model from the command line")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the embedded random tiny model)")

@@ -60,7 +60,7 @@ class ModelServer:
             num_hidden_layers=model.num_hidden_layers, num_local_experts=model.num_local_experts,
             num_experts_per_tok=model.num_experts_per_tok, num_ranks=config.group.num_ranks,
             dtype=config.model.dtype, device=self.group.device, max_logprobs=config.engine.max_logprobs,
-            block_size=config.engine.block_size)
+            block_size=config.engine.block_size, kernels=stats.ranks[0].kernels)
         self._stats: GroupStats = stats
         self._was_healthy = True
         self.metrics.group_stats(stats)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -34,6 +37,7 @@ from tests.dockerfile_helpers import (
     docker_ignores,
     dockerignore_of,
     dockerignore_rules,
+    instructions,
     parse_dockerfile,
 )
 
@@ -675,3 +679,33 @@ def test_the_wheel_stage_copies_everything_pip_wheel_reads():
     project, find = pyproject()["project"], pyproject()["tool"]["setuptools"]["packages"]["find"]
     sources = {s for c in parse_dockerfile(DOCKERFILE.read_text()).stage("wheel").copies for s in c.sources}
     assert {"pyproject.toml", project["readme"]} | {p.removesuffix("*") for p in find["include"]} <= sources
+
+
+def test_the_images_build_steps_prebuild_every_kernel_and_a_rank_without_a_compiler_loads_them(tmp_path):
+    """The image has no C compiler: its build must leave a prebuilt library of every kernel where
+    GPTOSS_KERNELS_DIR points, and a process with no compiler must load them (not fall back to torch).
+    The step's own command runs here, into a temporary folder."""
+    steps = instructions(DOCKERFILE.read_text())
+    final = steps[max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM"):]
+    [kernels_dir] = [rest.split("=", 1)[1] for keyword, rest in final if keyword == "ENV"
+                     and rest.startswith("GPTOSS_KERNELS_DIR=")]
+    [prebuild] = [rest for keyword, rest in final if keyword == "RUN" and "gptoss-serve kernels --prebuild" in rest]
+    assert '--prebuild "$GPTOSS_KERNELS_DIR"' in prebuild and kernels_dir.startswith("/")
+    assert "purge" in prebuild.split("--prebuild", 1)[1], "the compiler leaves the image in the same layer"
+
+    gptoss_serve = str(Path(sys.executable).with_name("gptoss-serve"))
+    out = tmp_path / "kernels"
+    subprocess.run([gptoss_serve, "kernels", "--prebuild", str(out)], check=True, capture_output=True, timeout=300)
+    from engine.kernels import KERNEL_SOURCES
+    from gptoss import native
+
+    manifest = json.loads((out / native.MANIFEST).read_text())
+    assert sorted(manifest) == sorted(source.stem for source in KERNEL_SOURCES)
+    assert all(native.cpu_levels()[-1] in entry["builds"] for entry in manifest.values())  # the plainest level
+
+    no_compiler = {**os.environ, "GPTOSS_KERNELS_DIR": str(out), "CC": str(tmp_path / "no-compiler"),
+                   "PATH": "/nonexistent", "GPTOSS_CACHE_DIR": str(tmp_path / "empty-cache")}
+    status = subprocess.run([gptoss_serve, "kernels"], env=no_compiler, capture_output=True, text=True, timeout=300,
+                            check=True).stdout
+    best = native.cpu_levels()[0]
+    assert status.splitlines() == [f"{source.stem}: prebuilt {best}" for source in KERNEL_SOURCES], status
