@@ -37,8 +37,8 @@ from bench_stream import Trace, free_port, summary  # noqa: E402
 from cluster import EPGroup  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from gptoss.harmony import ChatMessage  # noqa: E402
-from serve.config import parse_config  # noqa: E402
 from serve.admission import ToolChoice, render_chat  # noqa: E402
+from serve.config import parse_config  # noqa: E402
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb  # noqa: E402
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from engine import decode_attention
 from gptoss import env, greedy_unembedding, mxfp4_linear
 
-
 # The sources an image prebuilds (`gptoss-serve kernels --prebuild DIR`, deploy/Dockerfile).
 KERNEL_SOURCES = (mxfp4_linear.SOURCE, greedy_unembedding.SOURCE, decode_attention.SOURCE)
 

@@ -27,7 +27,14 @@ from openai_harmony import HarmonyError
 
 from engine.sampling_params import SamplingParams
 from gptoss.errors import ClientError, InvalidRequestError, NotFoundError, shorten
-from gptoss.harmony import ChatMessage, ChatMessageError, FunctionTool, ToolCall, render_prompt, tool_call_prefill
+from gptoss.harmony import (
+    ChatMessage,
+    ChatMessageError,
+    FunctionTool,
+    ToolCall,
+    render_prompt,
+    tool_call_prefill,
+)
 from gptoss.tokenizer import encode
 
 REASONING_EFFORTS = ("low", "medium", "high")

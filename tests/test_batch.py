@@ -18,8 +18,8 @@ import gptoss
 from engine import Engine, EngineConfig, SamplingParams
 from gptoss.harmony import ChatMessage
 from gptoss.tokenizer import START_ID, encode
-from serve.batch import RESULT_COLUMNS, parse_row, render_row
 from serve.admission import ToolChoice, render_chat
+from serve.batch import RESULT_COLUMNS, parse_row, render_row
 from tests.scripted_model import TOOL_CALL_ARGUMENTS, TOOL_CALL_COMPLETION, TOOL_CALL_NAME
 
 WEATHER_TOOL = {"type": "function", "function": {"name": TOOL_CALL_NAME, "description": "Weather in a city",

@@ -11,7 +11,7 @@ from openai_harmony import Message, Role
 
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from gptoss.errors import ClientError, InvalidRequestError
+from gptoss.errors import InvalidRequestError
 from gptoss.harmony import (
     ChatMessage,
     FunctionTool,
@@ -24,9 +24,9 @@ from gptoss.tokenizer import CALL_ID, RETURN_ID, encode, get_encoding
 from serve.admission import Generation, ToolChoice, render_chat
 from serve.choices import ChoiceAssembler, ChoiceUsage, StopStrings
 from serve.grpc_protocol import responses
+from serve.model_protocol import ModelChunk
 from serve.openai_protocol import ChatChoiceAccumulator, ChatDeltaBuilder, usage_body
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
-from serve.model_protocol import ModelChunk
 
 WEATHER = FunctionTool("get_weather", "Weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
 
