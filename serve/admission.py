@@ -17,6 +17,7 @@ no request, however large or hostile, holds its event loop, and batch jobs run i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -210,7 +211,11 @@ def prepare_completion(completion: CompletionInput, context: AdmissionContext,
     several = len(completion.prompts) > 1
     generations = []
     for i, prompt in enumerate(completion.prompts):
-        ids = tuple(encode(prompt)) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            with _tokenizer_failures_refused("prompt"):
+                ids = tuple(encode(prompt))
+        else:
+            ids = prompt
         if not ids:
             raise InvalidRequestError("prompt", "prompt must not be empty")
         request_id = f"{context.request_id}-{i}" if several else context.request_id
@@ -245,8 +250,9 @@ def render_chat(messages: list[ChatMessage], tools: list[FunctionTool], tool_cho
         raise InvalidRequestError("tool_choice", f"tool_choice names function {shorten(tool_choice.name)}, which "
                                                  f"is not among the tools {shorten(names)}")
     try:
-        prompt = render_prompt(messages, tools=() if tool_choice.mode == "none" else tools,
-                               reasoning_effort=reasoning_effort, current_date=current_date)
+        with _tokenizer_failures_refused("messages"):
+            prompt = render_prompt(messages, tools=() if tool_choice.mode == "none" else tools,
+                                   reasoning_effort=reasoning_effort, current_date=current_date)
     except ChatMessageError as e:
         raise InvalidRequestError(f"messages.{e.index}", f"messages.{e.index}: {shorten(e.problem, 300)}") from None
     except ValueError as e:
@@ -257,6 +263,19 @@ def render_chat(messages: list[ChatMessage], tools: list[FunctionTool], tool_cho
     if tool_choice.mode in ("required", "function"):
         prefill = tool_call_prefill(tool_choice.name)
     return tuple(prompt + prefill), tuple(prefill)
+
+
+@contextlib.contextmanager
+def _tokenizer_failures_refused(param: str):
+    """openai-harmony's tokenizer panics (a Rust panic: a BaseException, not an Exception) when its
+    regex overflows its stack, as on a word of about a million letters: that is the client's input."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise InvalidRequestError(param, f"{param} cannot be tokenized: harmony's tokenizer failed on it (e.g. on "
+                                         f"a very long run of characters without spaces or punctuation)") from None
 
 
 # --- the rules ---------------------------------------------------------------------------------------

@@ -189,7 +189,9 @@ def _serve_jobs() -> None:
             reply = (True, _resolve(path)(*args))
         except GptossError as e:
             reply = (False, e)
-        except Exception as e:  # noqa: BLE001 - a bug: logged here, a plain server error to the caller
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a bug (or a Rust panic): logged here, a server error to the caller
             logging.getLogger(__name__).exception("admission job %s failed", path)
             reply = (False, ServerError(f"admission failed ({type(e).__name__})"))
         _write_frame(replies, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))

@@ -80,9 +80,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import GRPC_SERVICER_FUNCTIONS, build_app_from_config
 
     stop = _StopSignal()
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    grpc_limit = str(config.gateway.max_request_bytes)
+    if address is None:
+        # Serve's gRPC proxy, a process of the Ray started here, reads this at start: messages over the
+        # gateway's limit are refused there, before they travel (its default is 2 GiB).
+        os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = grpc_limit
+    elif config.grpc.enabled and os.environ.get("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE") != grpc_limit:
+        print(f"note: the cluster's gRPC proxies take messages up to their own RAY_SERVE_GRPC_MAX_MESSAGE_SIZE; set "
+              f"it to {grpc_limit} (gateway.max_request_bytes) on every node so that larger ones are refused "
+              f"there, not only by the gateway", file=sys.stderr)
     # Without --address (or RAY_ADDRESS) a Ray of its own: plain ray.init() would join any Ray already
     # running on this machine and could replace another app's routes there.
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", namespace="gptoss-serve")
+    ray.init(address=address or "local", namespace="gptoss-serve")
     try:
         h = config.http
         serve.start(http_options=HTTPOptions(host=h.host, port=h.port, ssl_certfile=h.ssl_certfile,
@@ -103,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  OpenAI API: {scheme}://{host}:{config.http.port}/v1  (health: /health)\n"
               + (f"  gRPC:       {host}:{config.grpc.port}  (gptoss.v1.GptossService, reflection on)\n"
                  if config.grpc.enabled else "")
+              + f"  metrics:    {_metrics_addresses(config, scheme, host)}\n"
               + "Ctrl-C stops it.", file=sys.stderr, flush=True)
         stop.wait()
         print("shutting down", file=sys.stderr)
@@ -111,6 +122,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _metrics_addresses(config, scheme: str, host: str) -> str:
+    """Where Prometheus finds the metrics: GET /metrics on the API port (the gptoss_* series) and Ray's
+    export port on this node (every series; the port Ray chose)."""
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    ports = [n["MetricsExportPort"] for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == node_ip]
+    ray_export = f"http://{node_ip}:{ports[0]}/metrics" if ports else "none on this node"
+    if not config.gateway.metrics_endpoint:
+        return f"{ray_export}  (Ray's export; gateway.metrics_endpoint is off)"
+    return f"{scheme}://{host}:{config.http.port}/metrics  (all of Ray's: {ray_export})"
 
 
 class _StopSignal:

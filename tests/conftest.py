@@ -18,6 +18,10 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(_TMP / "cupy"))
 # set before ray is imported, Ray takes 127.0.0.1 as every node's address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Serve's gRPC proxy refuses messages over the test apps' gateway.max_request_bytes, as `gptoss-serve serve`
+# and the deploy manifests set it up.
+TEST_MAX_REQUEST_BYTES = 1 << 20
+os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(TEST_MAX_REQUEST_BYTES))
 # Metrics and autoscaling figures reach their consumers within a second or two instead of ten.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
@@ -113,7 +117,7 @@ SERVE_TEST_CONFIG = {
     "group": {"num_ranks": 1, "device": "cpu", "step_timeout_s": 30},
     "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "kv_cache_gib": 0.02, "max_model_len": 2048},
     "model_server": {"num_cpus": 0.1, "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 10},
-    "gateway": {"num_cpus": 0.1, "max_request_bytes": 1 << 20},
+    "gateway": {"num_cpus": 0.1, "max_request_bytes": TEST_MAX_REQUEST_BYTES, "admission_timeout_s": 5},
 }
 
 

@@ -187,6 +187,13 @@ def test_a_chat_becomes_one_generation_with_the_tenant_and_the_request_id():
     assert generation.n == 2 and generation.stop == ("a",)  # an empty stop string stops nothing
 
 
+def test_a_word_that_overflows_the_tokenizers_stack_is_a_client_error_on_both_inputs():
+    word = "x" * 1_100_000  # harmony's regex overflows its stack (a Rust panic) on a word this long
+    error = refused(prepare_chat, ChatInput(None, (MessageInput("user", word),)), context(max_json_depth=64))
+    assert error.param == "messages" and "cannot be tokenized" in str(error)
+    assert refused(prepare_completion, CompletionInput(None, (word,)), context()).param == "prompt"
+
+
 def test_parse_json_names_the_field_and_refuses_bad_utf8():
     assert parse_json(b'{"a": 1}', "body", 64) == {"a": 1}
     assert "UTF-8" in str(refused(parse_json, b"\xff", "body", 64))

@@ -127,6 +127,11 @@ def test_http_and_grpc_refuse_a_missing_or_wrong_key(secured, key):
 
 def test_the_right_key_works_on_http_and_grpc_and_health_asks_for_one_when_not_public(secured):
     endpoints, _ = secured
+    for path in ("docs", "redoc", "openapi.json"):  # a keyed server does not describe itself to strangers
+        assert requests.get(f"{endpoints.http}/{APP}/{path}", timeout=30).status_code == 404
+    assert requests.get(f"{endpoints.http}/{APP}/metrics", timeout=30).status_code == 401
+    assert requests.get(f"{endpoints.http}/{APP}/metrics", timeout=30,
+                        headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
     response = post(endpoints, "completions", KEY_A, COMPLETION)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
     assert grpc_generate(endpoints, KEY_B, [11, 12, 13])[-1].usage.completion_tokens == 3

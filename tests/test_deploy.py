@@ -559,6 +559,18 @@ def test_every_ray_pod_sees_the_checkpoint_and_the_api_keys(name, obj):
             assert "secretKeyRef" in env["valueFrom"], group_name
 
 
+@pytest.mark.parametrize("name, obj", [(n, o) for n, o in OBJECTS if o["kind"] == "RayService"],
+                         ids=[i for i, (_, o) in zip(OBJECT_IDS, OBJECTS, strict=True) if o["kind"] == "RayService"])
+def test_every_ray_pod_caps_grpc_messages_at_the_gateways_request_limit(name, obj):
+    """Serve's gRPC proxy reads RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (default 2 GiB) on the pod that hosts it: it
+    must refuse what the gateway would refuse, before the message travels."""
+    limit = str(app_config_of(obj).gateway.max_request_bytes)
+    for group_name, group in ray_pods(cluster_spec(obj)):
+        values = [e.get("value") for e in ray_container(group).get("env", [])
+                  if e["name"] == "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]
+        assert values == [limit], group_name
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_exposes_http_and_grpc(overlay):
     objects = by_kind_and_name(kustomize_build(DEPLOY / overlay))

@@ -10,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 
 from serve.cli import main
 from serve.config import AppConfig, ConfigError, parse_config
+from serve.proto.gptoss.v1 import gptoss_pb2 as pb
+from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from tests.conftest import free_port
 
 
@@ -103,8 +106,22 @@ def test_the_default_config_serves_the_embedded_model_and_stops_on_ctrl_c(tmp_pa
         reply = requests.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", timeout=60, json={
             "model": model["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+        # The gateway's metrics on the API port, once Ray's exporter has them.
+        deadline = time.monotonic() + 60
+        while "ray_gptoss_generation_tokens_total" not in (metrics := requests.get(
+                f"http://127.0.0.1:{http_port}/metrics", timeout=30).text):
+            assert time.monotonic() < deadline, metrics[:2000]
+            time.sleep(1)
+        assert "# TYPE ray_gptoss_generation_tokens_total counter" in metrics
+        # Serve's gRPC proxy refuses a message over gateway.max_request_bytes (8 MiB by default) itself.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]) \
+                as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                list(pb_grpc.GptossServiceStub(channel).Generate(pb.GenerateRequest(text="x" * (9 << 20)), timeout=60))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         output = stop_server(process)
         assert f"http://127.0.0.1:{http_port}/v1" in output and "shutting down" in output
+        assert f"metrics:    http://127.0.0.1:{http_port}/metrics" in output
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

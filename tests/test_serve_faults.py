@@ -79,6 +79,12 @@ def test_killing_a_rank_fails_in_flight_requests_and_serve_brings_a_working_repl
     http, rpc = results["http"], results["grpc"]
     assert http.status_code == 503 and "failed" in http.json()["error"]["message"], http.text
     assert isinstance(rpc, grpc.RpcError) and rpc.code() == grpc.StatusCode.UNAVAILABLE, rpc
+    # Clients get a fixed message and the request id; the rank's remote traceback (pids, addresses,
+    # paths) stays in the gateway's log under that id.
+    request_id = http.headers["x-request-id"]
+    for said in (http.json()["error"]["message"], rpc.details()):
+        assert "request id" in said and not any(word in said for word in ("Traceback", "pid", "127.0.0.1", ".py")), said
+    assert f"(request id {request_id})" in http.json()["error"]["message"]
 
     # Serve's health check sees the failed group and replaces the whole replica.
     deadline = time.monotonic() + 180
