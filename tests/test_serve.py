@@ -65,6 +65,7 @@ def test_the_openai_client_lists_the_served_model(client, serve_app):
     [model] = client.models.list().data
     assert model.id == serve_app.name and model.owned_by == "gptoss-serve"
     assert model.model_extra["max_model_len"] == 2048
+    assert sorted(model.model_extra["kernels"]) == ["decode_attention", "greedy_screen", "mxfp4_linear"]
     assert requests.get(f"{serve_app.http}/health", timeout=30).status_code == 200
 
 
@@ -177,6 +178,9 @@ def test_grpc_reflection_health_and_model_info(serve_app, stub):
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert (info.model, info.max_model_len, info.vocab_size, info.num_ranks_per_group) == ("tiny-test", 2048, 201088, 1)
+    # The CPU kernels were loaded when the rank started, and say how they run (this machine has a compiler).
+    assert sorted(info.kernels) == ["decode_attention", "greedy_screen", "mxfp4_linear"]
+    assert all(how.startswith(("compiled", "prebuilt")) for how in info.kernels.values()), dict(info.kernels)
 
 
 def test_a_cancelled_grpc_call_frees_its_kv_blocks(serve_app, stub):
