@@ -15,8 +15,9 @@ torch (the gateway's admission workers build SamplingParams and never run a mode
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from gptoss.lazy_exports import lazy_exports
 
 _MODULE_OF = {
     "EngineConfig": "engine.config", "Engine": "engine.engine",
@@ -37,10 +38,4 @@ if TYPE_CHECKING:
     from gptoss.errors import InvalidRequestError
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("engine", _MODULE_OF)

@@ -6,8 +6,9 @@ The names below are imported on first use: the tokenizer and harmony modules are
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from gptoss.lazy_exports import lazy_exports
 
 _MODULE_OF = {
     "PRESETS": "gptoss.config", "ModelConfig": "gptoss.config", "get_preset": "gptoss.config",
@@ -37,10 +38,4 @@ if TYPE_CHECKING:
     from gptoss.writer import write_random_checkpoint
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gptoss' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("gptoss", _MODULE_OF)
