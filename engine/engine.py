@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 import time
 from collections.abc import Sequence
 
@@ -48,6 +49,13 @@ class Engine:
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []  # abort notices, handed out by the next step
         self._num_steps = self._num_scheduled_tokens = self._last_step_num_tokens = 0
+        self.last_scheduled_request_ids: tuple[str, ...] = ()  # of the latest step (a failed one's too)
+        self._stepped: set[str] = set()  # unfinished requests that have been through a step
+        # Fault injection for tests of a request that breaks its step: $GPTOSS_INJECT_STEP_FAULT_TOKEN set
+        # to a token id makes every step with a request whose prompt holds that token raise.
+        fault = os.environ.get("GPTOSS_INJECT_STEP_FAULT_TOKEN")
+        self._fault_token = int(fault) if fault else None
+        self._faulty: set[str] = set()
         self._step_time_s = self._forward_time_s = 0.0
 
     def _derive_max_model_len(self) -> int:
@@ -73,7 +81,8 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    sampling: SamplingParams | None = None, cache_salt: str = "") -> None:
+                    sampling: SamplingParams | None = None, cache_salt: str = "",
+                    resumed_token_ids: Sequence[int] = ()) -> None:
         """Queues a request; it runs from the next `step`.
 
         Args:
@@ -82,6 +91,10 @@ class Engine:
             sampling: sampling and stop rules; default `SamplingParams()`.
             cache_salt: requests reuse each other's cached prefix blocks only under the same salt
                 (the serving layer passes the tenant of the API key).
+            resumed_token_ids: outputs another engine already generated for this request (its stream
+                moved here): prefilled after the prompt, counted as outputs (max_tokens, penalties, a
+                seeded request's noise position), never sent again. Greedy and seeded requests then go on
+                with the tokens they would have produced where they started.
         Raises:
             InvalidRequestError (a ValueError) naming the field, for a request that can never run:
             empty or out-of-vocabulary prompt, prompt + max_tokens beyond `max_model_len` (the model
@@ -96,6 +109,7 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise invalid("sampling", "a SamplingParams", type(sampling).__name__)
         prompt = self._check_prompt(prompt_token_ids)
+        resumed = self._check_prompt(resumed_token_ids, "resumed_token_ids", allow_empty=True)
         vocab = self.model_config.vocab_size
         bad = [t for t in sampling.stop_token_ids if t >= vocab]
         if bad:
@@ -111,22 +125,28 @@ class Engine:
         if max_tokens > room:
             raise invalid("max_tokens", f"<= {room} ({self.max_model_len} tokens of {self._max_model_len_reason} "
                                         f"- {len(prompt)} prompt tokens)", max_tokens)
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        if len(resumed) >= max_tokens:
+            raise invalid("resumed_token_ids", f"fewer than max_tokens ({max_tokens}) tokens", len(resumed))
         if not isinstance(cache_salt, str):
             raise invalid("cache_salt", "a string", type(cache_salt).__name__)
-        self.scheduler.add_request(Request(request_id, prompt, sampling, max_tokens, next(self._arrivals), generator,
-                                           cache_salt))
+        if self._fault_token is not None and self._fault_token in prompt:
+            self._faulty.add(request_id)
+        self.scheduler.add_request(Request(request_id, prompt, sampling, max_tokens, next(self._arrivals), cache_salt,
+                                           resumed))
 
-    def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+    def _check_prompt(self, token_ids: Sequence[int], name: str = "prompt_token_ids",
+                      allow_empty: bool = False) -> list[int]:
         try:
-            prompt = [operator.index(t) for t in prompt_token_ids]
+            prompt = [operator.index(t) for t in token_ids]
         except TypeError:
-            raise invalid("prompt_token_ids", "a sequence of ints", type(prompt_token_ids).__name__) from None
+            raise invalid(name, "a sequence of ints", type(token_ids).__name__) from None
         if not prompt:
-            raise InvalidRequestError("prompt_token_ids", "prompt_token_ids must not be empty")
+            if allow_empty:
+                return prompt
+            raise InvalidRequestError(name, f"{name} must not be empty")
         vocab = self.model_config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise invalid("prompt_token_ids", f"token ids in [0, {vocab})", [t for t in prompt if not 0 <= t < vocab][:5])
+            raise invalid(name, f"token ids in [0, {vocab})", [t for t in prompt if not 0 <= t < vocab][:5])
         return prompt
 
     def abort(self, request_id: str) -> bool:
@@ -135,9 +155,16 @@ class Engine:
         request = self.scheduler.abort(request_id)
         if request is None:
             return False
+        self._stepped.discard(request_id)
         self._pending.append(RequestOutput(request_id, (), None, "abort", request.num_prompt_tokens,
                                            request.num_output_tokens, request.num_cached_tokens))
         return True
+
+    def suspect_request_ids(self) -> tuple[str, ...]:
+        """After a step raised: the requests that may have caused it. Those in their first step when there
+        are any (new content is what breaks a step that ran fine before), else all of the step's."""
+        new = tuple(rid for rid in self.last_scheduled_request_ids if rid not in self._stepped)
+        return new or self.last_scheduled_request_ids
 
     def has_work(self) -> bool:
         return bool(self.scheduler.requests or self._pending)
@@ -157,11 +184,16 @@ class Engine:
         """
         start = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.last_scheduled_request_ids = tuple(item.request_id for item in batch.requests)
+        if self._faulty.intersection(self.last_scheduled_request_ids):
+            raise RuntimeError("a fault injected for tests ($GPTOSS_INJECT_STEP_FAULT_TOKEN) in this step")
         hidden = self.runner.execute(batch)
         to_sample = [self.scheduler.requests[item.request_id] for item in batch.requests if item.sample]
         argmax_of = self.runner.greedy_tokens if self.runner.model.screens_greedy_rows else None
         sampled = self.sampler.sample_hidden(hidden, to_sample, self.runner.logits, argmax_of)
         outputs = self.scheduler.update(batch, sampled.token_ids, sampled.logprobs)
+        self._stepped.update(self.last_scheduled_request_ids)
+        self._stepped.difference_update(o.request_id for o in outputs if o.finished)
         if self._pending:
             outputs, self._pending = self._pending + outputs, []
         self._num_steps += 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from engine.outputs import FinishReason
 from engine.sampling_params import SamplingParams
 
@@ -24,14 +22,15 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 arrival_index: int, generator: torch.Generator | None, cache_salt: str = ""):
+                 arrival_index: int, cache_salt: str = "", resumed_token_ids: list[int] | None = None):
         self.request_id = request_id
         self.cache_salt = cache_salt  # requests share cached blocks only under the same salt (tenant)
         self.sampling = sampling
         self.max_tokens = max_tokens  # sampling.max_tokens, or what the context leaves
         self.arrival_index = arrival_index  # FCFS order; preemption takes the highest first
-        self.generator = generator  # per-request noise when seeded
-        self.token_ids: list[int] = list(prompt_token_ids)
+        # A resumed request's outputs start with what another engine generated (already delivered):
+        # they are prefilled like the prompt but count as outputs (max_tokens, penalties, seed position).
+        self.token_ids: list[int] = list(prompt_token_ids) + list(resumed_token_ids or ())
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
@@ -40,7 +39,11 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_token_ids = frozenset(sampling.stop_token_ids)
         # token id -> times generated, kept only when penalties need it
-        self.output_token_counts: dict[int, int] | None = {} if sampling.has_penalties else None
+        self.output_token_counts: dict[int, int] | None = None
+        if sampling.has_penalties:
+            self.output_token_counts = {}
+            for token_id in resumed_token_ids or ():
+                self.output_token_counts[token_id] = self.output_token_counts.get(token_id, 0) + 1
         self.block_hashes: list[bytes] = []  # hash of each full block of token_ids (prefix caching)
 
     @property

@@ -1,7 +1,8 @@
 """`Sampler`: one token per sampled request from the step's logits, with the request's own rules.
 
-Built on the batched primitives of `gptoss.sampling` (temperature, top-k, top-p, min-p, per-row
-generators); adds penalties, logprobs and the greedy fast paths: rows that want nothing but the argmax
+Built on the batched primitives of `gptoss.sampling` (temperature, top-k, top-p, min-p; a seeded
+request's noise from its seed and output position alone, so it resumes exactly on another engine); adds
+penalties, logprobs and the greedy fast paths: rows that want nothing but the argmax
 (greedy, no logprobs, no penalties) take the model's screened argmax where it has one, without logits.
 """
 
@@ -112,8 +113,12 @@ class Sampler:
         top_k = column([min(p.top_k, vocab) for p in params], torch.long) if any(p.top_k for p in params) else None
         top_p = column([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else None
         min_p = column([p.min_p for p in params], torch.float32) if any(p.min_p for p in params) else None
-        generators = [r.generator or self.generator for r in requests]
         # is_greedy decides, not the float32 rounding of a temperature near MIN_TEMPERATURE.
         temperature = column([0.0 if p.is_greedy else p.temperature for p in params], torch.float32)
-        return sample(logits, temperature, generators,
-                      top_k=top_k, top_p=top_p, min_p=min_p)
+        # A seeded request's noise comes from (seed, output position); the others' from the engine's
+        # generator (greedy and seeded rows draw nothing from it).
+        seeds = [(p.seed, r.num_output_tokens) if p.seed is not None else None for p, r in zip(params, requests,
+                                                                                                strict=True)]
+        uniform = torch.tensor([float(torch.rand((), generator=self.generator, dtype=torch.float64))
+                                if not p.is_greedy and p.seed is None else 0.0 for p in params], dtype=torch.float64)
+        return sample(logits, temperature, uniform, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)

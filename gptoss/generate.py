@@ -30,12 +30,12 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], max_tokens: i
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt_ids must be in [0, {vocab}), got {bad[:5]}")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     temp, top_p_t = torch.tensor([temperature]), torch.tensor([top_p])
     cache = model.new_cache()
     logits = model(torch.tensor(list(prompt_ids)), cache)[-1:]
-    for _ in range(max_tokens):
-        token = int(sample(logits, temp, [generator], top_p=top_p_t)[0])
+    for position in range(max_tokens):
+        token = int(sample(logits, temp, torch.rand(1), top_p=top_p_t,
+                           seeds=[(seed, position)] if seed is not None else ())[0])
         yield token
         if token in stop_token_ids:
             return

@@ -1,7 +1,13 @@
 """Batched sampling primitives on float32 logits [B, V], one set of parameters per row.
 
-Each row draws its noise from its own generator, so a seeded request samples the same tokens whatever
-else shares its batch.
+A row samples with noise of its own: an unseeded row by the inverse CDF at one uniform number it brings;
+a seeded row by the Gumbel-max trick with noise drawn from (seed, output position) alone, so it samples
+the same tokens whatever else shares its batch, and a request resumed elsewhere (another engine, after
+its group failed) draws what it would have drawn where it started. Gumbel-max, not the inverse CDF, for
+seeded rows: its token changes only when the two best noisy scores are within the logits' rounding of
+each other (about one step in a million), while the inverse CDF's changes when any of the ~200k partial
+sums before the draw moves by that much, which the last bits of a differently batched or chunked
+forward do every few hundred tokens.
 
 At vocabulary width (201088) a full sort costs ~7 ms per row on a CPU core, so top-k and top-p only
 sort the largest candidates (falling back to a full sort for a row whose nucleus is wider), and a row
@@ -15,6 +21,7 @@ a warning, rather than whatever an inverse CDF of NaNs lands on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -98,11 +105,31 @@ def _filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, generators: list[torch.Generator | None],
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, position: int) -> int:
+    """SplitMix64 of (seed, position): the seed of one token's noise, as a non-negative int64."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def seeded_gumbel(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] float32 standard Gumbel noise that depends only on (seed, position): the noise of a
+    seeded request's token at output position `position` (~0.7 ms at gpt-oss's vocabulary, on CPU)."""
+    uniform = torch.rand(vocab_size, generator=torch.Generator().manual_seed(_mix(seed, position)))
+    return uniform.clamp_(min=1e-38).log_().neg_().log_().neg_()
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
            top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
-           min_p: torch.Tensor | None = None) -> torch.Tensor:
+           min_p: torch.Tensor | None = None, seeds: Sequence[tuple[int, int] | None] = ()) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B]. A temperature below `MIN_TEMPERATURE` (0 among them) is
-    greedy (argmax) for that row."""
+    greedy (argmax) for that row. A sampled row with a (seed, output position) in `seeds` takes the argmax
+    of its filtered, tempered logits plus `seeded_gumbel` noise; any other sampled row the token where its
+    `uniform` [B] number (in [0, 1)) falls in its distribution's CDF. Both draw from the same distribution."""
     random_rows = (temperature >= MIN_TEMPERATURE).nonzero().flatten().tolist()
     if len(random_rows) < logits.shape[0]:
         out = argmax_rows(logits)
@@ -113,10 +140,19 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, generators: list[tor
     rows = torch.tensor(random_rows, device=logits.device)
     scaled = logits[rows] / temperature[rows, None]
     scaled = filter_logits(scaled, *(p[rows] if p is not None else None for p in (top_k, top_p, min_p)))
-    probs = torch.softmax(scaled, dim=-1)
-    # Inverse CDF: one uniform number per row, from the row's own generator.
-    uniform = torch.stack([torch.rand((), generator=generators[r]) for r in random_rows]).to(logits.device)
-    picked = _draw(probs, uniform)
+    picked = torch.empty(len(random_rows), dtype=torch.long, device=logits.device)
+    gumbel = [j for j, r in enumerate(random_rows) if r < len(seeds) and seeds[r] is not None]
+    inverse = [j for j in range(len(random_rows)) if j not in set(gumbel)]
+    if gumbel:
+        noise = torch.stack([seeded_gumbel(*seeds[random_rows[j]], logits.shape[-1]) for j in gumbel])
+        scores = scaled[gumbel] + noise.to(logits.device)
+        best = scores.argmax(dim=-1)
+        # A row without a distribution (NaN, or nothing finite) has no best score to give.
+        has_mass = torch.isfinite(scaled[gumbel]).any(dim=-1) & ~scaled[gumbel].isnan().any(dim=-1)
+        picked[gumbel] = torch.where(has_mass, best, torch.full_like(best, -1))
+    if inverse:
+        probs = torch.softmax(scaled[inverse], dim=-1)
+        picked[inverse] = _draw(probs, uniform[rows[inverse].cpu()].to(device=logits.device, dtype=probs.dtype))
     no_mass = (picked < 0).nonzero().flatten()
     if len(no_mass):
         logger.warning("logits of %d sampled row(s) hold no distribution (NaN or infinite): taking their "

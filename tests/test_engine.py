@@ -341,3 +341,40 @@ def test_stats_report_queues_blocks_and_tokens_per_step(model):
     assert stats.num_kv_blocks_used + stats.num_kv_blocks_free == stats.num_kv_blocks
     assert stats.kv_block_bytes == 2 * 2 * WINDOW_CONFIG.kv_size * 4 * 4  # 2 layer slots, K+V, 4 tokens, fp32
     assert 0 < stats.forward_time_s <= stats.step_time_s
+
+
+# --- resuming a request elsewhere ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [
+    greedy(24),
+    SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=11, stop_token_ids=()),
+    SamplingParams(max_tokens=24, temperature=0.8, seed=12, presence_penalty=1.5, frequency_penalty=1.0,
+                   stop_token_ids=()),
+], ids=["greedy", "seeded", "seeded-with-penalties"])
+def test_a_request_resumed_on_another_engine_goes_on_with_the_tokens_it_would_have_made(model, sampling):
+    """The engine a stream moves to gets the prompt and what was generated so far; it prefills both and
+    samples the rest: the same tokens, as a seeded request's noise depends only on (seed, position) and
+    the penalties count the resumed tokens as outputs."""
+    prompt = make_prompts([19], seed=21)[0]
+    [whole] = make_engine(model).generate([prompt], sampling)
+    for cut in (1, 9, 23):
+        other = make_engine(model, max_num_batched_tokens=8)  # a different chunking and batch
+        other.add_request("noise", make_prompts([11], seed=22)[0], SamplingParams(max_tokens=30, temperature=1.0))
+        other.add_request("moved", prompt, sampling, resumed_token_ids=whole.token_ids[:cut])
+        tokens, finish = [], None
+        while finish is None:
+            for out in other.step():
+                if out.request_id == "moved":
+                    tokens += out.new_token_ids
+                    finish = out.finish_reason
+                    assert out.num_prompt_tokens == len(prompt)
+        assert tokens == list(whole.token_ids[cut:]) and finish == "length", f"cut at {cut}"
+
+
+def test_resumed_tokens_are_checked_like_a_prompt(model):
+    engine = make_engine(model)
+    with pytest.raises(InvalidRequestError, match="resumed_token_ids"):
+        engine.add_request("a", [1, 2], greedy(4), resumed_token_ids=[1, 2, 3, 4])  # nothing left to generate
+    with pytest.raises(InvalidRequestError, match="resumed_token_ids"):
+        engine.add_request("b", [1, 2], greedy(4), resumed_token_ids=[10**9])

@@ -60,8 +60,30 @@ def test_sampling_follows_the_tempered_distribution():
     row_gen = torch.Generator().manual_seed(2)
     n = 6000
     for _ in range(n):
-        counts[sample(logits, torch.tensor([0.7]), [row_gen])[0]] += 1
+        counts[sample(logits, torch.tensor([0.7]), torch.rand(1, generator=row_gen))[0]] += 1
     assert (counts / n - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max()
+
+
+def test_seeded_rows_follow_the_tempered_distribution_too():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 12, generator=gen)
+    probs = torch.softmax(logits / 0.7, dim=-1)[0]
+    counts = torch.zeros(12)
+    n = 6000
+    for position in range(n):  # the Gumbel-max trick, one position (noise) after another
+        counts[sample(logits, torch.tensor([0.7]), torch.zeros(1), seeds=[(9, position)])[0]] += 1
+    assert (counts / n - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max()
+
+
+def test_a_seeded_row_keeps_its_token_when_the_logits_move_by_their_rounding():
+    """The point of Gumbel-max for seeded rows: a float32 rounding of every logit (as a differently batched
+    forward gives) leaves the token alone at nearly every position of a flat 200k-token distribution."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 201088, generator=gen) * 0.1
+    nudged = logits * (1 + 1e-7 * torch.randn(1, 201088, generator=gen))
+    same = sum(int(sample(logits, torch.ones(1), torch.zeros(1), seeds=[(3, p)])[0]) ==
+               int(sample(nudged, torch.ones(1), torch.zeros(1), seeds=[(3, p)])[0]) for p in range(200))
+    assert same == 200
 
 
 def test_a_seeded_row_samples_the_same_token_alone_or_in_a_batch():
@@ -69,9 +91,9 @@ def test_a_seeded_row_samples_the_same_token_alone_or_in_a_batch():
     logits = torch.randn(4, 1000, generator=gen)
 
     def draw(rows: list[int]) -> list[int]:
-        gens = [torch.Generator().manual_seed(100 + r) for r in rows]
         temps = torch.tensor([1.0 if r != 2 else 0.0 for r in rows])
-        return sample(logits[rows], temps, gens, top_p=torch.full((len(rows),), 0.9)).tolist()
+        return sample(logits[rows], temps, torch.rand(len(rows)), top_p=torch.full((len(rows),), 0.9),
+                      seeds=[(100 + r, 0) for r in rows]).tolist()
 
     together = draw([0, 1, 2, 3])
     assert [draw([r])[0] for r in range(4)] == together
@@ -125,7 +147,7 @@ def peaked_logits(num_rows: int, vocab: int = 300, seed: int = 5) -> tuple[torch
 @pytest.mark.parametrize("temperature", [1e-39, 1e-30, 9e-6], ids=["1e-39", "1e-30", "just-below-floor"])
 def test_a_temperature_below_the_floor_samples_the_argmax(temperature):
     logits, argmax = peaked_logits(3)
-    assert sample(logits, torch.full((3,), temperature), [torch.Generator().manual_seed(i) for i in range(3)]).tolist() == argmax
+    assert sample(logits, torch.full((3,), temperature), torch.rand(3)).tolist() == argmax
     requests = [make_request(SamplingParams(temperature=temperature, seed=i)) for i in range(3)]
     assert requests[0].sampling.is_greedy
     assert Sampler(seed=0)(logits, requests).token_ids == argmax
@@ -177,6 +199,6 @@ def test_rows_with_nan_or_infinite_logits_give_their_largest_number_not_the_last
                                   [0.0, inf, 1.0, -inf, 3.0],
                                   [-inf, 1.0, -inf, 0.0, -inf]])
     logits[[0, 3, 4], 5:] = -50.0
-    out = sample(logits, torch.full((5,), temperature), [torch.Generator().manual_seed(i) for i in range(5)],
+    out = sample(logits, torch.full((5,), temperature), torch.rand(5),
                  top_k=torch.full((5,), top_k), top_p=torch.full((5,), 1e-9))
     assert out.tolist() == [1, 0, 0, 1, 1]
