@@ -3,9 +3,15 @@ one `RankActor` per bundle (each hosting an engine), connects them with a commun
 lockstep; the group is the unit of failure and restart."""
 
 from cluster.config import GroupConfig
-from cluster.errors import ClusterError, GroupDrainingError, GroupFailedError, PlacementError
+from cluster.errors import (
+           ClusterError,
+           GroupDrainingError,
+           GroupFailedError,
+           PlacementError,
+           SuspectRequestError,
+)
 from cluster.group import EPGroup, GroupHealth, GroupStats
 from cluster.rank import LoadProgress, RankStats
 
 __all__ = ["ClusterError", "EPGroup", "GroupConfig", "GroupDrainingError", "GroupFailedError", "GroupHealth",
-           "GroupStats", "LoadProgress", "PlacementError", "RankStats"]
+           "GroupStats", "LoadProgress", "PlacementError", "RankStats", "SuspectRequestError"]

@@ -14,7 +14,13 @@ class PlacementError(ClusterError, UnavailableError):
 
 class GroupFailedError(ClusterError, UnavailableError):
     """The EP group lost a rank, a collective timed out or a step stalled: every in-flight request of
-    the group ends with this error; the group must be restarted."""
+    the group ends with this error; the group must be restarted. Another group may serve the request."""
+
+
+class SuspectRequestError(ClusterError):
+    """The group failed with an error raised inside a step this request was part of: the request may be
+    its cause, so it ends here (a server error) rather than being sent to another group, which it could
+    fail too."""
 
 
 class GroupDrainingError(ClusterError, UnavailableError):

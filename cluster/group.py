@@ -25,7 +25,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import GroupConfig
-from cluster.errors import GroupDrainingError, GroupFailedError
+from cluster.errors import GroupDrainingError, GroupFailedError, SuspectRequestError
 from cluster.placement import Reservation, rank_bundle, reserve, wait_placed
 from cluster.rank import (
     LoadProgress,
@@ -36,6 +36,7 @@ from cluster.rank import (
     RankStats,
     RequestRejected,
 )
+from cluster.ray_calls import submit_outside_current_task
 from cluster.telemetry import Percentiles, RateWindow, token_delivery_s
 from engine.outputs import RequestOutput
 from engine.routing import PrefixAffinity, prefix_routing_keys
@@ -314,14 +315,18 @@ class EPGroup:
     # --- requests --------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       sampling: SamplingParams | None = None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+                       sampling: SamplingParams | None = None, cache_salt: str = "",
+                       resumed_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs as they are sampled; the last one has the finish reason.
 
         Leaving the loop early (or the caller going away) aborts the request. `cache_salt` (the
         tenant) keeps its prefix-cache blocks and its rank affinity apart from other salts'.
+        `resumed_token_ids`: what another group generated before the request moved here (its outputs
+        go on from there; Engine.add_request).
         Raises:
             InvalidRequestError: the engine rejected the request (names the field).
             GroupFailedError: the group lost a rank while the request ran, or is failed.
+            SuspectRequestError: the group failed in a step of this request (it may be the cause).
             GroupDrainingError: the group is starting, draining or stopped.
         """
         self._check_admitting()
@@ -330,7 +335,8 @@ class EPGroup:
                                                     f"got {request_id!r} twice")
         # The ranks see a per-call id, so a retried request id never receives a predecessor's late outputs.
         engine_id = f"{request_id}#{next(self._call_ids)}"
-        rank = self._pick_rank(prefix_routing_keys(prompt_token_ids, self.config.engine.block_size, cache_salt))
+        tokens = [*prompt_token_ids, *resumed_token_ids]
+        rank = self._pick_rank(prefix_routing_keys(tokens, self.config.engine.block_size, cache_salt))
         generation = self._generation
         stream = self._streams[engine_id] = _Stream(rank, generation, request_id)
         self._open_ids[request_id] = engine_id
@@ -338,7 +344,8 @@ class EPGroup:
         try:
             try:
                 await self._ranks[rank].add_request.remote(engine_id, list(prompt_token_ids),
-                                                           sampling or SamplingParams(), cache_salt)
+                                                           sampling or SamplingParams(), cache_salt,
+                                                           list(resumed_token_ids))
             except ray.exceptions.RayError as e:
                 self._fail(f"rank {rank} unreachable: {e}")
             for other, handle in enumerate(self._ranks):
@@ -359,7 +366,7 @@ class EPGroup:
                 self._open_ids.pop(request_id, None)
                 self._num_open_per_rank[rank] -= 1
                 if not stream.finished and self.state in ("healthy", "draining"):
-                    self._ranks[rank].abort.remote(engine_id)
+                    submit_outside_current_task(self._ranks[rank].abort.remote, engine_id)
 
     async def abort(self, request_id: str) -> bool:
         """Ends the request: its stream gets a last output with finish_reason "abort". Returns False
@@ -416,7 +423,7 @@ class EPGroup:
                     elif isinstance(item, RankBusyness):
                         self._busyness[rank] = item
                     elif isinstance(item, RankFailure):
-                        self._fail(f"rank {item.rank} failed: {item.message}")
+                        self._fail(f"rank {item.rank} failed: {item.message}", item.suspect_request_ids)
                         return
         except asyncio.CancelledError:
             raise
@@ -463,12 +470,17 @@ class EPGroup:
                            f"past step_timeout_s={cfg.step_timeout_s:g} s (stuck)")
                 return
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, suspect_request_ids: Sequence[str] = ()) -> None:
+        """Fails the group: every open stream ends with GroupFailedError, except the requests of the step
+        that raised (`suspect_request_ids`, engine ids), which end with SuspectRequestError."""
         if self.state in ("failed", "stopping", "stopped"):  # a shutdown's own kills are no failure
             return
         self.state, self.error = "failed", reason
         logger.error("%s failed: %s", self.config.name, reason)
-        self._end_streams(GroupFailedError(f"{self.config.name} failed: {reason}"))
+        failed = GroupFailedError(f"{self.config.name} failed: {reason}")
+        suspect = SuspectRequestError(f"{self.config.name} failed in a step this request was part of: {reason}")
+        for engine_id, stream in self._streams.items():
+            stream.queue.put_nowait(suspect if engine_id in suspect_request_ids else failed)
 
     def _end_streams(self, error: Exception) -> None:
         for stream in self._streams.values():

@@ -27,6 +27,7 @@ from cluster.telemetry import RateWindow
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
+from parallel.comm import CommunicatorError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class RankFailure:
 
     rank: int
     message: str
+    # When the error came out of the engine's own computation (not a collective): the engine ids of the
+    # step's requests that may have caused it (Engine.suspect_request_ids).
+    suspect_request_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class _Add:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     cache_salt: str
+    resumed_token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -269,11 +274,12 @@ class RankActor:
     # --- requests ----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    cache_salt: str = "") -> None:
-        """Queues a request for the engine thread; a rejection comes back through `take_outputs`."""
+                    cache_salt: str = "", resumed_token_ids: list[int] | None = None) -> None:
+        """Queues a request for the engine thread; a rejection comes back through `take_outputs`.
+        `resumed_token_ids`: outputs generated elsewhere before the request moved here (Engine.add_request)."""
         if self._failed:
             raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
-        self._commands.append(_Add(request_id, prompt_token_ids, sampling, cache_salt))
+        self._commands.append(_Add(request_id, prompt_token_ids, sampling, cache_salt, resumed_token_ids or []))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -349,7 +355,7 @@ class RankActor:
                 continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
-                                        command.cache_salt)
+                                        command.cache_salt, command.resumed_token_ids)
             except InvalidRequestError as e:
                 news.append(RequestRejected(command.request_id, e.param, str(e)))
         return news
@@ -390,6 +396,7 @@ class RankActor:
 
     def _run_loop(self) -> None:
         idle_wait_s = 0.001
+        in_step = False
         try:
             while True:
                 self._busy_since = time.monotonic()
@@ -403,7 +410,9 @@ class RankActor:
                 if stopping:
                     break
                 if anyone_work:
+                    in_step = True
                     outputs = self.engine.step()  # an empty step when only others have work
+                    in_step = False
                     self._num_steps += 1
                     self._num_empty_steps += not has_work
                     if outputs:
@@ -421,8 +430,11 @@ class RankActor:
                     idle_wait_s = 0.001 if woken else min(idle_wait_s * 2, _MAX_IDLE_WAIT_S)
         except Exception as e:  # a collective timed out, a peer died, or the engine broke: the group is done
             self._failed = f"{type(e).__name__}: {e}"
-            logger.error("rank %d failed: %s", self.rank, self._failed)
-            self._publish([RankFailure(self.rank, self._failed)])
+            logger.error("rank %d failed: %s", self.rank, self._failed, exc_info=e)
+            # A collective's failure is the group's; an error of the step's own computation may be a
+            # request's: name the suspects so that none of them is sent on to fail another group.
+            suspects = () if isinstance(e, CommunicatorError) or not in_step else self.engine.suspect_request_ids()
+            self._publish([RankFailure(self.rank, self._failed, suspects)])
         finally:
             self._busy_since = None
             if self.communicator is not None:

@@ -81,8 +81,8 @@ def request_router_config(config: AppConfig) -> RequestRouterConfig:
     r, ms = config.model_server.router, config.model_server
     period = {"request_routing_stats_period_s": ms.stats_period_s,
               "request_routing_stats_timeout_s": max(ms.stats_period_s, 5.0)}
-    if r.policy == "power_of_two":
-        return RequestRouterConfig(**period)
+    if r.policy == "power_of_two":  # Serve's default router, which also tells the gateway of replicas leaving
+        return RequestRouterConfig(request_router_class="serve.router.PowerOfTwoRouter", **period)
     return RequestRouterConfig(
         request_router_class="serve.router.PrefixAffinityRouter",
         request_router_kwargs={"max_extra_requests": r.max_extra_requests, "max_keys": r.max_keys,

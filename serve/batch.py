@@ -193,33 +193,44 @@ class GroupGenerator:
         yield {name: [r[name] for r in results] for name in results[0]} if results else {}
 
     async def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row's completion; a group failure restarts the group and runs the row once more."""
+        """The row's completion. When the group fails under it, the group restarts and the row goes on
+        from the tokens it had (`gateway.max_migrations` times), as an online stream moves to another
+        group; a row in the step that failed the group ends with an error instead."""
         row = {k: _plain(v) for k, v in row.items()}
-        empty = {"completion_token_ids": [], "finish_reason": "", "num_prompt_tokens": len(row["prompt_token_ids"]),
-                 "num_cached_tokens": 0}
+        out = row | {"completion_token_ids": [], "finish_reason": "", "num_prompt_tokens": len(row["prompt_token_ids"]),
+                     "num_cached_tokens": 0}
         if row["error"]:
-            return row | empty
-        for attempt in range(2):
-            out = row | empty | {"completion_token_ids": []}
+            return out
+        from cluster.errors import SuspectRequestError
+
+        stop = _StopWatch(out) if out["stop"] else None  # one for the row: its held text survives a move
+        num_moves = 0
+        while True:
             try:
-                await self._run(await self._ensure_group(), out)
+                await self._run(await self._ensure_group(), out, stop)
                 return out
             except ClientError as e:
                 return out | {"error": f"{e.param}: {e}" if e.param and not str(e).startswith(e.param) else str(e)}
+            except SuspectRequestError as e:
+                return out | {"error": f"the EP group failed in a step of this row, which was not retried: {e}"}
             except UnavailableError as e:
-                if attempt:
-                    return out | {"error": f"the EP group failed twice running this row: {e}"}
-        raise AssertionError("unreachable")
+                if num_moves >= self.config.gateway.max_migrations:
+                    return out | {"error": f"the EP group failed {num_moves + 1} times running this row: {e}"}
+                num_moves += 1
+                logger.warning("row %s: the EP group failed after %d tokens; going on after its restart",
+                               row["id"], len(out["completion_token_ids"]))
 
-    async def _run(self, group, out: dict[str, Any]) -> None:
+    async def _run(self, group, out: dict[str, Any], stop: _StopWatch | None) -> None:
+        """Generates into `out`, going on from the tokens already there."""
         sampling = SamplingParams(**json.loads(out["sampling"]))
-        stop = _StopWatch(out) if out["stop"] else None
         self._ids += 1
-        outputs = group.generate(f"{out['id']}#{self._ids}", out["prompt_token_ids"], sampling)
+        outputs = group.generate(f"{out['id']}#{self._ids}", out["prompt_token_ids"], sampling,
+                                 resumed_token_ids=out["completion_token_ids"])
         async with contextlib.aclosing(outputs):  # leaving early aborts the request in its engine
             async for output in outputs:
                 out["completion_token_ids"] += output.new_token_ids
-                out["num_cached_tokens"] = output.num_cached_tokens
+                if not out["num_cached_tokens"]:
+                    out["num_cached_tokens"] = output.num_cached_tokens
                 if output.finish_reason is not None:
                     out["finish_reason"] = output.finish_reason
                 elif stop is not None and stop.hit(output.new_token_ids):

@@ -126,7 +126,10 @@ class ModelServerSection(_Section):
     health_check_period_s: PositiveFloat = 5.0
     health_check_timeout_s: PositiveFloat = 30.0
     graceful_shutdown_timeout_s: PositiveFloat = Field(
-        60.0, description="How long a removed replica lets its open requests finish.")
+        60.0, description="How long a removed replica lets its open requests finish before they are cut.")
+    drain_grace_s: Annotated[float, Field(ge=0)] = Field(
+        5.0, description="A removed replica's streams that have not finished within this are moved to another "
+                         "group (gateway.max_migrations > 0); must be well inside graceful_shutdown_timeout_s.")
     num_cpus: PositiveFloat = Field(0.5, description="CPUs of the replica's own bundle (not its ranks'); a "
                                                     "placement bundle cannot be empty, so > 0.")
     stats_period_s: PositiveFloat = Field(
@@ -137,6 +140,10 @@ class ModelServerSection(_Section):
     def _replicas_or_autoscaling(self) -> ModelServerSection:
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set num_replicas or autoscaling, not both (autoscaling sets the group count)")
+        # The moved streams' re-prefill and the replica's own drain need room before Serve cuts them.
+        if self.drain_grace_s > self.graceful_shutdown_timeout_s / 2:
+            raise ValueError(f"drain_grace_s ({self.drain_grace_s:g}) must be at most half of "
+                             f"graceful_shutdown_timeout_s ({self.graceful_shutdown_timeout_s:g})")
         return self
 
 
@@ -169,6 +176,9 @@ class GatewaySection(_Section):
     max_retries: Annotated[int, Field(ge=0)] = Field(
         2, description="A request whose group fails before its first token is sent to another group "
                        "this many times (its client sees nothing of it).")
+    max_migrations: Annotated[int, Field(ge=0)] = Field(
+        3, description="A stream whose group fails or is removed after tokens were sent moves to another group "
+                       "with what it generated so far, this many times per choice (0: it fails as its group does).")
     admission_workers: Annotated[int, Field(ge=0)] = Field(
         1, description="Processes per gateway replica that parse, check and render requests, off the event "
                        "loop that streams every reply (0: on the loop, for trusted clients only).")

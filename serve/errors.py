@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import ray
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from cluster.errors import SuspectRequestError
 from gptoss.errors import ClientError, GptossError, OverloadedError, UnavailableError
 from serve.admission import ContextLengthError
 
@@ -24,6 +25,8 @@ UNAVAILABLE_MESSAGE = ("the model server is unavailable (its EP group failed, is
                        "retry")
 OVERLOADED_MESSAGE = "the server is overloaded (its queues are full); retry later"
 INTERNAL_MESSAGE = "internal server error"
+SUSPECT_MESSAGE = ("the model server failed while running this request (it may be the cause), so it was not "
+                   "sent to another group")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ def error_reply(exc: BaseException, request_id: str = "") -> ErrorReply:
                   | ray.exceptions.ActorUnavailableError):
         logger.warning("request %s failed: %s: %s", request_id or "-", type(exc).__name__, exc)
         return ErrorReply(503, "UNAVAILABLE", "server_error", UNAVAILABLE_MESSAGE + ref, retry_after_s=1.0)
+    if isinstance(exc, SuspectRequestError):
+        logger.error("request %s failed its EP group: %s", request_id or "-", exc)
+        return ErrorReply(500, "INTERNAL", "server_error", SUSPECT_MESSAGE + ref)
     if isinstance(exc, GptossError) and exc.http_status == 504:  # our deadline, with the client's timeout
         return ErrorReply(504, exc.grpc_code, exc.openai_type, str(exc) + ref)
     if isinstance(exc, TimeoutError):

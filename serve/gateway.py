@@ -8,10 +8,11 @@ model server replicas, without calling one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import ray
 from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
+from cluster.ray_calls import submit_outside_current_task
 from engine.routing import prefix_routing_keys
 from gptoss.errors import AuthenticationError, InvalidRequestError, ServerError
 from serve.admission import AdmissionContext, Generation, ModelLimits, RequestLimits
@@ -30,6 +32,7 @@ from serve.config import AppConfig
 from serve.errors import ReplicaUnavailableError, unwrap
 from serve.metrics import GatewayMetrics
 from serve.model_protocol import ModelInfo, ModelRequest
+from serve.replica_sets import REPLICA_SETS, deployment_key
 
 logger = logging.getLogger("ray.serve")
 
@@ -126,6 +129,16 @@ class _OpenRequest:
     aborted: bool = False
 
 
+@dataclass(eq=False)
+class _Choice:
+    """One choice's current model server call, found by its replica when that replica leaves."""
+
+    stream: Any = None  # the DeploymentResponseGenerator
+    replica_id: str = ""  # the replica serving it now ("" before its first chunk)
+    last_replica_id: str = ""  # the replica that served it last (kept when it broke)
+    moving: bool = False  # cancelled by the gateway to move it
+
+
 class GatewayService:
     """One per gateway replica."""
 
@@ -143,8 +156,14 @@ class GatewayService:
         self._failed_replicas = RecentFailures()
         self.fleet = FleetView(model_server.app_name, model_server.deployment_name, self._failed_replicas)
         self._info: ModelInfo | None = None
-        self._open: dict[str, _OpenRequest] = {}  # by the client's request id (gRPC's Abort names it)
-        self._run_numbers = itertools.count()
+        # Abortable requests by (tenant, request id): gRPC's Abort names them, and only their own tenant may.
+        self._open: dict[tuple[str, str], _OpenRequest] = {}
+        self._registry = None  # serve/abort_registry.py, with several gateway replicas
+        self._registry_poll: asyncio.Task | None = None
+        self._choices_on: dict[str, set[_Choice]] = {}  # model server replica id -> the choices it serves
+        self._listening = False
+        self._on_left: Callable | None = None
+        self._replica_id = _replica_id()
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -189,37 +208,74 @@ class GatewayService:
 
     async def run(self, generation: Generation, abortable: bool = False) -> AsyncIterator[ChoiceEvent]:
         """The generation's events, choices interleaved as they arrive; leaving early cancels it all.
-        `abortable`: `abort(generation.request_id)` may end it (its id must then be unique among the
-        replica's running requests).
+        `abortable`: `abort(generation.request_id, tenant)` may end it; its id must then be unique among
+        its tenant's running requests (other tenants' ids are theirs: not refused, not visible).
 
         Raises:
             ClientError, UnavailableError, and what the model server raised.
         """
-        if abortable and generation.request_id in self._open:
+        key = (generation.cache_salt, generation.request_id)
+        if abortable and key in self._open:
             raise InvalidRequestError("request_id", f"request_id {generation.request_id!r} is already running")
+        self._listen_for_replicas_leaving()
         request = _OpenRequest([])
         if abortable:
-            self._open[generation.request_id] = request
-        run_id = f"{generation.request_id}/{next(self._run_numbers)}"
+            self._open[key] = request
+            self._register(key)
+        run_id = f"{generation.request_id}/{uuid.uuid4().hex[:12]}"  # unique across gateway replicas and tenants
         try:
             choices = [self._run_choice(generation, i, request, run_id) for i in range(generation.n)]
-            async for _, event in interleave(choices):
-                yield event
+            async with contextlib.aclosing(interleave(choices)) as events:
+                async for _, event in events:
+                    yield event
         finally:
             if abortable:
-                del self._open[generation.request_id]
+                del self._open[key]
+                if self._registry is not None:
+                    submit_outside_current_task(self._registry.unregister.remote, *key, self._replica_id)
             for stream in request.streams:
                 stream.cancel()  # no-op for streams that ended; aborts the rest in their engines
 
-    def abort(self, request_id: str) -> bool:
-        """Ends a running abortable generation: each open choice's last event has finish_reason "abort"."""
-        request = self._open.get(request_id)
+    async def abort(self, request_id: str, tenant: str) -> bool:
+        """Ends the tenant's running abortable generation, whichever gateway replica runs it: each open
+        choice's last event has finish_reason "abort". False when the tenant has no such request."""
+        if self._abort_here(tenant, request_id):
+            return True
+        if self._registry is None:
+            return False
+        return await self._registry.abort.remote(tenant, request_id)
+
+    def _abort_here(self, tenant: str, request_id: str) -> bool:
+        request = self._open.get((tenant, request_id))
         if request is None:
             return False
         request.aborted = True
         for stream in request.streams:
             stream.cancel()
         return True
+
+    def _register(self, key: tuple[str, str]) -> None:
+        """With several gateway replicas, tell the application's abort registry that this replica runs the
+        request (fire and forget), and start listening for aborts sent through it."""
+        if self.config.gateway.num_replicas < 2:
+            return
+        if self._registry is None:
+            from serve.abort_registry import get_registry
+
+            self._registry = get_registry(self.model_server.app_name)
+            self._registry_poll = asyncio.create_task(self._take_aborts())
+        self._registry.register.remote(*key, self._replica_id)
+
+    async def _take_aborts(self) -> None:
+        while True:
+            try:
+                for token, tenant, request_id in await self._registry.take.remote(self._replica_id):
+                    self._registry.answer.remote(token, self._abort_here(tenant, request_id))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the registry restarting: ask again shortly
+                logger.warning("abort registry: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(1.0)
 
     def _model_request(self, generation: Generation, index: int, run_id: str) -> ModelRequest:
         sampling = generation.sampling
@@ -232,43 +288,152 @@ class GatewayService:
 
     async def _run_choice(self, generation: Generation, index: int, request: _OpenRequest, run_id: str
                           ) -> AsyncIterator[ChoiceEvent]:
+        """One choice's events. When its group fails or its replica is removed, the choice goes on in
+        another group: before its first token as a retry (`max_retries`), after it as a move
+        (`max_migrations`) with what it generated so far, so its client sees a pause, not an error."""
         model_request = self._model_request(generation, index, run_id)
         assembler = ChoiceAssembler(index, generation)
-        max_retries = self.config.gateway.max_retries
-        for attempt in range(max_retries + 1):
-            stream = self._streaming.generate.remote(model_request)
-            request.streams.append(stream)
-            started = False
-            try:
-                async for chunk in stream:
-                    started = True
-                    event = assembler.add(chunk)
-                    yield event
-                    if event.finish_reason is not None:
-                        return
-            except (RequestCancelledError, asyncio.CancelledError):
-                if not request.aborted:
-                    raise
-                break
-            except Exception as e:
-                cause = unwrap(e)
-                if isinstance(cause, ReplicaUnavailableError):
-                    self._failed_replicas.note(cause.replica_id)  # route around it until Serve replaces it
-                if started or request.aborted or attempt == max_retries or not _retryable(e):
-                    raise
-                if isinstance(cause, ReplicaUnavailableError):
-                    model_request = dataclasses.replace(
-                        model_request, avoid_replica_ids=(*model_request.avoid_replica_ids, cause.replica_id))
-                logger.warning("request %s: a model server replica failed before the first token (%s); retrying "
-                               "elsewhere (%d of %d)", generation.request_id, type(cause).__name__, attempt + 1,
-                               max_retries)
-                continue
-            break
-        # Aborted: the model server's stream ended early.
-        yield ChoiceEvent(index, (), (), (), "abort", ChoiceUsage(len(generation.prompt_token_ids), 0, 0, 0))
+        choice = _Choice()
+        limits = self.config.gateway
+        generated: list[int] = []
+        num_retries = num_moves = 0
+        cached: int | None = None  # prompt tokens from the prefix cache, as the first group reported them
+        broke_at: float | None = None
+        outcome = "error"
+        try:
+            while True:
+                choice.stream, choice.moving = self._streaming.generate.remote(model_request), False
+                request.streams.append(choice.stream)
+                try:
+                    async for chunk in choice.stream:
+                        self._track(choice, chunk.replica_id)
+                        if broke_at is not None:
+                            self.metrics.resumed(time.monotonic() - broke_at)
+                            broke_at = None
+                        cached = chunk.num_cached_tokens if cached is None else cached
+                        generated += chunk.token_ids
+                        event = assembler.add(dataclasses.replace(chunk, num_cached_tokens=cached))
+                        if event.finish_reason is not None:
+                            outcome = "finished"
+                            choice.stream.cancel()  # ended by a stop string here: the engine stops at once
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+                    break  # ended without a finish reason: aborted on the model server
+                except (RequestCancelledError, asyncio.CancelledError) as e:
+                    if request.aborted:
+                        break
+                    if not choice.moving:
+                        raise
+                    error, reason = e, "drain"
+                except Exception as e:
+                    cause = unwrap(e)
+                    if isinstance(cause, ReplicaUnavailableError):
+                        self._failed_replicas.note(cause.replica_id)  # route around it until Serve replaces it
+                    if request.aborted or not _retryable(e):
+                        raise
+                    error, reason = e, "failure"
+                finally:
+                    self._untrack(choice)
+                if not generated:
+                    if num_retries >= limits.max_retries:
+                        raise error
+                    num_retries += 1
+                    logger.warning("request %s: a model server replica failed before the first token (%s); "
+                                   "retrying elsewhere (%d of %d)", generation.request_id, type(unwrap(error)).__name__,
+                                   num_retries, limits.max_retries)
+                else:
+                    if num_moves >= limits.max_migrations:
+                        raise error
+                    num_moves += 1
+                    broke_at = time.monotonic()
+                    self.metrics.migrated(reason)
+                    logger.info("request %s: choice %d moves to another group after %d tokens (%s; %d of %d)",
+                                generation.request_id, index, len(generated), reason, num_moves,
+                                limits.max_migrations)
+                model_request = self._moved(model_request, generated, choice.last_replica_id)
+            # Aborted: the model server's stream ended early.
+            outcome = "abort"
+            yield ChoiceEvent(index, (), (), (), "abort", ChoiceUsage(len(generation.prompt_token_ids), 0, 0, 0))
+        finally:
+            if num_moves:
+                self.metrics.migrated_outcome(outcome)
+
+    def _moved(self, model_request: ModelRequest, generated: list[int], left_replica_id: str) -> ModelRequest:
+        """The request for the group a choice moves to: the prompt and what was generated so far (the
+        routing keys cover both, so the group holding that prefix is preferred), the replica it left
+        avoided."""
+        keys = prefix_routing_keys([*model_request.prompt_token_ids, *generated], self.block_size,
+                                   model_request.cache_salt, self.prefix_blocks)
+        avoid = {*model_request.avoid_replica_ids, *self._failed_replicas.current()} | (
+            {left_replica_id} if left_replica_id else set())
+        return dataclasses.replace(model_request, resumed_token_ids=tuple(generated), prefix_keys=keys,
+                                   avoid_replica_ids=tuple(sorted(avoid)))
+
+    # --- replicas that leave ---------------------------------------------------------------------
+
+    def _track(self, choice: _Choice, replica_id: str) -> None:
+        if replica_id and replica_id != choice.replica_id:
+            self._untrack(choice)
+            choice.replica_id = choice.last_replica_id = replica_id
+            self._choices_on.setdefault(replica_id, set()).add(choice)
+
+    def _untrack(self, choice: _Choice) -> None:
+        if choice.replica_id:
+            choices = self._choices_on.get(choice.replica_id)
+            if choices is not None:
+                choices.discard(choice)
+                if not choices:
+                    del self._choices_on[choice.replica_id]
+            choice.replica_id = ""
+
+    def _listen_for_replicas_leaving(self) -> None:
+        """From the first run on: hear from this process's request router when a model server replica
+        leaves Serve's routing set (it is being stopped)."""
+        if self._listening:
+            return
+        self._listening = True
+        loop = asyncio.get_running_loop()
+        key = deployment_key(self.model_server.app_name, self.model_server.deployment_name)
+
+        def on_left(deployment: str, left: frozenset[str]) -> None:  # the router's thread
+            if deployment == key:
+                loop.call_soon_threadsafe(self._replicas_left, left)
+
+        self._on_left = on_left
+        REPLICA_SETS.subscribe(on_left)
+
+    def _replicas_left(self, left: frozenset[str]) -> None:
+        """Streams on a replica being stopped get `drain_grace_s` to finish, then move to another group
+        (well inside the replica's graceful_shutdown_timeout_s, after which Serve would cut them)."""
+        if self.config.gateway.max_migrations == 0:
+            return
+        grace_s = self.config.model_server.drain_grace_s
+        loop = asyncio.get_running_loop()
+        for replica_id in left:
+            for choice in list(self._choices_on.get(replica_id, ())):
+                loop.call_later(grace_s, self._move, choice, replica_id)
+
+    @staticmethod
+    def _move(choice: _Choice, replica_id: str) -> None:
+        if choice.replica_id == replica_id and choice.stream is not None:
+            choice.moving = True
+            choice.stream.cancel()  # its model server aborts it; the choice's loop sends it elsewhere
 
     def close(self) -> None:
         self.workers.close()
+        if self._registry_poll is not None:
+            self._registry_poll.cancel()
+        if self._on_left is not None:
+            REPLICA_SETS.unsubscribe(self._on_left)
+
+
+def _replica_id() -> str:
+    """This gateway replica's id inside Serve ("local" outside a replica, as in unit tests)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a Serve replica
+        return "local"
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -280,18 +445,24 @@ def _retryable(exc: BaseException) -> bool:
 
 async def interleave(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """(source index, item) from several async iterators as items arrive; the first error ends it all,
-    and leaving early closes every source."""
+    and leaving early closes every source.
+
+    Every generator here closes what it iterates when it is left (aclosing): a CancelledError thrown in at
+    a `yield` (as Serve does when a client goes away) does not pass through the generators below it, which
+    would otherwise stay open, their streams running, until the garbage collector found them."""
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        async with contextlib.aclosing(iterators[0]) as only:
+            async for item in only:
+                yield 0, item
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def drain(source: int, iterator: AsyncIterator) -> None:
         try:
-            async for item in iterator:
-                queue.put_nowait((source, item))
+            async with contextlib.aclosing(iterator):
+                async for item in iterator:
+                    queue.put_nowait((source, item))
             queue.put_nowait((source, done))
         except Exception as e:  # noqa: BLE001 - re-raised by the reader below
             queue.put_nowait((source, e))

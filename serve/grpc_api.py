@@ -8,6 +8,7 @@ the request id, which a successful call returns in its trailing metadata (`x-req
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import NoReturn
@@ -43,20 +44,23 @@ class GrpcApi:
             trailing = [(REQUEST_ID_METADATA, request_id)]
             grpc_context.set_trailing_metadata(trailing)
             replica_sent = False
-            async for event in gateway.run(generation, abortable=True):
-                if not replica_sent and event.replica_id:
-                    grpc_context.set_trailing_metadata(trailing + [(REPLICA_METADATA, event.replica_id)])
-                    replica_sent = True
-                for message in responses(event, request_id):
-                    yield message
+            # Closed when left: Serve throws a cancel in at our `yield` when the client goes away.
+            async with contextlib.aclosing(gateway.run(generation, abortable=True)) as events:
+                async for event in events:
+                    if not replica_sent and event.replica_id:
+                        grpc_context.set_trailing_metadata(trailing + [(REPLICA_METADATA, event.replica_id)])
+                        replica_sent = True
+                    for message in responses(event, request_id):
+                        yield message
         except Exception as e:  # noqa: BLE001
             raise_status(grpc_context, e, gateway, request_id)
 
     async def Abort(self, raw: bytes, grpc_context) -> pb.AbortResponse:  # noqa: N802
+        """Ends the caller's own running Generate of that id, on whichever gateway replica runs it."""
         try:
-            self.gateway.authenticate(metadata_token(grpc_context))
+            tenant = self.gateway.authenticate(metadata_token(grpc_context))
             request = parse_message(raw, pb.AbortRequest, self.gateway.limits.max_request_bytes)
-            return pb.AbortResponse(aborted=self.gateway.abort(request.request_id))
+            return pb.AbortResponse(aborted=await self.gateway.abort(request.request_id, tenant))
         except Exception as e:  # noqa: BLE001
             raise_status(grpc_context, e, self.gateway)
 

@@ -138,18 +138,39 @@ class ModelServerMetrics:
         self._last_experts = [list(row) for row in counts]
 
 
+MIGRATION_RESUME_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0]
+
+
 class GatewayMetrics:
     def __init__(self, model: str):
         self.errors = Counter("gptoss_request_errors_total", "Requests the gateway answered with an error, by "
                               "HTTP status and API.", ("model", "status", "api")).set_default_tags({"model": model})
         self.requests = Counter("gptoss_gateway_requests_total", "Requests the gateway received, by API.",
                                 ("model", "api")).set_default_tags({"model": model})
+        self.migrations = Counter("gptoss_migrations_total", "Streams moved to another group after tokens were "
+                                  "sent, by why: failure (the group failed), drain (its replica was removed).",
+                                  ("model", "reason")).set_default_tags({"model": model})
+        self.migration_resume = Histogram("gptoss_migration_resume_seconds", "The pause a moved stream's client "
+                                          "saw: from the break to the next token.", MIGRATION_RESUME_BUCKETS_S,
+                                          ("model",)).set_default_tags({"model": model})
+        self.migrated_outcomes = Counter("gptoss_migrated_requests_total", "Choices that moved at least once, by "
+                                         "how they ended: finished, error, abort.",
+                                         ("model", "outcome")).set_default_tags({"model": model})
 
     def request(self, api: str) -> None:
         self.requests.inc(tags={"api": api})
 
     def error(self, api: str, http_status: int) -> None:
         self.errors.inc(tags={"api": api, "status": str(http_status)})
+
+    def migrated(self, reason: str) -> None:
+        self.migrations.inc(tags={"reason": reason})
+
+    def resumed(self, pause_s: float) -> None:
+        self.migration_resume.observe(pause_s)
+
+    def migrated_outcome(self, outcome: str) -> None:
+        self.migrated_outcomes.inc(tags={"outcome": outcome})
 
 
 # --- GET /metrics on the API port ----------------------------------------------------------------------

@@ -17,6 +17,9 @@ class ModelRequest:
     cache_salt: str = ""  # the tenant: prefix-cache blocks are shared only within one salt
     prefix_keys: tuple[bytes, ...] = ()  # engine.routing.prefix_routing_keys, for the request router
     avoid_replica_ids: tuple[str, ...] = ()  # replicas whose group the gateway saw fail: route elsewhere
+    # What another group generated before the stream moved here (a migration): prefilled after the
+    # prompt and counted as outputs; the stream goes on from there (engine.Engine.add_request).
+    resumed_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Serve's health check is the group's health: a failed group makes Serve replace t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -102,6 +103,7 @@ class ModelServer:
 
         Raises:
             ReplicaUnavailableError (naming this replica): the group failed or is draining.
+            SuspectRequestError: the group failed in a step of this request (it is not to be retried).
         """
         arrival = time.monotonic()
         last_chunk_at: float | None = None
@@ -109,18 +111,21 @@ class ModelServer:
         num_prompt = len(request.prompt_token_ids)
         try:
             outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
-                                          request.cache_salt)
-            async for chunk in merge_outputs(outputs, self._stream_interval_s):
-                now = time.monotonic()
-                if chunk.token_ids:
-                    if last_chunk_at is None:
-                        self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
-                    else:
-                        self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
-                    last_chunk_at = now
-                if chunk.finish_reason is not None:
-                    ended_as = chunk.finish_reason
-                yield dataclasses.replace(chunk, replica_id=self.replica_id)
+                                          request.cache_salt, request.resumed_token_ids)
+            # Closed when left: Serve throws a cancel in at our `yield` when the caller goes away, and
+            # only closing merge_outputs aborts the request in its engine at once.
+            async with contextlib.aclosing(merge_outputs(outputs, self._stream_interval_s)) as chunks:
+                async for chunk in chunks:
+                    now = time.monotonic()
+                    if chunk.token_ids:
+                        if last_chunk_at is None:
+                            self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
+                        else:
+                            self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
+                        last_chunk_at = now
+                    if chunk.finish_reason is not None:
+                        ended_as = chunk.finish_reason
+                    yield dataclasses.replace(chunk, replica_id=self.replica_id)
         except UnavailableError as e:
             ended_as = "error"
             raise ReplicaUnavailableError(str(e), self.replica_id) from None

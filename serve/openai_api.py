@@ -203,17 +203,26 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def with_deadline(events: AsyncIterator, timeout_s: float | None) -> AsyncIterator:
-    """The events, ended by DeadlineExceededError `timeout_s` after the start (the request is aborted)."""
+    """The events, ended by DeadlineExceededError `timeout_s` after the start (the request is aborted).
+    The deadline is applied to each wait for the next event, in whichever task waits: a streamed
+    response is iterated by Starlette in a task of its own, which a timeout entered once in the handler's
+    task would never reach."""
     if timeout_s is None:
         async for event in events:
             yield event
         return
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        async with asyncio.timeout(timeout_s):
-            async for event in events:
-                yield event
-    except TimeoutError:
-        raise DeadlineExceededError(f"the request ran past its timeout of {timeout_s:g} s and was aborted") from None
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceededError(f"the request ran past its timeout of {timeout_s:g} s and was "
+                                            f"aborted") from None
+            yield event
     finally:
         await events.aclose()
 
@@ -248,8 +257,9 @@ def event_stream(chunks: AsyncIterator[dict], gateway: GatewayService, api: str,
                  headers: dict[str, str]) -> StreamingResponse:
     async def sse() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            async with contextlib.aclosing(chunks):  # closed when left (a cancel thrown in at a yield)
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - a stream that already started can only report in-band
             reply = error_reply(e, request_id)
             gateway.metrics.error(api, reply.http_status)
@@ -260,9 +270,10 @@ def event_stream(chunks: AsyncIterator[dict], gateway: GatewayService, api: str,
 
 
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
-    yield first
-    async for item in rest:
-        yield item
+    async with contextlib.aclosing(rest):
+        yield first
+        async for item in rest:
+            yield item
 
 
 def _usage_options(options: ResponseOptions, n: int, usages: list) -> dict:
@@ -291,14 +302,15 @@ async def chat_chunks(first: ChoiceEvent, events: AsyncIterator[ChoiceEvent], ge
     base = {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion.chunk", "created": now_s(),
             "model": model}
     usages: list[ChoiceUsage | None] = [None] * generation.n
-    async for event in _chain(first, events):
-        delta = builder.delta(event)
-        usages[event.index] = event.usage
-        if not delta and event.finish_reason is None and not event.logprobs and not options.continuous_usage:
-            continue  # harmony headers and held-back text: nothing to show yet
-        choice = {"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
-                  "logprobs": {"content": chat_logprobs(event.logprobs)} if options.logprobs else None}
-        yield base | {"choices": [choice]} | _usage_options(options, generation.n, usages)
+    async with contextlib.aclosing(_chain(first, events)) as chained:
+        async for event in chained:
+            delta = builder.delta(event)
+            usages[event.index] = event.usage
+            if not delta and event.finish_reason is None and not event.logprobs and not options.continuous_usage:
+                continue  # harmony headers and held-back text: nothing to show yet
+            choice = {"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
+                      "logprobs": {"content": chat_logprobs(event.logprobs)} if options.logprobs else None}
+            yield base | {"choices": [choice]} | _usage_options(options, generation.n, usages)
     if options.include_usage:
         yield base | {"choices": [], "usage": usage_body(usages, generation.n)}
 
@@ -334,15 +346,16 @@ async def completion_chunks(first: tuple, events: AsyncIterator, generations: tu
     num_choices = len(generations) * n
     offsets = [0] * num_choices
     usages: list[ChoiceUsage | None] = [None] * num_choices
-    async for source, event in _chain(first, events):
-        index = source * n + event.index
-        text = "".join(d.text for d in event.deltas if isinstance(d, TextDelta))
-        usages[index] = event.usage
-        if not text and event.finish_reason is None and not options.continuous_usage:
-            continue
-        choice = {"index": index, "text": text, "finish_reason": event.finish_reason,
-                  "logprobs": completion_logprobs(event.logprobs, offsets[index]) if options.logprobs else None}
-        offsets[index] += len(text)
-        yield base | {"choices": [choice]} | _usage_options(options, n, usages)
+    async with contextlib.aclosing(_chain(first, events)) as chained:
+        async for source, event in chained:
+            index = source * n + event.index
+            text = "".join(d.text for d in event.deltas if isinstance(d, TextDelta))
+            usages[index] = event.usage
+            if not text and event.finish_reason is None and not options.continuous_usage:
+                continue
+            choice = {"index": index, "text": text, "finish_reason": event.finish_reason,
+                      "logprobs": completion_logprobs(event.logprobs, offsets[index]) if options.logprobs else None}
+            offsets[index] += len(text)
+            yield base | {"choices": [choice]} | _usage_options(options, n, usages)
     if options.include_usage:
         yield base | {"choices": [], "usage": usage_body(usages, n)}

@@ -16,7 +16,9 @@ and Serve's queue-length probes. A replica is skipped when the request names it 
 published itself unhealthy, until Serve replaces it.
 
 One router runs in each process that holds a handle to the model server (each gateway replica): each
-remembers the prefixes it routed itself.
+remembers the prefixes it routed itself. Both routers (this one, and Serve's power-of-two choices for
+`router.policy: power_of_two`) publish the replica set Serve gives them (serve/replica_sets.py): a
+replica that leaves it is being stopped (scaled down, redeployed), and the gateway moves its streams.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from engine.routing import PrefixAffinity
+from serve import replica_sets
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,7 +69,23 @@ class ReplicaLoad:
         return load
 
 
-class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+class PublishesReplicaSet:
+    """Mixed into a RequestRouter: publishes each replica set Serve gives it to
+    `serve.replica_sets.REPLICA_SETS` (looked up when called: Serve ships this module by value, which
+    would otherwise give the router a copy of the registry the gateway does not listen to)."""
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        deployment = self._deployment_id
+        replica_sets.REPLICA_SETS.publish(replica_sets.deployment_key(deployment.app_name, deployment.name),
+                                          (r.replica_id.unique_id for r in replicas))
+
+
+class PowerOfTwoRouter(PublishesReplicaSet, PowerOfTwoChoicesRequestRouter):
+    """Serve's default router (`router.policy: power_of_two`), publishing its replica set."""
+
+
+class PrefixAffinityRouter(PublishesReplicaSet, FIFOMixin, RequestRouter):
     def initialize_state(self, max_extra_requests: int = 16, max_keys: int = 200_000,
                          stats_max_age_s: float = 10.0, **kwargs) -> None:
         self.max_extra_requests = max_extra_requests

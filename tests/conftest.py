@@ -18,6 +18,10 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(_TMP / "cupy"))
 # set before ray is imported, Ray takes 127.0.0.1 as every node's address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# A request whose prompt holds this reserved token makes its engine step raise (tests/test_migration.py):
+# no other test sends it.
+FAULT_TOKEN = 201_000
+os.environ.setdefault("GPTOSS_INJECT_STEP_FAULT_TOKEN", str(FAULT_TOKEN))
 # Serve's gRPC proxy refuses messages over the test apps' gateway.max_request_bytes, as `gptoss-serve serve`
 # and the deploy manifests set it up.
 TEST_MAX_REQUEST_BYTES = 1 << 20

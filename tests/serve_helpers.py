@@ -46,3 +46,16 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int, results: dic
                 outcome["finish"] = choice["finish_reason"] or outcome["finish"]
             if event.get("usage"):
                 outcome["tokens"] = event["usage"]["completion_tokens"]
+
+
+def metric_total(url: str, name: str, label: str, timeout_s: float = 30.0) -> float:
+    """The sum of a metric's samples with `label` on a Prometheus page, once there are any (polled: Ray's
+    exporter reports every second or so)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page = requests.get(url, timeout=30).text
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                    if line.startswith(name) and label in line)
+        if total or time.monotonic() > deadline:
+            return total
+        time.sleep(1)

@@ -184,19 +184,24 @@ def test_grpc_reflection_health_and_model_info(serve_app, stub):
 
 
 def test_a_cancelled_grpc_call_frees_its_kv_blocks(serve_app, stub):
+    """Eight cancels in a row: two races in Ray once lost one cancel in ten (the proxy's generator closed
+    instead of cancelled, and the rank's abort cancelled as a child of the cancelled model server call),
+    and the request ran on to max_tokens."""
     before = sum(r.num_output_tokens for r in kv_settles_empty(serve_app).ranks)
-    # Sampled, and as long as max_model_len (2048) allows: greedy decoding of the tiny model is fast on
-    # CPU (exact screened argmax), and the cancel must land before the request could end by itself.
-    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(1, 200))),
-                                            sampling=pb.SamplingParams(max_tokens=1840, temperature=1, seed=7)),
-                         timeout=120)
-    next(call)
-    busy = serve_app.model_server.stats.remote().result()
-    assert busy.num_kv_blocks_used > 0  # the request holds its prompt's blocks
-    call.cancel()
-    stats = kv_settles_empty(serve_app)
-    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
-    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1840  # it did not run to max_tokens
+    for i in range(8):
+        # Sampled, and as long as max_model_len (2048) allows: greedy decoding of the tiny model is fast
+        # on CPU (exact screened argmax), and the cancel must land before the request could end by itself.
+        call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(1, 200))),
+                                                sampling=pb.SamplingParams(max_tokens=1840, temperature=1, seed=i)),
+                             timeout=120)
+        next(call)
+        if i == 0:
+            busy = serve_app.model_server.stats.remote().result()
+            assert busy.num_kv_blocks_used > 0  # the request holds its prompt's blocks
+        call.cancel()
+        stats = kv_settles_empty(serve_app)
+        assert stats.num_running == 0 and stats.num_kv_blocks_used == 0, f"cancel {i}"
+    assert sum(r.num_output_tokens for r in stats.ranks) - before < 1840  # none ran to max_tokens
 
 
 def test_an_http_client_that_goes_away_aborts_its_request(serve_app):
