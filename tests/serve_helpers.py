@@ -48,14 +48,14 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int, results: dic
                 outcome["tokens"] = event["usage"]["completion_tokens"]
 
 
-def metric_total(url: str, name: str, label: str, timeout_s: float = 30.0) -> float:
-    """The sum of a metric's samples with `label` on a Prometheus page, once there are any (polled: Ray's
-    exporter reports every second or so)."""
+def metric_total(url: str, name: str, label: str, at_least: float = 1.0, timeout_s: float = 30.0) -> float:
+    """The sum of a metric's samples with `label` on a Prometheus page, once it reaches `at_least` or at
+    the timeout (polled: Ray's exporter reports every second or so, one series at a time)."""
     deadline = time.monotonic() + timeout_s
     while True:
         page = requests.get(url, timeout=30).text
         total = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
                     if line.startswith(name) and label in line)
-        if total or time.monotonic() > deadline:
+        if total >= at_least or time.monotonic() > deadline:
             return total
         time.sleep(1)

@@ -19,7 +19,7 @@ SLIDING = KVCacheGroup((0, 2), 8)
 def make_requests(lengths, max_tokens: int = 8, start: int = 0) -> list[Request]:
     """Requests with distinct prompts (token i of request r is 1000 * r + i), arriving in order."""
     params = SamplingParams.greedy(max_tokens=max_tokens, stop_token_ids=())
-    return [Request(f"r{r}", [1000 * r + i for i in range(n)], params, max_tokens, r, None)
+    return [Request(f"r{r}", [1000 * r + i for i in range(n)], params, max_tokens, r)
             for r, n in enumerate(lengths, start=start)]
 
 
@@ -90,7 +90,7 @@ def test_prefix_hit_needs_every_full_block_but_only_the_window_of_sliding_blocks
     first.num_computed_tokens = 26
     kv.cache_blocks(first)  # 6 full blocks registered in both groups
     kv.free(first)
-    second = Request("again", first.token_ids + [1, 2, 3], first.sampling, 4, 1, None)
+    second = Request("again", first.token_ids + [1, 2, 3], first.sampling, 4, 1)
     blocks, num_hit = kv.get_computed_blocks(second)
     assert num_hit == 24
     assert [len(b) for b in blocks] == [6, 6]

@@ -11,9 +11,8 @@ from engine.sampling_params import SamplingParams
 from gptoss.sampling import _draw, filter_logits, sample
 
 
-def make_request(params: SamplingParams, output_token_ids=(), seed_generator: bool = True) -> Request:
-    request = Request("r", [1, 2], params, 10, 0,
-                      torch.Generator().manual_seed(params.seed) if params.seed is not None and seed_generator else None)
+def make_request(params: SamplingParams, output_token_ids=()) -> Request:
+    request = Request("r", [1, 2], params, 10, 0)
     for t in output_token_ids:
         request.append_output_token(t)
     return request

@@ -161,6 +161,8 @@ def http_text(url: str, prompt: list[int], body: dict, results: dict, key: str, 
     if request.get("stream"):
         request["stream_options"] = {"include_usage": True}
     outcome = results[key] = {"texts": {}, "finish": {}, "usage": None, "error": None}
+    if not request.get("stream"):
+        started.set()  # its reply comes at the end: the caller watches the groups' open streams instead
     with requests.post(f"{url}/completions", json=request, stream=request.get("stream", False), timeout=300) as r:
         started.set()
         if not request.get("stream"):
@@ -210,7 +212,7 @@ def test_a_killed_groups_streams_move_to_the_other_and_end_as_an_undisturbed_run
     from engine import DEFAULT_STOP_TOKEN_IDS, Engine, EngineConfig, SamplingParams
     from gptoss.tokenizer import decode
 
-    rng, n_tokens = random.Random(100), 600
+    rng, n_tokens = random.Random(100), 400
     prompts = [[rng.randrange(1000, 199000) for _ in range(40)] for _ in range(8)]
     engine = Engine(gptoss.load_model(tiny_checkpoint, dtype=torch.float32), EngineConfig(num_kv_blocks=1024))
     plain = SamplingParams(max_tokens=n_tokens, temperature=0, stop_token_ids=())  # completions: no stop tokens
@@ -234,6 +236,10 @@ def test_a_killed_groups_streams_move_to_the_other_and_end_as_an_undisturbed_run
         threads.append(threading.Thread(target=target, args=(*args, results, key, started)))
         threads[-1].start()
         assert started.wait(60), key
+    deadline = time.monotonic() + 60  # all 9 streams (n = 2 is two) open on the groups, none finished
+    while sum(stats.num_open_streams for stats in replica_stats(fleet.handle).values()) < 9:
+        assert time.monotonic() < deadline and all(thread.is_alive() for thread in threads), "streams did not open"
+        time.sleep(0.05)
     victim = sorted(before)[0]
     os.kill(before[victim].ranks[0].pid, signal.SIGKILL)
     outcomes = []  # new requests from the moment of the kill: every one succeeds
