@@ -1,6 +1,7 @@
 """`build_app`: validate the config -> build the two deployments -> bind them into one application.
 
     model server (one EP group per replica)  <--DeploymentHandle--  gateway (ingress: OpenAI HTTP + gRPC)
+                                        response store (one replica)  <--'
 
 `build_app(args)` is the `import_path` target of Ray's own tooling (`serve run serve.app:build_app`,
 `serve deploy`, KubeRay's serveConfigV2), with `args` the app config's mapping; `gptoss-serve serve`
@@ -22,6 +23,7 @@ from serve.gateway import GatewayService
 from serve.grpc_api import GrpcApi
 from serve.model_server import ModelServer, replica_bundles
 from serve.openai_api import make_openai_app
+from serve.response_store import ResponseStore
 
 # Requests reach the gateway as raw bytes, checked for size and parsed there (serve/grpc_registration.py).
 GRPC_SERVICER_FUNCTIONS = [
@@ -30,6 +32,7 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 MODEL_SERVER_NAME = "ModelServer"
 GATEWAY_NAME = "Gateway"
+RESPONSE_STORE_NAME = "ResponseStore"
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -54,6 +57,9 @@ def build_app_from_config(config: AppConfig) -> Application:
         graceful_shutdown_timeout_s=ms.graceful_shutdown_timeout_s,
     ).bind(config, device)
     gw = config.gateway
+    store = serve.deployment(ResponseStore).options(
+        name=RESPONSE_STORE_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+    ).bind(gw.response_store_entries, gw.response_store_bytes)
     return serve.deployment(Gateway).options(
         name=GATEWAY_NAME,
         num_replicas=gw.num_replicas,
@@ -62,7 +68,7 @@ def build_app_from_config(config: AppConfig) -> Application:
         # Overload waits in the proxies up to this, then gets 429 with Retry-After (RESOURCE_EXHAUSTED).
         max_queued_requests=gw.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
-    ).bind(model_server, config)
+    ).bind(model_server, config, store)
 
 
 def replica_count_options(config: AppConfig) -> dict:
@@ -104,8 +110,8 @@ class Gateway(GrpcApi):
     """The ingress: the OpenAI HTTP API (FastAPI) and the gRPC methods in one deployment, sharing one
     gateway service; it scales apart from the model servers."""
 
-    def __init__(self, model_server, config: AppConfig):
-        self.gateway = GatewayService(model_server, config)
+    def __init__(self, model_server, config: AppConfig, response_store=None):
+        self.gateway = GatewayService(model_server, config, response_store=response_store)
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after the constructor: the FastAPI app, bound to this replica's service."""

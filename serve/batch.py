@@ -5,6 +5,9 @@ Input rows (JSONL or Parquet) carry an `id` (unique) and either
 - `messages`: an OpenAI chat request's fields (`messages`, `tools`, `tool_choice`, `reasoning_effort`,
   `include_reasoning`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`,
   penalties), validated exactly as `POST /v1/chat/completions` validates them; or
+- `input`: a Responses API request's fields (`input` items or text, `instructions`, `tools`,
+  `tool_choice`, `reasoning`, `max_output_tokens`, `temperature`, `top_p`), validated as
+  `POST /v1/responses` validates them (a row is not stored and continues no stored response); or
 - `prompt_token_ids`: token ids, with the same sampling fields. Generation stops at harmony's stop
   tokens; a prompt that ends with `<|start|>assistant` (a rendered harmony conversation) is parsed back
   with harmony, any other is decoded as plain text.
@@ -50,6 +53,7 @@ from serve.openai_protocol import (
     CompletionRequest,
     parse_body,
 )
+from serve.responses_protocol import admit_responses_request
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +126,13 @@ def _generation(fields: dict[str, Any], context: AdmissionContext) -> Generation
             raise InvalidRequestError("n" if chat.n != 1 else "stream", "a batch row has one choice and no stream "
                                                                        "(n: 1, stream: false)")
         return prepare_chat(chat.chat_input(), context)
+    if "input" in fields:  # the Responses API's request shape
+        for name in ("stream", "previous_response_id"):
+            if fields.get(name):
+                raise InvalidRequestError(name, f"{name}: a batch row is one whole turn (no stream, no stored "
+                                                f"response to continue)")
+        _, generation = admit_responses_request(fields | {"store": False}, context)
+        return generation
     if "prompt_token_ids" in fields:
         ids = fields.pop("prompt_token_ids")
         unknown = sorted(set(fields) - set(_SAMPLING_FIELDS))
@@ -134,7 +145,8 @@ def _generation(fields: dict[str, Any], context: AdmissionContext) -> Generation
         # Generation stops at harmony's stop tokens, as online chats do.
         [generation] = prepare_completion(req.completion_input(), context, stop_token_ids=DEFAULT_STOP_TOKEN_IDS)
         return dataclasses.replace(generation, harmony=_ends_with_assistant_start(req.prompt))
-    raise InvalidRequestError("messages", "a row needs `messages` (a chat) or `prompt_token_ids`")
+    raise InvalidRequestError("messages", "a row needs `messages` (a chat), `input` (a Responses API request) or "
+                                          "`prompt_token_ids`")
 
 
 def _ends_with_assistant_start(ids: list[int]) -> bool:

@@ -190,6 +190,12 @@ class GatewaySection(_Section):
     metrics_endpoint: bool = Field(
         True, description="Serve the gptoss_* metrics at GET /metrics on the API port (Prometheus text; "
                           "public unless auth.public_health is off).")
+    response_store_entries: Annotated[int, Field(ge=0)] = Field(
+        10000, description="Responses (POST /v1/responses with store) kept for GET, input_items and "
+                           "previous_response_id; the least recently used go first (0: nothing is stored).")
+    response_store_bytes: PositiveInt = Field(
+        256 << 20, description="Bytes of stored responses (their items as JSON) kept in all, in the store "
+                               "deployment's process.")
 
 
 class BatchSection(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledErr
 
 from cluster.ray_calls import submit_outside_current_task
 from engine.routing import prefix_routing_keys
-from gptoss.errors import AuthenticationError, InvalidRequestError, ServerError
+from gptoss.errors import AuthenticationError, InvalidRequestError, NotFoundError, ServerError, shorten
 from serve.admission import AdmissionContext, Generation, ModelLimits, RequestLimits
 from serve.admission_workers import AdmissionWorkers
 from serve.auth import ApiKeys
@@ -33,6 +34,7 @@ from serve.errors import ReplicaUnavailableError, unwrap
 from serve.metrics import GatewayMetrics
 from serve.model_protocol import ModelInfo, ModelRequest
 from serve.replica_sets import REPLICA_SETS, deployment_key
+from serve.responses_protocol import ResponseBuilder, ResponsesCall, admit_responses_turn, stored_record
 
 logger = logging.getLogger("ray.serve")
 
@@ -142,8 +144,10 @@ class _Choice:
 class GatewayService:
     """One per gateway replica."""
 
-    def __init__(self, model_server, config: AppConfig, authenticate: Callable[[str | None], str] | None = None):
+    def __init__(self, model_server, config: AppConfig, authenticate: Callable[[str | None], str] | None = None,
+                 response_store=None):
         self.model_server = model_server  # DeploymentHandle of the ModelServer deployment
+        self.response_store = response_store  # DeploymentHandle of serve/response_store.py (None: no store)
         self._streaming = model_server.options(stream=True)
         self.model_name = config.served_model_name()
         self.config = config
@@ -203,6 +207,64 @@ class GatewayService:
 
     async def health(self) -> FleetHealth:
         return await self.fleet.health()
+
+    # --- the Responses API ----------------------------------------------------------------------
+
+    async def admit_response(self, admit_function: Callable, body: bytes, request_id: str, tenant: str,
+                             admit_turn: Callable = admit_responses_turn
+                             ) -> tuple[ResponsesCall, Generation, tuple[dict, ...]]:
+        """(the call, its generation, the stored conversation it continues) from a Responses request in any
+        API's wire format: `admit_function(body, context)` -> (call, generation or None when the call
+        continues a stored response, which is fetched and rendered with it by `admit_turn`)."""
+        call, generation = await self.admit(admit_function, body, request_id, tenant)
+        conversation: tuple[dict, ...] = ()
+        if generation is None:
+            stored = await self.load_response(call.previous_response_id, tenant, "previous_response_id")
+            conversation = tuple(stored["conversation"])
+            generation = await self.admit(admit_turn, (call, conversation), request_id, tenant)
+        return call, generation, conversation
+
+    async def respond(self, call: ResponsesCall, generation: Generation, conversation: tuple[dict, ...],
+                      tenant: str, builder: ResponseBuilder) -> AsyncIterator[dict]:
+        """The response's events (OpenAI's), from `response.created` to its final event, which comes after
+        the response is stored (a client that reads it back at once finds it). A fault raises: the API
+        reports it as a status before the first output, in-band (`builder.fail`) after."""
+        for event in builder.start():
+            yield event
+        async with contextlib.aclosing(self.run(generation)) as choice_events:
+            async for choice_event in choice_events:
+                events = builder.add(choice_event)
+                if choice_event.finish_reason is not None and call.store:
+                    await self.save_response(call.response_id, tenant,
+                                             stored_record(call, builder.response, conversation, tenant))
+                for event in events:
+                    yield event
+
+
+    async def load_response(self, response_id: str, tenant: str, param: str = "response_id") -> dict:
+        """The tenant's stored response record (serve/responses_protocol.py's `stored_record`).
+
+        Raises:
+            NotFoundError naming the id: unknown, deleted, evicted, or another tenant's.
+        """
+        record = None
+        if self.response_store is not None and len(response_id) <= 200:
+            record = await self.response_store.get.remote(response_id, tenant)
+        if record is None:
+            raise NotFoundError(f"{param} {shorten(response_id)} names no stored response (unknown, deleted, "
+                                f"or evicted from the store: gateway.response_store_entries / _bytes)", param)
+        return json.loads(record)
+
+    async def save_response(self, response_id: str, tenant: str, record: dict) -> None:
+        if self.response_store is None:
+            raise ServerError("this application has no response store")
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        await self.response_store.put.remote(response_id, tenant, data)
+
+    async def delete_response(self, response_id: str, tenant: str) -> None:
+        """Raises NotFoundError as `load_response` does."""
+        if self.response_store is None or not await self.response_store.delete.remote(response_id, tenant):
+            raise NotFoundError(f"response_id {shorten(response_id)} names no stored response", "response_id")
 
     # --- running -------------------------------------------------------------------------------
 

@@ -20,9 +20,18 @@ from gptoss.errors import NotFoundError
 from serve.admission import check_model
 from serve.errors import error_reply
 from serve.gateway import GatewayService
-from serve.grpc_protocol import admit_generate, parse_message, responses
+from serve.grpc_protocol import (
+    admit_generate,
+    admit_respond,
+    admit_respond_turn,
+    parse_message,
+    response_event_message,
+    response_message,
+    responses,
+)
 from serve.grpc_registration import SERVICE_NAME
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
+from serve.responses_protocol import ResponseBuilder
 
 REPLICA_METADATA = "x-gptoss-replica"  # trailing metadata: the model server replica that served the call
 REQUEST_ID_METADATA = "x-request-id"
@@ -54,6 +63,47 @@ class GrpcApi:
                         yield message
         except Exception as e:  # noqa: BLE001
             raise_status(grpc_context, e, gateway, request_id)
+
+    async def Respond(self, raw: bytes, grpc_context) -> AsyncIterator[pb.ResponseEvent]:  # noqa: N802
+        """The Responses API: OpenAI's events as `ResponseEvent`s. A fault before the model's first output
+        is the call's status; after it, a `response.failed` event ends the stream."""
+        gateway = self.gateway
+        gateway.metrics.request("grpc-responses")
+        request_id = f"grpc-{uuid.uuid4().hex}"
+        builder = None
+        try:
+            tenant = gateway.authenticate(metadata_token(grpc_context))
+            call, generation, conversation = await gateway.admit_response(admit_respond, raw, request_id, tenant,
+                                                                          admit_respond_turn)
+            grpc_context.set_trailing_metadata([(REQUEST_ID_METADATA, request_id)])
+            builder = ResponseBuilder(call, gateway.model_name, gateway.block_size)
+            async with contextlib.aclosing(gateway.respond(call, generation, conversation, tenant, builder)) as events:
+                async for event in events:
+                    yield response_event_message(event)
+        except Exception as e:  # noqa: BLE001
+            if builder is None or not builder.started_output:
+                raise_status(grpc_context, e, gateway, request_id)
+            reply = error_reply(e, request_id)
+            gateway.metrics.error("grpc-responses", reply.http_status)
+            yield response_event_message(builder.fail(reply.message))
+
+    async def GetResponse(self, raw: bytes, grpc_context) -> pb.Response:  # noqa: N802
+        try:
+            tenant = self.gateway.authenticate(metadata_token(grpc_context))
+            request = parse_message(raw, pb.GetResponseRequest, self.gateway.limits.max_request_bytes)
+            record = await self.gateway.load_response(request.response_id, tenant)
+            return response_message(record["response"], record["input_items"])
+        except Exception as e:  # noqa: BLE001
+            raise_status(grpc_context, e, self.gateway)
+
+    async def DeleteResponse(self, raw: bytes, grpc_context) -> pb.DeleteResponseReply:  # noqa: N802
+        try:
+            tenant = self.gateway.authenticate(metadata_token(grpc_context))
+            request = parse_message(raw, pb.DeleteResponseRequest, self.gateway.limits.max_request_bytes)
+            await self.gateway.delete_response(request.response_id, tenant)
+            return pb.DeleteResponseReply(response_id=request.response_id, deleted=True)
+        except Exception as e:  # noqa: BLE001
+            raise_status(grpc_context, e, self.gateway)
 
     async def Abort(self, raw: bytes, grpc_context) -> pb.AbortResponse:  # noqa: N802
         """Ends the caller's own running Generate of that id, on whichever gateway replica runs it."""

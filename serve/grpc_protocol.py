@@ -33,6 +33,7 @@ from serve.admission import (
 )
 from serve.choices import ChoiceEvent
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
+from serve.responses_protocol import ResponsesCall, admit_responses_request, admit_responses_turn
 
 MAX_REQUEST_ID_CHARS = 256
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -145,3 +146,108 @@ def responses(event: ChoiceEvent, request_id: str) -> list[pb.GenerateResponse]:
         last.usage.CopyFrom(pb.Usage(prompt_tokens=u.num_prompt_tokens, completion_tokens=u.num_output_tokens,
                                      cached_tokens=u.num_cached_tokens, reasoning_tokens=u.num_reasoning_tokens))
     return messages
+
+
+# --- the Responses API -------------------------------------------------------------------------------
+
+def admit_respond(raw: bytes, context: AdmissionContext) -> tuple[ResponsesCall, Generation | None]:
+    """A `RespondRequest`'s bytes -> what `admit_responses_json` gives for HTTP: the request becomes the
+    Responses API's JSON shape and goes through the same checks and rendering."""
+    request = parse_message(raw, pb.RespondRequest, context.limits.max_request_bytes)
+    body: dict = {"model": request.model or None, "input": [_input_item(item) for item in request.input],
+                  "instructions": request.instructions or None,
+                  "reasoning": {"effort": request.reasoning_effort or "medium"},
+                  "tools": [{"type": "function", "name": t.name, "description": t.description,
+                             "parameters": t.parameters_json or None} for t in request.tools] or None,
+                  "previous_response_id": request.previous_response_id or None,
+                  "metadata": dict(request.metadata) or None, "user": request.user or None}
+    if request.tool_choice:
+        named = request.tool_choice not in ("auto", "none", "required")
+        body["tool_choice"] = {"type": "function", "name": request.tool_choice} if named else request.tool_choice
+    for name in ("max_output_tokens", "temperature", "top_p", "store"):
+        if request.HasField(name):
+            body[name] = getattr(request, name)
+    try:
+        return admit_responses_request(body, context)
+    except ClientError as e:
+        raise renamed(e, _respond_field) from None
+
+
+def admit_respond_turn(call_and_conversation: tuple[ResponsesCall, tuple[dict, ...]],
+                       context: AdmissionContext) -> Generation:
+    """`admit_responses_turn`, its errors naming RespondRequest's fields."""
+    try:
+        return admit_responses_turn(call_and_conversation, context)
+    except ClientError as e:
+        raise renamed(e, _respond_field) from None
+
+
+def _input_item(item: pb.Item) -> dict:
+    kind = item.WhichOneof("kind")
+    if kind == "message":
+        return {"type": "message", "role": item.message.role, "content": item.message.text}
+    if kind == "function_call":
+        c = item.function_call
+        return {"type": "function_call", "call_id": c.call_id, "name": c.name, "arguments": c.arguments}
+    if kind == "function_call_output":
+        return {"type": "function_call_output", "call_id": item.function_call_output.call_id,
+                "output": item.function_call_output.output}
+    if kind == "reasoning":
+        return {"type": "reasoning", "content": [{"type": "reasoning_text", "text": item.reasoning.text}]}
+    return {"type": None}  # refused by admission, naming the item
+
+
+def _respond_field(param: str) -> str:
+    """A Responses admission error's field as RespondRequest spells it (input[2].call_id, tools[0].parameters_json)."""
+    if param.startswith("reasoning"):
+        return "reasoning_effort"
+    return re.sub(r"\.(\d+)", r"[\1]", param).replace(".parameters", ".parameters_json")
+
+
+def item_message(item: dict) -> pb.Item:
+    """A normalized item (serve/responses_protocol.py) as a `gptoss.v1.Item`."""
+    message = pb.Item(id=item["id"], status=item.get("status", ""))
+    kind = item["type"]
+    if kind == "message":
+        message.message.CopyFrom(pb.MessageItem(role=item["role"], text="".join(p["text"] for p in item["content"])))
+    elif kind == "function_call":
+        message.function_call.CopyFrom(pb.FunctionCallItem(call_id=item["call_id"], name=item["name"],
+                                                           arguments=item["arguments"]))
+    elif kind == "function_call_output":
+        message.function_call_output.CopyFrom(pb.FunctionCallOutputItem(call_id=item["call_id"],
+                                                                        output=item["output"]))
+    elif kind == "reasoning":
+        message.reasoning.CopyFrom(pb.ReasoningItem(text="".join(p["text"] for p in item["content"])))
+    return message
+
+
+def response_message(response: dict, input_items: list[dict] | None = None) -> pb.Response:
+    """A response object (the HTTP API's JSON) as a `gptoss.v1.Response`."""
+    message = pb.Response(id=response["id"], status=response["status"], model=response["model"],
+                          previous_response_id=response.get("previous_response_id") or "",
+                          created_at=response["created_at"], metadata=response.get("metadata") or {},
+                          output=[item_message(item) for item in response["output"]],
+                          input_items=[item_message(item) for item in input_items or ()])
+    if response.get("incomplete_details"):
+        message.incomplete_reason = response["incomplete_details"]["reason"]
+    if response.get("error"):
+        message.error_message = response["error"]["message"]
+    usage = response.get("usage")
+    if usage:
+        message.usage.CopyFrom(pb.ResponseUsage(
+            input_tokens=usage["input_tokens"], cached_tokens=usage["input_tokens_details"]["cached_tokens"],
+            output_tokens=usage["output_tokens"], reasoning_tokens=usage["output_tokens_details"]["reasoning_tokens"],
+            total_tokens=usage["total_tokens"]))
+    return message
+
+
+def response_event_message(event: dict) -> pb.ResponseEvent:
+    """One of OpenAI's streaming events (a dict) as a `gptoss.v1.ResponseEvent`."""
+    message = pb.ResponseEvent(type=event["type"], sequence_number=event["sequence_number"],
+                               output_index=event.get("output_index", 0), item_id=event.get("item_id", ""),
+                               delta=event.get("delta", ""), text=event.get("text", event.get("arguments", "")))
+    if "item" in event:
+        message.item.CopyFrom(item_message(event["item"]))
+    if "response" in event:
+        message.response.CopyFrom(response_message(event["response"]))
+    return message

@@ -19,6 +19,7 @@ from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 
 SERVICE_NAME = "gptoss.v1.GptossService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+STREAMING_METHODS = ("Generate", "Respond")
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,6 +33,12 @@ def add_gptoss_service(servicer, server) -> None:
             servicer.Abort, response_serializer=pb.AbortResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString),
+        "Respond": grpc.unary_stream_rpc_method_handler(
+            servicer.Respond, response_serializer=pb.ResponseEvent.SerializeToString),
+        "GetResponse": grpc.unary_unary_rpc_method_handler(
+            servicer.GetResponse, response_serializer=pb.Response.SerializeToString),
+        "DeleteResponse": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteResponse, response_serializer=pb.DeleteResponseReply.SerializeToString),
     }
     generic_handler = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((generic_handler,))
@@ -46,7 +53,8 @@ def add_health_service(servicer, server) -> None:
 
 
 def _cancels_abandoned_replica_calls(server, generic_handler) -> None:
-    """Make Serve's proxy cancel the replica call of a Generate whose client went away, in every case.
+    """Make Serve's proxy cancel the replica call of a Generate (or Respond) whose client went away, in
+    every case.
 
     Ray 2.60's gRPC proxy cancels the replica call when a client cancels while the proxy awaits the
     next message; when the cancel lands while a message is being sent, the proxy's generators are
@@ -56,13 +64,13 @@ def _cancels_abandoned_replica_calls(server, generic_handler) -> None:
     """
     from ray.serve._private import proxy
 
-    method = f"/{SERVICE_NAME}/Generate"
-    handler = getattr(generic_handler, "_method_handlers", {}).get(method)
-    if not hasattr(server, "service_handler_factory") or handler is None:
+    methods = [f"/{SERVICE_NAME}/{name}" for name in STREAMING_METHODS]
+    handlers = getattr(generic_handler, "_method_handlers", {})
+    if not hasattr(server, "service_handler_factory") or not all(m in handlers for m in methods):
         return  # not Serve's proxy: nothing to mend
     base = proxy.ProxyResponseGenerator
-    if not hasattr(base, "cancelled") or not callable(getattr(handler, "unary_stream", None)):
-        logger.warning("gptoss: Ray's gRPC proxy changed; a cancelled Generate may run on to max_tokens")
+    if not hasattr(base, "cancelled") or not all(callable(getattr(handlers[m], "unary_stream", None)) for m in methods):
+        logger.warning("gptoss: Ray's gRPC proxy changed; a cancelled Generate or Respond may run on to max_tokens")
         return
     if not getattr(base, "registers_with_its_call", False):
         class RegisteringProxyResponseGenerator(base):
@@ -75,10 +83,11 @@ def _cancels_abandoned_replica_calls(server, generic_handler) -> None:
                     responses.append(self)
 
         proxy.ProxyResponseGenerator = RegisteringProxyResponseGenerator
-    generic_handler._method_handlers[method] = handler._replace(unary_stream=_cancel_on_end(handler.unary_stream))
+    for method in methods:
+        handlers[method] = handlers[method]._replace(unary_stream=_cancel_on_end(handlers[method].unary_stream))
 
 
-# The proxy's response generators made while serving the current Generate call (one call per task).
+# The proxy's response generators made while serving the current streaming call (one call per task).
 _CALL_RESPONSES: contextvars.ContextVar[list | None] = contextvars.ContextVar("gptoss_call_responses", default=None)
 
 

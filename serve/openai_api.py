@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: FastAPI routes over the gateway service.
 
-POST /v1/chat/completions, POST /v1/completions (text or token-id prompts, no template), GET /v1/models,
-GET /v1/models/{id}, GET /health, GET /metrics. Errors are OpenAI's JSON error body with the matching
+POST /v1/chat/completions, POST /v1/completions (text or token-id prompts, no template), the Responses
+API (POST /v1/responses; GET and DELETE /v1/responses/{id}; GET /v1/responses/{id}/input_items),
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics. Errors are OpenAI's JSON error body with the matching
 status; streams are server-sent events ending with `data: [DONE]`. Every response carries the request's
 id in `x-request-id` (the client's own when it sent one): server errors quote it, and the gateway's log
 has their cause under it.
@@ -24,7 +25,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptoss.errors import DeadlineExceededError, NotFoundError, PayloadTooLargeError
+from gptoss.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    shorten,
+)
 from gptoss.harmony import TextDelta
 from serve.admission import Generation, check_model
 from serve.choices import ChoiceEvent, ChoiceUsage
@@ -42,6 +49,7 @@ from serve.openai_protocol import (
     now_s,
     usage_body,
 )
+from serve.responses_protocol import ResponseBuilder, admit_responses_json
 
 REPLICA_HEADER = "x-gptoss-replica"
 REQUEST_ID_HEADER = "x-request-id"
@@ -60,6 +68,10 @@ def make_openai_app(gateway: GatewayService) -> FastAPI:
     app.state.started_at = now_s()
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/responses", create_response, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
@@ -107,6 +119,77 @@ async def completions(request: Request) -> Response:
         return event_stream(chunks, gateway, "completions", request_id, headers | replica_header(first[1].replica_id))
     except Exception as e:  # noqa: BLE001
         return error_response(e, gateway, "completions", request_id, headers)
+
+
+async def create_response(request: Request) -> Response:
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    gateway.metrics.request("responses")
+    try:
+        tenant = gateway.authenticate(bearer_token(request))
+        body = await read_body(request, gateway.limits.max_request_bytes)
+        call, generation, conversation = await gateway.admit_response(admit_responses_json, body, request_id, tenant)
+        builder = ResponseBuilder(call, gateway.model_name, gateway.block_size)
+        events = with_deadline(gateway.respond(call, generation, conversation, tenant, builder), call.timeout_s)
+        if not call.stream:
+            async with contextlib.aclosing(events):
+                async for _ in events:
+                    pass
+            return JSONResponse(builder.response, headers=headers | replica_header(builder.replica_id))
+        # Errors before the model's first output still get their HTTP status.
+        head = [await anext(events), await anext(events), await anext(events)]
+        stream = response_events(head, events, builder, gateway, request_id)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"} | headers | replica_header(builder.replica_id))
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, gateway, "responses", request_id, headers)
+
+
+async def get_response(request: Request, response_id: str) -> Response:
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    try:
+        record = await gateway.load_response(response_id, gateway.authenticate(bearer_token(request)))
+        return JSONResponse(record["response"], headers=headers)
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, gateway, "responses", request_id, headers)
+
+
+async def delete_response(request: Request, response_id: str) -> Response:
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    try:
+        await gateway.delete_response(response_id, gateway.authenticate(bearer_token(request)))
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True}, headers=headers)
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, gateway, "responses", request_id, headers)
+
+
+async def list_input_items(request: Request, response_id: str) -> Response:
+    """The response's own input items, newest first unless `order=asc`, `limit` (1-100, default 20) at a
+    time after the item id `after` (OpenAI's cursor paging)."""
+    gateway: GatewayService = request.app.state.gateway
+    request_id, headers = request_id_of(request)
+    try:
+        record = await gateway.load_response(response_id, gateway.authenticate(bearer_token(request)))
+        query = request.query_params
+        order, limit, after = query.get("order", "desc"), query.get("limit", "20"), query.get("after")
+        if order not in ("asc", "desc"):
+            raise InvalidRequestError("order", f"order must be asc or desc, got {shorten(order)}")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise InvalidRequestError("limit", f"limit must be an integer in [1, 100], got {shorten(limit)}")
+        items = record["input_items"][::-1] if order == "desc" else record["input_items"]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise InvalidRequestError("after", f"after {shorten(after)} is not an input item of {response_id}")
+            items = items[ids.index(after) + 1:]
+        page = items[:int(limit)]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)},
+                            headers=headers)
+    except Exception as e:  # noqa: BLE001
+        return error_response(e, gateway, "responses", request_id, headers)
 
 
 async def list_models(request: Request) -> Response:
@@ -269,9 +352,28 @@ def event_stream(chunks: AsyncIterator[dict], gateway: GatewayService, api: str,
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"} | headers)
 
 
+async def response_events(head: list[dict], events: AsyncIterator[dict], builder: ResponseBuilder,
+                          gateway: GatewayService, request_id: str) -> AsyncIterator[str]:
+    """A streamed response as OpenAI's server-sent events; a fault after the start ends it with
+    `response.failed` (the client already has its 200)."""
+    def sse(event: dict) -> str:
+        return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+    try:
+        async with contextlib.aclosing(_chain(head, events)) as chained:
+            async for event in chained:
+                yield sse(event)
+    except Exception as e:  # noqa: BLE001 - in-band, as the status was sent
+        reply = error_reply(e, request_id)
+        gateway.metrics.error("responses", reply.http_status)
+        yield sse(builder.fail(reply.message, "server_error" if reply.http_status >= 500 else reply.type))
+
+
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:
+    """`first` (a list: each of its items), then what `rest` yields."""
     async with contextlib.aclosing(rest):
-        yield first
+        for item in first if isinstance(first, list) else [first]:
+            yield item
         async for item in rest:
             yield item
 

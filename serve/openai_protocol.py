@@ -43,7 +43,7 @@ _PENALTY = Annotated[float, Field(ge=-2.0, le=2.0)]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class _Strict(BaseModel):
+class StrictShape(BaseModel):
     # JSON types as sent: "1" is not a number, 1 is not a boolean; NaN and infinities are refused.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -54,23 +54,23 @@ def _refuse_unsupported(values: dict, names: tuple[str, ...], empty_ok: tuple = 
             raise ValueError(f"{name} is not supported by this server")
 
 
-class TextPart(_Strict):
+class TextPart(StrictShape):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictShape):
     name: str
     arguments: str = ""
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(StrictShape):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessageIn(_Strict):
+class ChatMessageIn(StrictShape):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -85,28 +85,28 @@ class ChatMessageIn(_Strict):
         return self.content or ""
 
 
-class FunctionDef(_Strict):
+class FunctionDef(StrictShape):
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(_Strict):
+class ToolDef(StrictShape):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictShape):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictShape):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictShape):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -116,7 +116,7 @@ Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, F
                      Field(max_length=16)]
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StrictShape):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -4,6 +4,7 @@ tenant, and no key text in any log."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ KEY_A = "sk-alpha-7f3c2b9e4d1a"
 KEY_A2 = "sk-alpha-second-0c8d"  # a second key of tenant alpha (rotation: old and new side by side)
 KEY_B = "sk-beta-5e6f7a8b9c0d"
 APP = "secured"
+STORE_ENTRIES = 3  # stored responses the app keeps
 
 
 # --- the key sources -------------------------------------------------------------------------------
@@ -88,7 +90,8 @@ def secured(serve_instance, tiny_checkpoint, tmp_path_factory):
     keys_file.write_text(f"alpha {KEY_A}\nbeta {KEY_B}\n")
     raw = {**SERVE_TEST_CONFIG, "model": {**SERVE_TEST_CONFIG["model"], "checkpoint": str(tiny_checkpoint),
                                           "name": APP},
-           "auth": {"api_keys_file": str(keys_file), "reload_period_s": 0.2, "public_health": False}}
+           "auth": {"api_keys_file": str(keys_file), "reload_period_s": 0.2, "public_health": False},
+           "gateway": {**SERVE_TEST_CONFIG["gateway"], "response_store_entries": STORE_ENTRIES}}
     serve.run(build_app_from_config(parse_config(raw)), name=APP, route_prefix=f"/{APP}")
     yield serve_instance, keys_file
     serve.delete(APP)
@@ -161,6 +164,54 @@ def test_the_same_prompt_from_two_tenants_shares_no_cached_block(secured):
     assert cached(KEY_B) == 0  # beta's first look at alpha's prompt: nothing cached for beta
     assert cached(KEY_A) == 96  # alpha again: its own 6 full blocks of 16
     assert cached(KEY_B) == 96
+
+
+def test_a_stored_response_is_its_tenants_alone_and_the_least_recently_used_is_evicted(secured):
+    endpoints, _ = secured
+
+    def respond(key, **fields):
+        return post(endpoints, "responses", key, {"input": "hi", "max_output_tokens": 2, **fields})
+
+    def fetch(key, response_id):
+        return requests.get(f"{endpoints.http}/{APP}/v1/responses/{response_id}", timeout=30,
+                            headers={"Authorization": f"Bearer {key}"})
+
+    alphas = [respond(KEY_A).json()["id"] for _ in range(STORE_ENTRIES)]
+    assert fetch(KEY_A, alphas[0]).status_code == 200  # alphas[0] is now the most recently used
+    for attempt in (fetch(KEY_B, alphas[0]), respond(KEY_B, previous_response_id=alphas[0]),
+                    requests.delete(f"{endpoints.http}/{APP}/v1/responses/{alphas[0]}", timeout=30,
+                                    headers={"Authorization": f"Bearer {KEY_B}"})):
+        assert attempt.status_code == 404 and alphas[0] in attempt.text, attempt.text  # as if unknown
+    beta = respond(KEY_B).json()["id"]  # one more: evicts the least recently used, alphas[1]
+    missing = fetch(KEY_A, alphas[1])
+    assert missing.status_code == 404 and alphas[1] in missing.json()["error"]["message"]
+    assert [fetch(KEY_A, i).status_code for i in (alphas[0], alphas[2])] == [200, 200]
+    assert respond(KEY_A, previous_response_id=alphas[1]).status_code == 404
+    assert fetch(KEY_B, beta).status_code == 200
+
+
+def test_stored_responses_outlive_a_gateway_replica(secured):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    endpoints, _ = secured
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    stored = post(endpoints, "responses", KEY_A, {"input": "hi", "max_output_tokens": 2}).json()["id"]
+    [gateway] = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                 if a.class_name.startswith(f"ServeReplica:{APP}:Gateway")]
+    os.kill(gateway, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # Serve replaces the replica; until then the proxy answers 503 or the connection fails
+        with contextlib.suppress(requests.RequestException):
+            response = requests.get(f"{endpoints.http}/{APP}/v1/responses/{stored}", headers=headers, timeout=10)
+            if response.status_code == 200:
+                break
+            assert response.status_code >= 500, response.text  # never a 404: the store kept it
+        assert time.monotonic() < deadline, "the response was not found after the gateway's restart"
+        time.sleep(0.5)
+    assert response.json()["id"] == stored
 
 
 def test_a_key_removed_from_the_file_is_refused_within_the_reload_period(secured):

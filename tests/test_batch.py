@@ -43,6 +43,17 @@ def test_a_chat_row_renders_as_the_chat_api_renders_it():
     assert rendered["harmony"] and rendered["stop"] == ["\n\n"]
 
 
+def test_a_responses_row_renders_as_the_equal_chat_row():
+    responses = render_row({"id": 1, "instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}],
+                            "reasoning": {"effort": "low"}, "max_output_tokens": 9, "tools": [dict(
+                                WEATHER_TOOL["function"], type="function")], "tool_choice": "required"})
+    chat = render_row({"id": 1, "messages": [{"role": "developer", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi"}],
+                       "reasoning_effort": "low", "max_tokens": 9, "tools": [WEATHER_TOOL], "tool_choice": "required"})
+    assert responses["error"] == chat["error"] == ""
+    assert responses == chat
+
+
 def test_token_id_rows_are_parsed_as_harmony_only_when_they_end_a_rendered_conversation():
     tail = [START_ID, *encode("assistant")]
     harmony = render_row({"id": "a", "prompt_token_ids": [1, 2, 3, *tail], "max_tokens": 4})
@@ -61,8 +72,10 @@ def test_token_id_rows_are_parsed_as_harmony_only_when_they_end_a_rendered_conve
     ({"id": "r", "prompt_token_ids": ["a", "b"]}, "prompt"),
     ({"id": "r", "text": "hello"}, "messages"),
     ({"id": "r", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"id": "r", "input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0.call_id"),
+    ({"id": "r", "input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
 ], ids=["no-id", "unknown-role", "wrong-type", "n-choices", "unknown-field", "ids-not-ints", "no-input",
-        "required-without-tools"])
+        "required-without-tools", "responses-unanswered-call", "responses-continuing"])
 def test_a_bad_row_becomes_an_error_row_naming_the_field(row, named):
     rendered = render_row(row)
     assert named in rendered["error"], rendered["error"]

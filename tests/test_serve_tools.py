@@ -13,7 +13,7 @@ import pytest
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from tests.conftest import SERVE_TEST_CONFIG
-from tests.scripted_model import TOOL_CALL_ARGUMENTS, TOOL_CALL_NAME
+from tests.scripted_model import TOOL_CALL_ARGUMENTS, TOOL_CALL_COMPLETION, TOOL_CALL_NAME
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -93,3 +93,46 @@ def test_grpc_streams_the_same_tool_call(scripted_app):
     assert "".join(c.arguments for c in calls) == TOOL_CALL_ARGUMENTS
     assert replies[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert replies[-1].usage.completion_tokens == sum(len(r.token_ids) for r in replies)
+
+
+# --- the Responses API ---------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_a_response_streams_its_function_call_arguments_as_they_are_generated(client):
+    events = list(client.responses.create(model="scripted", input="What is the weather in Paris?",
+                                          tools=[WEATHER_TOOL], max_output_tokens=40, temperature=0, stream=True))
+    final = events[-1]
+    assert final.type == "response.completed" and final.response.status == "completed"
+    [call] = final.response.output
+    assert call.type == "function_call" and call.call_id.startswith("call_") and call.name == TOOL_CALL_NAME
+    assert json.loads(call.arguments) == json.loads(TOOL_CALL_ARGUMENTS)
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2 and "".join(d.delta for d in deltas) == call.arguments  # token by token, not batched
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [(d.name, d.arguments) for d in done] == [(TOOL_CALL_NAME, call.arguments)]
+    added = next(e for e in events if e.type == "response.output_item.added")
+    assert added.item.call_id == call.call_id and added.item.arguments == ""
+    assert final.response.usage.output_tokens == len(TOOL_CALL_COMPLETION)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["previous_response_id", "items-sent-back"])
+def test_a_function_call_output_goes_back_and_the_model_answers_it(client, stored):
+    first = client.responses.create(model="scripted", input="What is the weather in Paris?", tools=[WEATHER_TOOL],
+                                    tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40,
+                                    temperature=0)
+    [call] = first.output
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temperature_c": 18})}
+    if stored:
+        second = client.responses.create(model="scripted", previous_response_id=first.id, input=[result],
+                                         tools=[WEATHER_TOOL], max_output_tokens=40, temperature=0)
+    else:  # stateless: the client sends the conversation back, the model's own items as it got them
+        history = [{"role": "user", "content": "What is the weather in Paris?"},
+                   *[item.model_dump(exclude_none=True) for item in first.output], result]
+        second = client.responses.create(model="scripted", input=history, tools=[WEATHER_TOOL],
+                                         max_output_tokens=40, temperature=0, store=False)
+    # the call and its result render into the prompt; this model's answer is another call
+    assert second.usage.input_tokens > first.usage.input_tokens + len(TOOL_CALL_COMPLETION)
+    assert second.status == "completed" and [item.type for item in second.output] == ["function_call"]

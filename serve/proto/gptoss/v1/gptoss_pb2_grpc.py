@@ -49,6 +49,21 @@ class GptossServiceStub:
                 request_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Respond = channel.unary_stream(
+                '/gptoss.v1.GptossService/Respond',
+                request_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.RespondRequest.SerializeToString,
+                response_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ResponseEvent.FromString,
+                _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/gptoss.v1.GptossService/GetResponse',
+                request_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetResponseRequest.SerializeToString,
+                response_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.Response.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/gptoss.v1.GptossService/DeleteResponse',
+                request_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseRequest.SerializeToString,
+                response_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseReply.FromString,
+                _registered_method=True)
 
 
 class GptossServiceServicer:
@@ -74,6 +89,28 @@ class GptossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Respond(self, request, context):
+        """The Responses API (as HTTP's POST /v1/responses): one turn of a conversation as output items
+        (reasoning, messages, function calls), streamed as OpenAI's events in their order, the last one
+        response.completed, response.incomplete or response.failed. A stored response (store, the
+        default) is continued by previous_response_id, read back by GetResponse, removed by DeleteResponse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GptossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +128,21 @@ def add_GptossServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.FromString,
                     response_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.SerializeToString,
+            ),
+            'Respond': grpc.unary_stream_rpc_method_handler(
+                    servicer.Respond,
+                    request_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.RespondRequest.FromString,
+                    response_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ResponseEvent.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetResponseRequest.FromString,
+                    response_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.Response.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseRequest.FromString,
+                    response_serializer=serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +226,87 @@ class GptossService:
             '/gptoss.v1.GptossService/GetModelInfo',
             serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
             serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Respond(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gptoss.v1.GptossService/Respond',
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.RespondRequest.SerializeToString,
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ResponseEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.GptossService/GetResponse',
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetResponseRequest.SerializeToString,
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.GptossService/DeleteResponse',
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseRequest.SerializeToString,
+            serve_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.DeleteResponseReply.FromString,
             options,
             channel_credentials,
             insecure,
