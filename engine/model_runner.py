@@ -36,14 +36,17 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, groups: tuple[KVCacheGroup, ...], num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, groups: tuple[KVCacheGroup, ...], num_blocks: int, block_size: int,
+                 greedy_screen: bool = False):
         config = model.config
         self.model, self.groups, self.block_size = model, groups, block_size
         self.device = model.device
-        # Every step unembeds a row per running request: worth a second, prepacked copy on CPU, and a
-        # 7-bit one that finds greedy rows' tokens exactly without the full matmul.
+        # Every step unembeds a row per running request: worth a second, prepacked copy on CPU, and (opt-in)
+        # a 7-bit one that finds greedy rows' tokens exactly without the full matmul. Both are counted by
+        # the load's memory check (`unembedding_copy_bytes`).
         model.prepack_unembedding()
-        model.prepare_greedy_unembedding()
+        if greedy_screen:
+            model.prepare_greedy_unembedding()
         group_of_layer = {layer: gi for gi, g in enumerate(groups) for layer in g.layer_ids}
         slot_of_layer = {layer: si for g in groups for si, layer in enumerate(g.layer_ids)}
         self.group_of_layer = [group_of_layer[i] for i in range(config.num_hidden_layers)]

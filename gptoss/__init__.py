@@ -15,13 +15,13 @@ _MODULE_OF = {
     "CheckpointError": "gptoss.errors", "ClientError": "gptoss.errors", "GptossError": "gptoss.errors",
     "InvalidRequestError": "gptoss.errors", "ServerError": "gptoss.errors", "UnavailableError": "gptoss.errors",
     "load_config": "gptoss.load", "load_model": "gptoss.load",
-    "Transformer": "gptoss.model",
+    "Transformer": "gptoss.model", "unembedding_copy_bytes": "gptoss.model",
     "write_random_checkpoint": "gptoss.writer",
 }
 
 __all__ = ["CheckpointError", "ClientError", "GptossError", "InvalidRequestError", "ModelConfig",
            "PRESETS", "ServerError", "Transformer", "UnavailableError", "get_preset", "load_config",
-           "load_model", "write_random_checkpoint"]
+           "load_model", "unembedding_copy_bytes", "write_random_checkpoint"]
 
 if TYPE_CHECKING:
     from gptoss.config import PRESETS, ModelConfig, get_preset
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         UnavailableError,
     )
     from gptoss.load import load_config, load_model
-    from gptoss.model import Transformer
+    from gptoss.model import Transformer, unembedding_copy_bytes
     from gptoss.writer import write_random_checkpoint
 
 

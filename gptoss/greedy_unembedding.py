@@ -69,14 +69,31 @@ class GreedyUnembedding:
         self.quantized = torch.empty(vocab, self.padded, dtype=torch.int8)
         self.scale = torch.empty(vocab, dtype=torch.float32)
         self.rowsum = torch.empty(vocab, dtype=torch.int32)
-        self.norm = torch.empty(vocab, dtype=torch.float32)
-        self.error = torch.empty(vocab, dtype=torch.float32)
+        self.norm = torch.empty(vocab, dtype=torch.float64)  # doubles: see the kernel on scales and bounds
+        self.error = torch.empty(vocab, dtype=torch.float64)
         self.lib.greedy_screen_prepare(self.weight.data_ptr(), int(weight.dtype == torch.bfloat16), vocab, k,
                                        self.padded, self.quantized.data_ptr(), self.scale.data_ptr(),
                                        self.rowsum.data_ptr(), self.norm.data_ptr(), self.error.data_ptr(),
                                        torch.get_num_threads())
         self.undecided_calls = 0  # calls in a row that left most of their rows undecided
         self.gave_up = False
+
+    @staticmethod
+    def copy_bytes(vocab_size: int, hidden_size: int) -> int:
+        """The bytes of the screen's copy of a [vocab, hidden] unembedding: 7-bit codes padded to
+        K_ALIGN columns, and per row a scale, a code sum and two norms."""
+        return vocab_size * (-(-hidden_size // K_ALIGN) * K_ALIGN + 4 + 4 + 8 + 8)
+
+    @property
+    def nbytes(self) -> int:
+        """What the copy holds now (0 once it gave up)."""
+        return sum(t.nbytes for t in (self.quantized, self.scale, self.rowsum, self.norm, self.error))
+
+    def give_up(self) -> None:
+        """Stops screening for good and frees the copy (every row then takes the full unembedding)."""
+        self.gave_up = True
+        empty = torch.empty(0)
+        self.quantized = self.scale = self.rowsum = self.norm = self.error = empty
 
     @classmethod
     def applies(cls, weight: torch.Tensor) -> bool:
@@ -115,8 +132,8 @@ class GreedyUnembedding:
         if n:
             self.undecided_calls = self.undecided_calls + 1 if int((tokens < 0).sum()) * 2 > n else 0
             if self.undecided_calls >= GIVE_UP_AFTER:
-                self.gave_up = True
+                self.give_up()
                 logger.info("greedy screen: %d calls in a row left most rows undecided (its error bound is wide "
-                            "next to these logits' spread); greedy rows take the full unembedding from now on",
-                            GIVE_UP_AFTER)
+                            "next to these logits' spread); greedy rows take the full unembedding from now on, "
+                            "and the screen's copy of the unembedding is freed", GIVE_UP_AFTER)
         return tokens, candidates

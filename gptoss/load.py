@@ -109,7 +109,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                experts: list[int] | None = None, packed_experts: bool | None = None,
                progress: Callable[[int, int], None] | None = None,
                progress_bytes: Callable[[int, int], None] | None = None,
-               check_memory: bool = True) -> Transformer:
+               check_memory: bool = True, reserve_bytes: int = 0) -> Transformer:
     """Loads a gpt-oss checkpoint (HF release layout or OpenAI `original/` layout).
 
     Args:
@@ -126,6 +126,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         progress: called as progress(tensors_done, tensors_total) while loading (long loads show it).
         progress_bytes: called as progress_bytes(bytes_done, bytes_total) after each tensor lands.
         check_memory: refuse a load that `estimate_load` says does not fit the free memory.
+        reserve_bytes: what the caller allocates on the device right after the load, counted in that
+            check (serving's unembedding copies: `gptoss.model.unembedding_copy_bytes`).
     Returns:
         the model in eval mode; `model(token_ids [T])` -> float32 logits [T, vocab].
     Raises:
@@ -140,7 +142,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     expert_ids = _check_expert_ids(experts, config)
     reader = CheckpointReader(layout)
     device = torch.device(device)
-    packed = _plan_memory(layout.root, config, dtype, device, expert_ids, packed_experts, check_memory)
+    packed = _plan_memory(layout.root, config, dtype, device, expert_ids, packed_experts, check_memory,
+                          reserve_bytes)
     with torch.device("meta"):
         model = Transformer(config, expert_ids, packed=packed, dtype=dtype, device="meta")
     try:
@@ -162,8 +165,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
 
 
 def _plan_memory(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 expert_ids: list[int] | None, packed_experts: bool | None, check_memory: bool) -> bool:
-    """Settles packed_experts=None (auto) and refuses a load that would not fit; returns `packed`."""
+                 expert_ids: list[int] | None, packed_experts: bool | None, check_memory: bool,
+                 reserve_bytes: int = 0) -> bool:
+    """Settles packed_experts=None (auto) and refuses a load that would not fit (with `reserve_bytes`
+    besides); returns `packed`."""
     free = memory.available_bytes(device) if check_memory or packed_experts is None else None
     if packed_experts is None:
         dequantized = estimate_load_bytes(config, dtype, False, expert_ids)
@@ -175,7 +180,7 @@ def _plan_memory(root: Path, config: ModelConfig, dtype: torch.dtype, device: to
                                          f"instead of ~{gib(dequantized)}")
         elif free is None:
             packed_experts, why = False, f"the free memory of {device} is unknown"
-        elif dequantized <= AUTO_DEQUANTIZE_MAX_SHARE * free:
+        elif dequantized + reserve_bytes <= AUTO_DEQUANTIZE_MAX_SHARE * free:
             packed_experts, why = False, f"they need ~{gib(dequantized)} of {gib(free)} free"
         else:
             packed_experts, why = True, (f"dequantized they would need ~{gib(dequantized)}, more than "
@@ -183,13 +188,14 @@ def _plan_memory(root: Path, config: ModelConfig, dtype: torch.dtype, device: to
         kept = "packed (MXFP4)" if packed_experts else f"dequantized to {_dtype_name(dtype)}"
         logger.info("%s: experts kept %s on %s: %s", root, kept, device, why)
     if check_memory and free is not None:
-        need = estimate_load_bytes(config, dtype, packed_experts, expert_ids)
+        need = estimate_load_bytes(config, dtype, packed_experts, expert_ids) + reserve_bytes
         if need > free:
             num_experts = config.num_local_experts if expert_ids is None else len(expert_ids)
             held = "MXFP4-packed" if packed_experts else f"dequantized to {_dtype_name(dtype)}"
+            copies = f", and {gib(reserve_bytes)} of unembedding copies for serving" if reserve_bytes else ""
             raise InsufficientMemoryError(
                 f"{root}: loading needs ~{gib(need)} on {device} ({num_experts} experts {held}, the rest in "
-                f"{_dtype_name(dtype)}) but only {gib(free)} is {memory.describe_free(device)}. Options: "
+                f"{_dtype_name(dtype)}{copies}) but only {gib(free)} is {memory.describe_free(device)}. Options: "
                 + "; ".join(_memory_options(config, dtype, expert_ids, packed_experts, free)))
     return packed_experts
 

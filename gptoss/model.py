@@ -55,6 +55,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def unembedding_copy_bytes(config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+                           greedy_screen: bool) -> int:
+    """What serving on `device` keeps of the unembedding besides the model's own weight: the prepacked
+    copy (`Transformer.prepack_unembedding`, the unembedding's bytes again) and, when `greedy_screen`,
+    the screen's 7-bit copy (`prepare_greedy_unembedding`), each where it applies. A load for serving
+    counts them (`load_model(reserve_bytes=)`): at gpt-oss's 201,088 x 2880 they are 2.3 GB in float32
+    (1.2 GB in bfloat16) and 0.59 GB."""
+    if torch.device(device).type != "cpu":
+        return 0
+    probe = torch.zeros(1, 1, dtype=dtype)  # what the copies apply to depends on the dtype and the CPU only
+    total = 0
+    if PrepackedLinearWeight.supports(probe):
+        total += config.vocab_size * config.hidden_size * dtype.itemsize
+    if greedy_screen and GreedyUnembedding.applies(probe):
+        total += GreedyUnembedding.copy_bytes(config.vocab_size, config.hidden_size)
+    return total
+
+
 class PrepackedLinearWeight:
     """A CPU weight kept a second time in oneDNN's blocked layout: oneDNN then skips reordering the
     weight on every call (the unembedding here: float32 ~30% faster at 8-32 rows; bfloat16 ~2x at
@@ -440,7 +458,8 @@ class Transformer(nn.Module):
         half of bfloat16's) with which `greedy_tokens` finds greedy rows' argmax exactly without the
         full matmul (in bfloat16: the first largest logit rounded to bfloat16). Call it once the
         weights are loaded. Returns whether it applies (float32 or bfloat16 on a CPU where the
-        screen's SIMD kernel builds; $GPTOSS_GREEDY_SCREEN=0 turns it off)."""
+        screen's SIMD kernel builds; $GPTOSS_GREEDY_SCREEN=0 turns it off). The engine calls it only
+        with `EngineConfig.greedy_screen` (off by default)."""
         if self.greedy_unembedding is None and GreedyUnembedding.applies(self.lm_head.weight):
             self.greedy_unembedding = GreedyUnembedding(self.lm_head.weight)
         return self.greedy_unembedding is not None

@@ -254,7 +254,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import Engine, EngineConfig
-    from gptoss import load_model
+    from gptoss import load_config, load_model, unembedding_copy_bytes
     from gptoss.errors import CheckpointError, InsufficientMemoryError, ServerError
 
     lines = read_batch_file(args.batch_file) if args.batch_file else None  # a bad file fails before loading
@@ -264,9 +264,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     printer = LoadProgressPrinter(sys.stderr)
     try:
+        copies = unembedding_copy_bytes(load_config(checkpoint), DTYPES[args.dtype], args.device, args.greedy_screen)
         model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device,
                            packed_experts=PACKED_EXPERTS[args.packed_experts], progress_bytes=printer,
-                           check_memory=not args.skip_memory_check)
+                           check_memory=not args.skip_memory_check, reserve_bytes=copies)
     except ServerError as e:  # a broken checkpoint, or one that does not fit: no traceback
         hint = ("\n(here: --packed-experts yes, --dtype bfloat16, or --skip-memory-check)"
                 if isinstance(e, InsufficientMemoryError) else "")
@@ -274,7 +275,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # The checkpoint is the command line's: a wrong one is a usage error (2), as in `serve`.
         return 2 if isinstance(e, CheckpointError) else 1
     printer.finish()
-    engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_mib << 20))
+    engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_mib << 20,
+                                        greedy_screen=args.greedy_screen))
     if lines is not None:
         return _generate_batch(engine, args, lines)
     return _generate_one(engine, args)
@@ -520,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_batch_file_help())
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests in one step")
     p.add_argument("--kv-cache-mib", type=int, default=1024, help="engine: KV cache budget")
+    p.add_argument("--greedy-screen", action="store_true",
+                   help="engine: greedy tokens by the 7-bit screen of the unembedding (CPU; exact, keeps a copy)")
     p.set_defaults(func=cmd_generate)
     return parser
 

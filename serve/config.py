@@ -67,6 +67,10 @@ class EngineSection(_Section):
     max_model_len: PositiveInt | None = Field(None, description="Prompt + output cap (default: the model's "
                                                                 "context, capped by what the KV cache holds).")
     max_logprobs: Annotated[int, Field(ge=0)] = 20
+    greedy_screen: bool = Field(
+        False, description="CPU: greedy rows' tokens by a 7-bit screen of the unembedding, exact, with a copy of "
+                           "it (0.59 GB at gpt-oss's width); off by default: at hidden 2880 on random weights it "
+                           "decides too few rows to pay.")
 
 
 class AutoscalingSection(_Section):
@@ -294,7 +298,7 @@ class AppConfig(_Section):
                           kv_cache_bytes=int(e.kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=e.enable_prefix_caching,
                           enable_chunked_prefill=e.enable_chunked_prefill, max_model_len=e.max_model_len,
-                          max_logprobs=e.max_logprobs)
+                          max_logprobs=e.max_logprobs, greedy_screen=e.greedy_screen)
 
     def group_config(self, checkpoint: str, name: str, device: str | None = None) -> GroupConfig:
         """The EP group's config; `device` overrides group.device (the builder resolves "auto" once,

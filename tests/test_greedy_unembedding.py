@@ -4,6 +4,7 @@ rows (degenerate or non-finite) are reported as such; the engine's greedy tokens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -130,7 +131,9 @@ def test_the_engines_tokens_and_logprobs_are_those_of_the_full_unembedding(tiny_
     sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=12, stop_token_ids=())
     params = [greedy, greedy, with_logprobs, sampled, greedy, greedy]
 
-    screened = Engine(model, config)
+    Engine(model, config)
+    assert model.greedy_unembedding is None  # opt-in: off by default
+    screened = Engine(model, dataclasses.replace(config, greedy_screen=True))
     assert model.greedy_unembedding is not None or not GreedyUnembedding.applies(model.lm_head.weight)
     calls = []
     screen = model.greedy_unembedding
@@ -192,7 +195,9 @@ def test_the_prepared_copy_is_the_documented_quantization(lib):
         assert torch.equal(screen.quantized[:, :100], q.to(torch.int8)) and not screen.quantized[:, 100:].any()
         assert torch.equal(screen.rowsum, q.sum(dim=1).int())
         for got, exact in ((screen.norm, w64.norm(dim=1)), (screen.error, (w64 - q * scale.double()[:, None]).norm(dim=1))):
-            assert bool((got.double() >= exact).all()) and torch.allclose(got.double(), exact, rtol=1e-6)
+            # summed in double (rounded up; a summation order's last bits are the bounds' margin's)
+            assert got.dtype == torch.float64 and bool((got * (1 + 1e-12) >= exact).all())
+            assert torch.allclose(got, exact, rtol=1e-12)
 
 
 def test_a_screen_that_cannot_decide_gives_up_and_stays_out_of_the_way(lib, caplog):
@@ -204,5 +209,37 @@ def test_a_screen_that_cannot_decide_gives_up_and_stays_out_of_the_way(lib, capl
         assert not screen.gave_up
         assert screen(hidden)[0].tolist() == [-1, -1]
     assert screen.gave_up and "full unembedding from now on" in caplog.text
+    assert screen.nbytes == 0  # the copy is freed, not kept for nothing
     screen.lib = None  # no more kernel calls
     assert screen(hidden)[0].tolist() == [-1, -1]
+
+
+def exactly_quantized(rows: list[list[float]], hidden: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [len(rows), 64] and hidden [1, 64] whose screen codes are exact (no quantization error:
+    the bounds are as tight as they get), from their leading entries."""
+    weight = torch.zeros(len(rows), 64, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        weight[i, :len(row)] = torch.tensor(row, dtype=torch.float64)
+    h = torch.zeros(1, 64, dtype=torch.float64)
+    h[0, :len(hidden)] = torch.tensor(hidden, dtype=torch.float64)
+    return weight.float(), h.float()
+
+
+def test_scale_products_below_floats_range_still_give_the_true_argmax(lib):
+    """Activation scale 2^-100 times weight scales 11 and 13 x 2^-52: the products lie among float's
+    subnormals (multiples of 2^-149), where 11 x 2^-152 rounds down by 27% and 13 x 2^-152 up by 23%.
+    Bounds made of those products let row 1 (true logit 63 x 1001 units) rule out row 0 (63 x 1408)."""
+    unit = 2.0 ** -52
+    weight, hidden = exactly_quantized([[704 * unit, 704 * unit], [832 * unit, 169 * unit]],
+                                       [63 * 2.0 ** -100, 63 * 2.0 ** -100])
+    assert int((hidden.double() @ weight.double().T).argmax()) == 0
+    assert int(GreedyUnembedding(weight, lib=lib)(hidden)[0]) == 0
+
+
+def test_a_bound_that_is_not_a_number_keeps_its_row(lib):
+    """Activation scale 1e30 times row 0's weight scale 1e10 overflows float; row 0's codes (+64, -64)
+    against the activation's (63, 63) sum to 0, so its float estimate is 0 x inf, not a number. Row 0
+    is the argmax (logit 0, row 1's is -2e33): a row whose bound is not a number must stay."""
+    weight, hidden = exactly_quantized([[64e10, -64e10], [-64.0, 32.0]], [63e30, 63e30])
+    assert int((hidden.double() @ weight.double().T).argmax()) == 0
+    assert int(GreedyUnembedding(weight, lib=lib)(hidden)[0]) == 0

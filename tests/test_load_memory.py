@@ -86,6 +86,35 @@ def test_a_load_that_does_not_fit_is_refused_before_reading_saying_need_free_and
     gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=False, check_memory=False)
 
 
+def test_servings_unembedding_copies_are_counted_and_hold_what_was_counted(tiny_checkpoint, monkeypatch):
+    from engine import Engine, EngineConfig
+    from gptoss.greedy_unembedding import GreedyUnembedding
+    from gptoss.model import PrepackedLinearWeight, unembedding_copy_bytes
+
+    config = gptoss.load_config(tiny_checkpoint)
+    vocab, hidden = config.vocab_size, config.hidden_size
+    probe = torch.zeros(1, 1)
+    prepacked = vocab * hidden * 4 if PrepackedLinearWeight.supports(probe) else 0
+    screen = GreedyUnembedding.copy_bytes(vocab, hidden) if GreedyUnembedding.applies(probe) else 0
+    assert unembedding_copy_bytes(config, torch.float32, "cpu", greedy_screen=False) == prepacked
+    assert unembedding_copy_bytes(config, torch.float32, "cpu", greedy_screen=True) == prepacked + screen
+    assert unembedding_copy_bytes(config, torch.float32, "cuda", greedy_screen=True) == 0
+    # gpt-oss's width: the screen's copy is 0.59 GB, the prepacked float32 copy 2.3 GB
+    real = gptoss.get_preset("gpt-oss-120b")
+    assert GreedyUnembedding.copy_bytes(real.vocab_size, real.hidden_size) == pytest.approx(0.584e9, rel=0.01)
+    # the engine holds what was counted
+    model = gptoss.load_model(tiny_checkpoint, dtype=torch.float32)
+    Engine(model, EngineConfig(kv_cache_bytes=16 << 20, greedy_screen=True))
+    if screen:
+        assert model.greedy_unembedding.nbytes == screen
+    # and a load that fits only without them is refused with them, naming them
+    need = estimate_load_bytes(config, torch.float32, True)
+    fake_free_memory(monkeypatch, need + 1)
+    gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True)
+    with pytest.raises(InsufficientMemoryError, match="of unembedding copies for serving"):
+        gptoss.load_model(tiny_checkpoint, dtype=torch.float32, packed_experts=True, reserve_bytes=2)
+
+
 def test_the_smallest_ep_group_that_fits_is_offered():
     big = gptoss.get_preset("gpt-oss-120b")
     options = _memory_options(big, torch.bfloat16, None, packed=True, free=20 * GIB)

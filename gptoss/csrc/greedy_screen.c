@@ -7,7 +7,7 @@
  * lowest index among the largest rounded ones (see relaxed()).
  *
  * Weights: wq [V, Kp] int8 in [-64, 64] with w_i ~ sw[i] * wq[i] (Kp = K padded to 64 with zeros),
- * rowsum[i] = sum_k wq[i, k], wnorm[i] >= ||w_i||, werr[i] >= ||w_i - sw[i] wq[i]||.
+ * rowsum[i] = sum_k wq[i, k], wnorm[i] >= ||w_i||, werr[i] >= ||w_i - sw[i] wq[i]|| (doubles).
  * Activations: q = round(h / sa) in [-63, 63] with sa = max|h| / 63, stored as u = q + 64 (so that
  * vpmaddubsw, unsigned x signed, sums two products of at most 127 * 64 and then two such pairs in 16
  * bits without overflow). Then sum_k u_k wq_ik = sum_k q_k wq_ik + 64 rowsum[i] exactly, and
@@ -17,6 +17,11 @@
  * per hidden row, the candidates that reached its running largest lower bound (compacted when its
  * pool fills); a row whose pool holds more than POOL live candidates is left undecided (-1) for the
  * caller's full unembedding (nothing is screened out when h is zero, for instance).
+ *
+ * Scales, norms and bounds are doubles: products of float scales underflow to zero (tiny weights and
+ * activations) or overflow to inf (huge ones) in float, and a bound that is 0 or NaN there would rule
+ * out the true argmax; in double neither can happen for finite float inputs. A bound that is still not
+ * a number keeps its row (a candidate is never dropped for want of a comparison).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,33 +49,34 @@ int greedy_screen_simd(void) {
 
 typedef struct {
     int32_t *index;
-    float *upper;
+    double *upper;
     int n, overflow, bf16;
-    float max_lower;
-    float reach; /* what an upper bound must reach to stay a candidate: see relaxed() */
+    double max_lower;
+    double reach; /* what an upper bound must reach to stay a candidate: see relaxed() */
 } Pool;
 
 /* The threshold for a largest lower bound x. Exact argmax: x itself. Argmax of the logits rounded to
  * bfloat16 (ties to the lowest index): every row whose rounded logit equals the rounded maximum must
- * stay, and such a row's logit is at least x less one bfloat16 ulp of x (<= 2^-7 |x|; 2^-6 is taken). */
-static inline float relaxed(float x, int bf16) {
-    return bf16 ? x - 0x1p-6f * fabsf(x) - 1e-37f : x;
+ * stay, and such a row's logit is at least x less one bfloat16 ulp of x (<= 2^-7 |x|; 2^-6 is taken),
+ * less float's smallest normal for the logits that round to zero or to subnormals. */
+static inline double relaxed(double x, int bf16) {
+    return bf16 ? x - 0x1p-6 * fabs(x) - 0x1p-126 : x;
 }
 
-static inline void raise_max_lower(Pool *p, float lower) {
+static inline void raise_max_lower(Pool *p, double lower) {
     if (lower > p->max_lower) {
         p->max_lower = lower;
         p->reach = relaxed(lower, p->bf16);
     }
 }
 
-static void pool_offer(Pool *p, int32_t index, float lower, float upper) {
-    if (upper < p->reach || p->overflow) return;
+static void pool_offer(Pool *p, int32_t index, double lower, double upper) {
+    if (upper < p->reach || p->overflow) return; /* a NaN upper bound stays */
     raise_max_lower(p, lower);
     if (p->n == POOL) {
         int kept = 0;
         for (int j = 0; j < p->n; j++)
-            if (p->upper[j] >= p->reach) {
+            if (!(p->upper[j] < p->reach)) {
                 p->index[kept] = p->index[j];
                 p->upper[kept++] = p->upper[j];
             }
@@ -131,58 +137,63 @@ static inline __attribute__((always_inline)) void dot_tile(const int8_t *wq, con
 
 typedef struct {
     const int8_t *wq;
-    const float *sw, *wnorm, *werr;
+    const float *sw;
+    const double *wnorm, *werr;
     const int32_t *rowsum;
     const uint8_t *u;
-    const float *sa, *a_err, *a_norm;
+    const double *sa, *a_err, *a_norm;
     int64_t kp;
 } Screen;
 
-/* Products as floats below carry relative rounding errors of a few 1e-8: these margins cover them. */
-#define BOUND_MARGIN 1e-5f
+/* The bounds' own rounding (products and sums in double, a few 1e-16 relative each; the norms' sums
+ * over K terms, K * 1e-16): this margin covers it many times over. */
+#define BOUND_MARGIN 1e-9
 
 /* One block of rows [rb, rb + nrows) against one token: its rows' bounds from their integer dots,
  * eight at a time; only the rows that reach the running largest lower bound go to the pool. */
 static void offer_block(const Screen *s, Pool *p, const int32_t *dots, int64_t rb, int64_t nrows, int64_t tok) {
-    float lower[VOCAB_BLOCK], upper[VOCAB_BLOCK];
-    const float sa = s->sa[tok], a_err = s->a_err[tok], a_norm = s->a_norm[tok];
-    float block_max = -INFINITY;
+    double lower[VOCAB_BLOCK], upper[VOCAB_BLOCK];
+    const double sa = s->sa[tok], a_err = s->a_err[tok], a_norm = s->a_norm[tok];
+    double block_max = -INFINITY;
     int64_t j = 0;
 #if defined(__AVX2__)
-    const __m256 margin = _mm256_set1_ps(1 + BOUND_MARGIN), rel = _mm256_set1_ps(BOUND_MARGIN);
-    const __m256 vsa = _mm256_set1_ps(sa), verr = _mm256_set1_ps(a_err), vnorm = _mm256_set1_ps(a_norm);
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i zero = _mm256_set1_epi32(ACT_ZERO);
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= nrows; j += 8) {
-        const __m256i dq = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(dots + j)),
-                                            _mm256_mullo_epi32(zero, _mm256_loadu_si256((const __m256i *)(s->rowsum + rb + j))));
-        const __m256 approx = _mm256_mul_ps(_mm256_cvtepi32_ps(dq), _mm256_mul_ps(vsa, _mm256_loadu_ps(s->sw + rb + j)));
-        __m256 bound = _mm256_fmadd_ps(verr, _mm256_loadu_ps(s->wnorm + rb + j), _mm256_mul_ps(vnorm, _mm256_loadu_ps(s->werr + rb + j)));
-        bound = _mm256_fmadd_ps(bound, margin, _mm256_mul_ps(rel, _mm256_and_ps(approx, abs_mask)));
-        const __m256 lo = _mm256_sub_ps(approx, bound);
-        _mm256_storeu_ps(lower + j, lo);
-        _mm256_storeu_ps(upper + j, _mm256_add_ps(approx, bound));
-        vmax = _mm256_max_ps(vmax, lo);
+    const __m256d margin = _mm256_set1_pd(1 + BOUND_MARGIN), rel = _mm256_set1_pd(BOUND_MARGIN);
+    const __m256d vsa = _mm256_set1_pd(sa), verr = _mm256_set1_pd(a_err), vnorm = _mm256_set1_pd(a_norm);
+    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
+    const __m128i zero = _mm_set1_epi32(ACT_ZERO);
+    __m256d vmax = _mm256_set1_pd(-INFINITY);
+    for (; j + 4 <= nrows; j += 4) {
+        const __m128i dq = _mm_sub_epi32(_mm_loadu_si128((const __m128i *)(dots + j)),
+                                         _mm_mullo_epi32(zero, _mm_loadu_si128((const __m128i *)(s->rowsum + rb + j))));
+        const __m256d scale = _mm256_mul_pd(vsa, _mm256_cvtps_pd(_mm_loadu_ps(s->sw + rb + j)));
+        const __m256d approx = _mm256_mul_pd(_mm256_cvtepi32_pd(dq), scale);
+        __m256d bound = _mm256_fmadd_pd(verr, _mm256_loadu_pd(s->wnorm + rb + j),
+                                        _mm256_mul_pd(vnorm, _mm256_loadu_pd(s->werr + rb + j)));
+        bound = _mm256_fmadd_pd(bound, margin, _mm256_mul_pd(rel, _mm256_and_pd(approx, abs_mask)));
+        const __m256d lo = _mm256_sub_pd(approx, bound);
+        _mm256_storeu_pd(lower + j, lo);
+        _mm256_storeu_pd(upper + j, _mm256_add_pd(approx, bound));
+        vmax = _mm256_max_pd(lo, vmax); /* a NaN lower bound raises nothing */
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vmax);
-    for (int l = 0; l < 8; l++) block_max = fmaxf(block_max, lanes[l]);
+    double lanes[4];
+    _mm256_storeu_pd(lanes, vmax);
+    for (int l = 0; l < 4; l++) block_max = fmax(block_max, lanes[l]);
 #endif
     for (; j < nrows; j++) {
-        const float approx = (float)(dots[j] - ACT_ZERO * s->rowsum[rb + j]) * (sa * s->sw[rb + j]);
-        const float bound = (a_err * s->wnorm[rb + j] + a_norm * s->werr[rb + j]) * (1 + BOUND_MARGIN)
-                            + BOUND_MARGIN * fabsf(approx);
+        const double approx = (double)(dots[j] - ACT_ZERO * s->rowsum[rb + j]) * (sa * (double)s->sw[rb + j]);
+        const double bound = (a_err * s->wnorm[rb + j] + a_norm * s->werr[rb + j]) * (1 + BOUND_MARGIN)
+                             + BOUND_MARGIN * fabs(approx);
         lower[j] = approx - bound;
         upper[j] = approx + bound;
-        block_max = fmaxf(block_max, lower[j]);
+        block_max = fmax(block_max, lower[j]);
     }
     raise_max_lower(p, block_max);
     j = 0;
 #if defined(__AVX2__)
-    const __m256 threshold = _mm256_set1_ps(p->reach);
-    for (; j + 8 <= nrows; j += 8) {
-        int reach = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(upper + j), threshold, _CMP_GE_OQ));
+    const __m256d threshold = _mm256_set1_pd(p->reach);
+    for (; j + 4 <= nrows; j += 4) {
+        /* not below the threshold: reaching it, or a NaN */
+        int reach = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(upper + j), threshold, _CMP_NLT_UQ));
         for (; reach; reach &= reach - 1) {
             const int l = __builtin_ctz(reach);
             pool_offer(p, (int32_t)(rb + j + l), lower[j + l], upper[j + l]);
@@ -190,7 +201,7 @@ static void offer_block(const Screen *s, Pool *p, const int32_t *dots, int64_t r
     }
 #endif
     for (; j < nrows; j++)
-        if (upper[j] >= p->reach) pool_offer(p, (int32_t)(rb + j), lower[j], upper[j]);
+        if (!(upper[j] < p->reach)) pool_offer(p, (int32_t)(rb + j), lower[j], upper[j]);
 }
 
 static void screen_rows(const Screen *s, Pool *pools, int64_t r0, int64_t r1, int64_t tokens, int32_t *dots) {
@@ -281,7 +292,7 @@ static double exact_dot(const float *h, const float *w, int64_t k) {
  * the exact scores) -> out[t] the argmax of row t (lowest index among equal scores; with w_bf16,
  * among the scores rounded to bfloat16, as a bfloat16 matmul's logits are) or -1 where undecided;
  * candidates[t] the number of rows scored exactly. Returns 0, or -1 if memory ran out (out then all -1). */
-int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, const float *wnorm, const float *werr,
+int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, const double *wnorm, const double *werr,
                   const void *w, int w_bf16, const float *h, int64_t tokens, int64_t vocab, int64_t k, int64_t kp,
                   int64_t *out, int32_t *candidates, int num_threads) {
     for (int64_t t = 0; t < tokens; t++) out[t] = -1, candidates[t] = 0;
@@ -290,19 +301,19 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
     num_threads = 1;
 #endif
     uint8_t *u = aligned_alloc(64, (size_t)(tokens * kp + 64));
-    float *sa = malloc(sizeof(float) * 3 * tokens);
+    double *sa = malloc(sizeof(double) * 3 * tokens);
     Pool *pools = calloc((size_t)(num_threads * tokens), sizeof(Pool));
     int32_t *index = malloc(sizeof(int32_t) * POOL * num_threads * tokens);
-    float *upper = malloc(sizeof(float) * POOL * num_threads * tokens);
+    double *upper = malloc(sizeof(double) * POOL * num_threads * tokens);
     int32_t *dots = malloc(sizeof(int32_t) * VOCAB_BLOCK * num_threads * tokens);
     int ok = u && sa && pools && index && upper && dots;
     if (ok) {
-        float *a_err = sa + tokens, *a_norm = sa + 2 * tokens;
+        double *a_err = sa + tokens, *a_norm = sa + 2 * tokens;
         for (int64_t t = 0; t < tokens; t++) {
             const float *ht = h + t * k;
             float amax = 0;
             for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(ht[j]));
-            const float scale = amax > 0 ? amax / ACT_MAX : 1.0f;
+            const double scale = amax > 0 ? (double)amax / ACT_MAX : 1.0;
             double err2 = 0, norm2 = 0;
             for (int64_t j = 0; j < kp; j++) {
                 double q = 0;
@@ -317,8 +328,8 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
             }
             sa[t] = scale;
             /* Rounded up: the bounds must hold. */
-            a_err[t] = nextafterf((float)sqrt(err2), INFINITY);
-            a_norm[t] = nextafterf((float)sqrt(norm2), INFINITY);
+            a_err[t] = nextafter(sqrt(err2), INFINITY);
+            a_norm[t] = nextafter(sqrt(norm2), INFINITY);
         }
         for (int64_t p = 0; p < num_threads * tokens; p++) {
             pools[p].index = index + p * POOL;
@@ -341,7 +352,7 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
         }
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
         for (int64_t t = 0; t < tokens; t++) {
-            float max_lower = -INFINITY;
+            double max_lower = -INFINITY;
             int overflow = 0;
             for (int i = 0; i < num_threads; i++) {
                 const Pool *p = &pools[i * tokens + t];
@@ -349,14 +360,14 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
                 if (p->max_lower > max_lower) max_lower = p->max_lower;
             }
             if (overflow || !(max_lower > -INFINITY)) continue;
-            const float reach = relaxed(max_lower, w_bf16);
+            const double reach = relaxed(max_lower, w_bf16);
             int64_t best = -1;
             double best_score = -INFINITY;
             int32_t scored = 0;
             for (int i = 0; i < num_threads; i++) {
                 const Pool *p = &pools[i * tokens + t];
                 for (int j = 0; j < p->n; j++) {
-                    if (p->upper[j] < reach) continue;
+                    if (p->upper[j] < reach) continue; /* a NaN bound is scored */
                     const int64_t row = p->index[j];
                     const double exact = w_bf16 ? exact_dot_bf16(h + t * k, (const uint16_t *)w + row * k, k)
                                                 : exact_dot(h + t * k, (const float *)w + row * k, k);
@@ -380,14 +391,15 @@ int greedy_screen(const int8_t *wq, const float *sw, const int32_t *rowsum, cons
 
 /* The screen's copy of w [vocab, k] (float32, or bfloat16 with w_bf16): per row, sw = max|w| / 64
  * (1 for a zero row), wq = round(w / sw) (zero-padded to kp columns), rowsum = sum(wq), and the norms
- * wnorm >= ||w||, werr >= ||w - sw wq||, summed in double and rounded up to float. */
+ * wnorm >= ||w||, werr >= ||w - sw wq||, summed in double and rounded up. */
 void greedy_screen_prepare(const void *w, int w_bf16, int64_t vocab, int64_t k, int64_t kp, int8_t *wq, float *sw,
-                           int32_t *rowsum, float *wnorm, float *werr, int num_threads) {
+                           int32_t *rowsum, double *wnorm, double *werr, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < vocab; r++) {
         float amax = 0;
         for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(weight_at(w, w_bf16, r * k + j)));
-        const float scale = amax > 0 ? amax / 64 : 1.0f; /* exact: a power-of-two division */
+        float scale = amax > 0 ? amax / 64 : 1.0f; /* exact for normal numbers: a power-of-two division */
+        if (!(scale > 0)) scale = amax; /* amax / 64 underflowed: codes in [-1, 1], werr holds the rest */
         double norm2 = 0, err2 = 0;
         int32_t sum = 0;
         for (int64_t j = 0; j < kp; j++) {
@@ -405,7 +417,7 @@ void greedy_screen_prepare(const void *w, int w_bf16, int64_t vocab, int64_t k, 
         }
         sw[r] = scale;
         rowsum[r] = sum;
-        wnorm[r] = nextafterf((float)sqrt(norm2), INFINITY);
-        werr[r] = err2 > 0 ? nextafterf((float)sqrt(err2), INFINITY) : 0.0f;
+        wnorm[r] = nextafter(sqrt(norm2), INFINITY);
+        werr[r] = err2 > 0 ? nextafter(sqrt(err2), INFINITY) : 0.0;
     }
 }
