@@ -243,6 +243,12 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt-oss-20b": ModelConfig(num_hidden_layers=24, num_local_experts=32, hidden_size=2880,
                                intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
                                head_dim=64, **_COMMON),
+    # Speed at the real width: gpt-oss-20b's widths (hidden 2880, 64 q / 8 kv heads, vocabulary 201,088,
+    # 32 experts top-4, window 128) in 2 layers, which write in a minute or two and fit beside a
+    # dequantized copy of them.
+    "gpt-oss-20b-2l": ModelConfig(num_hidden_layers=2, num_local_experts=32, hidden_size=2880,
+                                  intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                                  head_dim=64, **_COMMON),
     # CPU benchmarks: the shape other engines publish CPU figures for.
     "small": ModelConfig(num_hidden_layers=4, num_local_experts=16, hidden_size=512, intermediate_size=512,
                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, **_COMMON),
