@@ -21,13 +21,14 @@ def git_revision() -> str:
         return "unknown"
 
 
-def checkpoint_or_default(checkpoint: str | None) -> str:
-    """`checkpoint`, or a random `small` checkpoint (the CPU benchmark shape) written once to the cache."""
+def checkpoint_or_default(checkpoint: str | None, preset: str = "small") -> str:
+    """`checkpoint`, or a random checkpoint of `preset` (default `small`, the CPU benchmark shape) written
+    once to the cache."""
     if checkpoint is not None:
         return checkpoint
     from gptoss.writer import cached_random_checkpoint
 
-    return str(cached_random_checkpoint("small", seed=0))
+    return str(cached_random_checkpoint(preset, seed=0))
 
 
 def local_ray_env() -> None:

@@ -7,6 +7,12 @@ the same run, on the same checkpoint and prompts (greedy, fixed output length).
 Per side and concurrency: output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (a chunk of k
 tokens after a gap g counts as k gaps of g/k), and the serving overhead against the group. The clients
 run in this process (aiohttp for HTTP/SSE, grpc.aio for gRPC) and share the cores with the server.
+
+Where the CPU goes: for each measurement, the CPU time (user + system, from /proc) each kind of
+process spent, per streamed token: the Serve proxy, the gateway replica (with its admission workers),
+the model server replica, the rank actor, Ray's own processes (raylet, GCS, Serve controller, ...), and
+the clients (this process). The serving path is proxy + gateway + model server: what a GPU node's
+cores pay per token beside the engine. `--preset tiny` makes the engine cheap enough to show the path.
 """
 
 from __future__ import annotations
@@ -53,6 +59,51 @@ def make_questions(n: int, seed: int) -> list[str]:
                                                                     generator=gen)) for _ in range(n)]
 
 
+PROCESS_KINDS = (("proxy", "ray::ProxyActor"), ("gateway", "ray::ServeReplica:bench:Gateway"),
+                 ("model_server", "ray::ServeReplica:bench:ModelServer"), ("rank", "ray::RankActor"))
+SERVING_PATH = ("proxy", "gateway", "model_server")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_kind(pid: int, command: str) -> str | None:
+    """Which kind of process `pid` is (None: not ours, nor Ray's)."""
+    if pid == os.getpid():
+        return "clients"
+    for kind, prefix in PROCESS_KINDS:
+        if command.startswith(prefix):
+            return kind
+    if "serve.admission_workers" in command:
+        return "gateway"  # the gateway's admission worker processes
+    if command.startswith("ray::") or any(name in command for name in ("raylet", "gcs_server", "ray/dashboard",
+                                                                       "log_monitor", "runtime_env")):
+        return "ray"
+    return None
+
+
+def cpu_seconds_by_kind() -> dict[str, float]:
+    """CPU seconds (user + system) every live process has used so far, summed per kind."""
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        kind = process_kind(int(entry.name), command)
+        if kind is not None:
+            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return totals
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Milliseconds of CPU per streamed token, per kind and for the serving path."""
+    per = {kind: max(0.0, after.get(kind, 0.0) - before.get(kind, 0.0)) * 1000 / max(tokens, 1)
+           for kind in ("proxy", "gateway", "model_server", "rank", "ray", "clients")}
+    return per | {"serving_path": sum(per[k] for k in SERVING_PATH)}
+
+
 async def drive(one_request, questions: list[str], concurrency: int) -> dict:
     """`concurrency` clients, each sending its share of the questions one after another."""
     traces: list[Trace] = []
@@ -65,9 +116,11 @@ async def drive(one_request, questions: list[str], concurrency: int) -> dict:
             await one_request(question, trace)
             traces.append(trace)
 
+    cpu_before = cpu_seconds_by_kind()
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return summary(traces, time.perf_counter() - start)
+    result = summary(traces, time.perf_counter() - start)
+    return result | {"cpu_ms_per_token": cpu_ms_per_token(cpu_before, cpu_seconds_by_kind(), result["tokens"])}
 
 
 async def measure(one_request, concurrency: int, per_client: int, seed: int) -> dict:
@@ -84,7 +137,8 @@ def chat_prompt(question: str) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="default: a random `small` checkpoint written once to the cache")
+    parser.add_argument("--checkpoint", help="default: a random checkpoint of --preset written once to the cache")
+    parser.add_argument("--preset", default="small", help="the random checkpoint's preset (tiny: a cheap engine)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -92,7 +146,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
-    checkpoint = checkpoint_or_default(args.checkpoint)
+    checkpoint = checkpoint_or_default(args.checkpoint, args.preset)
     cores = os.cpu_count() or 1
     config = parse_config({
         "model": {"checkpoint": checkpoint, "dtype": "float32", "packed_experts": False, "name": "bench"},
@@ -192,6 +246,12 @@ def report(results: dict, args) -> int:
               f"{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['ttft_overhead_p50_ms']:>+11.1f}")
         rows.append({"side": side, "concurrency": n} | r)
     print("(ms; +TTFT: serving minus the bare group at the same concurrency)")
+    kinds = ("proxy", "gateway", "model_server", "serving_path", "rank", "ray", "clients")
+    print("CPU ms per streamed token, by process kind (serving_path = proxy + gateway + model_server):")
+    print(f"{'side':<7}{'clients':>8}" + "".join(f"{k:>14}" for k in kinds))
+    for row in rows:
+        cpu = row["cpu_ms_per_token"]
+        print(f"{row['side']:<7}{row['concurrency']:>8}" + "".join(f"{cpu[k]:>14.3f}" for k in kinds))
     if args.json:
         top, low = max(args.concurrency), min(args.concurrency)
         print(json.dumps({
@@ -200,6 +260,8 @@ def report(results: dict, args) -> int:
             f"grpc_vs_group_at_{top}": results[("grpc", top)]["vs_group"],
             "ttft_overhead_p50_ms": max(results[("http", low)]["ttft_overhead_p50_ms"],
                                         results[("grpc", low)]["ttft_overhead_p50_ms"]),
+            f"serve_cpu_ms_per_token_http_at_{top}": results[("http", top)]["cpu_ms_per_token"]["serving_path"],
+            f"serve_cpu_ms_per_token_grpc_at_{top}": results[("grpc", top)]["cpu_ms_per_token"]["serving_path"],
             "results": rows,
         }))
     return 0

@@ -238,7 +238,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_kernels(args: argparse.Namespace) -> int:
     """--prebuild DIR: every kernel at every portable CPU level, for an image (deploy/Dockerfile); else
-    how each kernel runs on this machine."""
+    how each kernel runs on this machine (the greedy screen too, which engines load only when
+    engine.greedy_screen asks for it)."""
     from engine.kernels import KERNEL_SOURCES, prepare_cpu_kernels
     from gptoss import native
 
@@ -247,7 +248,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         for name, entry in manifest.items():
             print(f"{name}: {', '.join(entry['builds'])}")
         return 0
-    for name, how in prepare_cpu_kernels().items():
+    for name, how in prepare_cpu_kernels(greedy_screen=True).items():
         print(f"{name}: {how}")
     return 0
 

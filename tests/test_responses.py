@@ -184,3 +184,21 @@ def test_grpc_respond_streams_the_events_http_streams_and_the_store_answers_it(s
         with pytest.raises(grpc.RpcError) as error:
             list(stub.Respond(bad, timeout=30))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input[1].call_id" in error.value.details()
+
+
+def test_the_store_evicts_the_least_recently_used_by_entries_and_by_bytes():
+    from serve.response_store import ResponseStore
+
+    store = ResponseStore(max_entries=3, max_bytes=100)
+    for name in "abc":
+        assert store.put(name, "t", b"x" * 20)
+    assert store.get("a", "t") == b"x" * 20  # now the most recently used
+    assert store.get("a", "other") is None and not store.delete("a", "other")  # another tenant's: not there
+    store.put("d", "t", b"y" * 20)  # a fourth entry: b (least recently used) goes
+    assert store.get("b", "t") is None and store.get("c", "t") is not None  # c is now the most recent
+    store.put("e", "t", b"z" * 70)  # 130 bytes with a, d, c: the least recently used go until <= 100
+    assert [store.get(k, "t") is not None for k in "acde"] == [False, True, False, True]
+    assert store.stats() == {"entries": 2, "bytes": 90, "evicted": 3}
+    assert not store.put("f", "t", b"w" * 101)  # larger than the store: refused, nothing evicted for it
+    assert store.stats()["entries"] == 2
+    assert store.delete("c", "t") and store.stats() == {"entries": 1, "bytes": 70, "evicted": 3}

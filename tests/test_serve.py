@@ -178,9 +178,12 @@ def test_grpc_reflection_health_and_model_info(serve_app, stub):
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert (info.model, info.max_model_len, info.vocab_size, info.num_ranks_per_group) == ("tiny-test", 2048, 201088, 1)
-    # The CPU kernels were loaded when the rank started, and say how they run (this machine has a compiler).
-    assert sorted(info.kernels) == ["decode_attention", "greedy_screen", "mxfp4_linear"]
-    assert all(how.startswith(("compiled", "prebuilt")) for how in info.kernels.values()), dict(info.kernels)
+    # The CPU kernels were loaded when the rank started, and say how they run (this machine has a compiler);
+    # the greedy screen is opt-in (engine.greedy_screen), and says so.
+    kernels = dict(info.kernels)
+    assert sorted(kernels) == ["decode_attention", "greedy_screen", "mxfp4_linear"]
+    assert kernels.pop("greedy_screen").startswith("off (engine.greedy_screen false")
+    assert all(how.startswith(("compiled", "prebuilt")) for how in kernels.values()), kernels
 
 
 def test_a_cancelled_grpc_call_frees_its_kv_blocks(serve_app, stub):
