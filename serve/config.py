@@ -183,6 +183,10 @@ class GatewaySection(_Section):
     max_migrations: Annotated[int, Field(ge=0)] = Field(
         3, description="A stream whose group fails or is removed after tokens were sent moves to another group "
                        "with what it generated so far, this many times per choice (0: it fails as its group does).")
+    migration_wait_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="A moving stream whose only groups left are ones this gateway saw fail waits up to this "
+                          "long for Serve to replace them (a failed move there does not count against "
+                          "max_migrations), then fails.")
     admission_workers: Annotated[int, Field(ge=0)] = Field(
         1, description="Processes per gateway replica that parse, check and render requests, off the event "
                        "loop that streams every reply (0: on the loop, for trusted clients only).")

@@ -395,8 +395,19 @@ class GatewayService:
                     if request.aborted or not _retryable(e):
                         raise
                     error, reason = e, "failure"
+                    # The router had only groups this gateway saw fail (it falls back on them rather than
+                    # stop all traffic), e.g. while Serve replaces a failed group and removes the other:
+                    # a moving stream waits for a replacement instead of spending its moves in a burst.
+                    if (broke_at is not None and isinstance(cause, ReplicaUnavailableError)
+                            and cause.replica_id in model_request.avoid_replica_ids
+                            and time.monotonic() - broke_at < limits.migration_wait_s):
+                        error = None
                 finally:
                     self._untrack(choice)
+                if error is None:
+                    await asyncio.sleep(_WAIT_FOR_REPLICA_POLL_S)
+                    model_request = self._moved(model_request, generated, "")
+                    continue
                 if not generated:
                     if num_retries >= limits.max_retries:
                         raise error
@@ -496,6 +507,9 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - not in a Serve replica
         return "local"
+
+
+_WAIT_FOR_REPLICA_POLL_S = 0.5  # a moving stream with no usable group asks again this often
 
 
 def _retryable(exc: BaseException) -> bool:
