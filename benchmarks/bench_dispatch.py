@@ -279,7 +279,7 @@ def bytes_sent(rank: int, handle, topk_ids: torch.Tensor, placement: ExpertPlace
     meta = 2 * TOP_K * 4
     remote_out = sum(n for r, n in enumerate(handle.send_counts) if r != rank)  # dispatch rows sent
     remote_back = sum(n for r, n in enumerate(handle.recv_counts) if r != rank)  # combine rows sent back
-    expert_to_rank = torch.tensor(placement.routing_table(rank)[0])
+    expert_to_rank = torch.tensor([copies[0][0] for copies in placement.routing_table(rank)])  # one copy each here
     dest_ranks = [set(expert_to_rank[row_ids].tolist()) - {rank} for row_ids in topk_ids.cpu()]
     minimum_out = sum(len(d) for d in dest_ranks)
     counts_bytes = (world_size - 1) * (1 + placement.max_experts_per_rank) * 8

@@ -1,7 +1,8 @@
 """The token dispatcher: moves each token to the ranks holding its experts and the results back.
 
 Per MoE layer, on every rank (a rank with zero tokens included):
-1. route: each (token, slot) -> (rank, local expert) through the placement's routing table;
+1. route: each (token, slot) -> (rank, local expert) through the placement's routing table (an expert
+   with copies elsewhere: one copy per token, by its position, so the copies share its tokens evenly);
 2. count, per destination rank, the rows (one per token and destination RANK, not per expert) and the
    (token, expert) pairs of each of its local experts, and exchange these counts: the only host sync;
 3. dispatch: one all-to-all of rows [hidden | k local ids | k weights]; a token whose top-k experts sit on
@@ -96,9 +97,13 @@ class TokenDispatcher:
         self.comm, self.placement, self.layer = communicator, placement, layer
         self.expert_token_counts = expert_token_counts
         device = communicator.device
-        expert_to_rank, expert_to_local = placement.routing_table(communicator.rank)
-        self._expert_to_rank = torch.tensor(expert_to_rank, dtype=torch.int64, device=device)  # [E]
-        self._expert_to_local = torch.tensor(expert_to_local, dtype=torch.int64, device=device)  # [E]
+        table = placement.routing_table(communicator.rank)
+        width = max(len(copies) for copies in table)
+        padded = [copies + copies[:1] * (width - len(copies)) for copies in table]
+        self._copy_width = width
+        self._copy_rank = torch.tensor([[r for r, _ in c] for c in padded], dtype=torch.int64, device=device)  # [E, C]
+        self._copy_local = torch.tensor([[i for _, i in c] for c in padded], dtype=torch.int64, device=device)
+        self._num_copies = torch.tensor([len(c) for c in table], dtype=torch.int64, device=device)  # [E]
         self.num_local_experts = len(placement.expert_ids(communicator.rank))
         self._count_width = 1 + placement.max_experts_per_rank
 
@@ -154,8 +159,12 @@ class TokenDispatcher:
         t, k = topk_ids.shape
         g, width, device = self.comm.world_size, self._count_width, topk_ids.device
         flat_ids = topk_ids.flatten()
-        dest_rank = self._expert_to_rank.index_select(0, flat_ids).view(t, k)
-        dest_local = self._expert_to_local.index_select(0, flat_ids).view(t, k)
+        # An expert with several copies: token i's slot goes to copy (i + this rank) mod copies, so the
+        # copies share its tokens evenly and deterministically.
+        position = torch.arange(t, device=device).repeat_interleave(k) + self.comm.rank
+        slot = flat_ids * self._copy_width + position % self._num_copies.index_select(0, flat_ids)
+        dest_rank = self._copy_rank.view(-1).index_select(0, slot).view(t, k)
+        dest_local = self._copy_local.view(-1).index_select(0, slot).view(t, k)
         to_rank = torch.zeros(t, g, dtype=torch.bool, device=device).scatter_(1, dest_rank, True)
         counts = torch.zeros(g, width, dtype=torch.int64, device=device)
         counts[:, 0] = to_rank.sum(0)

@@ -2,7 +2,7 @@
 
 A placement is a table, not arithmetic: rank r holds `rank_expert_ids[r]` (global ids, in the order of its
 local ids), and an expert may be held by several ranks (a replica of a hot expert, placed later from
-measured load). The dispatcher only ever reads `routing_table(source_rank)`.
+measured load: parallel/eplb.py). The dispatcher only ever reads `routing_table(source_rank)`.
 """
 
 from __future__ import annotations
@@ -78,17 +78,15 @@ class ExpertPlacement:
         """The (rank, local id) pairs that hold global expert `expert`, by rank."""
         return [(rank, ids.index(expert)) for rank, ids in enumerate(self.rank_expert_ids) if expert in ids]
 
-    def routing_table(self, source_rank: int) -> tuple[list[int], list[int]]:
-        """Where tokens routed on `source_rank` go: (expert_to_rank, expert_to_local), each [num_experts].
-
-        With replicas, a source uses its own copy when it holds one, else copy `source_rank % n`: each
-        source sticks to one copy, and the sources spread over the copies.
+    def routing_table(self, source_rank: int) -> list[list[tuple[int, int]]]:
+        """Where tokens routed on `source_rank` may go: per expert, the (rank, local id) copies to spread
+        its tokens over. A source that holds a copy keeps its tokens there (no traffic); the others
+        spread them over every copy (the dispatcher picks by token position), so that each copy gets an
+        even share, as the EPLB planner's loads assume (parallel/eplb.py).
         """
-        expert_to_rank, expert_to_local = [], []
+        table = []
         for expert in range(self.num_experts):
             copies = self.replicas(expert)
             own = [c for c in copies if c[0] == source_rank]
-            rank, local = own[0] if own else copies[source_rank % len(copies)]
-            expert_to_rank.append(rank)
-            expert_to_local.append(local)
-        return expert_to_rank, expert_to_local
+            table.append(own[:1] or copies)
+        return table

@@ -119,6 +119,7 @@ class MessageInput:
     tool_calls: tuple[ToolCallInput, ...] = ()
     tool_call_id: str | None = None
     reasoning: str | None = None  # an earlier assistant turn's chain of thought
+    channel: str | None = None  # an assistant's text: "commentary" for a preamble (default: harmony's choice)
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,7 @@ def _chat_message(m: MessageInput, i: int) -> ChatMessage:
     try:
         calls = tuple(ToolCall(c.name, c.arguments, c.id) for c in m.tool_calls)
         return ChatMessage(m.role, m.content, name=m.name if m.role == "tool" else None, tool_calls=calls,
-                           tool_call_id=m.tool_call_id, reasoning=m.reasoning)
+                           tool_call_id=m.tool_call_id, reasoning=m.reasoning, channel=m.channel)
     except ValueError as e:
         raise InvalidRequestError(f"messages.{i}", f"messages.{i}: {e}") from None
 

@@ -234,7 +234,7 @@ class GatewayService:
         async with contextlib.aclosing(self.run(generation)) as choice_events:
             async for choice_event in choice_events:
                 events = builder.add(choice_event)
-                if choice_event.finish_reason is not None and call.store:
+                if builder.finished and call.store:
                     await self.save_response(call.response_id, tenant,
                                              stored_record(call, builder.response, conversation, tenant))
                 for event in events:
@@ -255,11 +255,20 @@ class GatewayService:
                                 f"or evicted from the store: gateway.response_store_entries / _bytes)", param)
         return json.loads(record)
 
-    async def save_response(self, response_id: str, tenant: str, record: dict) -> None:
+    async def save_response(self, response_id: str, tenant: str, record: dict) -> bool:
+        """Stores the record; False (logged) where it could not be: the response itself still stands."""
         if self.response_store is None:
-            raise ServerError("this application has no response store")
+            logger.warning("response %s: this application has no response store; not stored", response_id)
+            return False
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
-        await self.response_store.put.remote(response_id, tenant, data)
+        try:
+            if await self.response_store.put.remote(response_id, tenant, data):
+                return True
+            logger.warning("response %s (%d bytes) is larger than the response store "
+                           "(gateway.response_store_bytes): not stored", response_id, len(data))
+        except Exception as e:  # noqa: BLE001 - the reply is whole; only its later retrieval is lost
+            logger.error("response %s could not be stored: %s: %s", response_id, type(e).__name__, e)
+        return False
 
     async def delete_response(self, response_id: str, tenant: str) -> None:
         """Raises NotFoundError as `load_response` does."""

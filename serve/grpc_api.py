@@ -31,7 +31,7 @@ from serve.grpc_protocol import (
 )
 from serve.grpc_registration import SERVICE_NAME
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
-from serve.responses_protocol import ResponseBuilder
+from serve.responses_protocol import ResponseBuilder, failure_code
 
 REPLICA_METADATA = "x-gptoss-replica"  # trailing metadata: the model server replica that served the call
 REQUEST_ID_METADATA = "x-request-id"
@@ -85,7 +85,8 @@ class GrpcApi:
                 raise_status(grpc_context, e, gateway, request_id)
             reply = error_reply(e, request_id)
             gateway.metrics.error("grpc-responses", reply.http_status)
-            yield response_event_message(builder.fail(reply.message))
+            for event in builder.fail(reply.message, failure_code(reply.http_status)):
+                yield response_event_message(event)
 
     async def GetResponse(self, raw: bytes, grpc_context) -> pb.Response:  # noqa: N802
         try:

@@ -49,7 +49,7 @@ from serve.openai_protocol import (
     now_s,
     usage_body,
 )
-from serve.responses_protocol import ResponseBuilder, admit_responses_json
+from serve.responses_protocol import ResponseBuilder, admit_responses_json, failure_code
 
 REPLICA_HEADER = "x-gptoss-replica"
 REQUEST_ID_HEADER = "x-request-id"
@@ -149,7 +149,11 @@ async def get_response(request: Request, response_id: str) -> Response:
     gateway: GatewayService = request.app.state.gateway
     request_id, headers = request_id_of(request)
     try:
-        record = await gateway.load_response(response_id, gateway.authenticate(bearer_token(request)))
+        tenant = gateway.authenticate(bearer_token(request))
+        if request.query_params.get("stream", "false") != "false":
+            raise InvalidRequestError("stream", "stream: a stored response is returned whole here (streaming it "
+                                                "again is not supported)")
+        record = await gateway.load_response(response_id, tenant)
         return JSONResponse(record["response"], headers=headers)
     except Exception as e:  # noqa: BLE001
         return error_response(e, gateway, "responses", request_id, headers)
@@ -366,7 +370,9 @@ async def response_events(head: list[dict], events: AsyncIterator[dict], builder
     except Exception as e:  # noqa: BLE001 - in-band, as the status was sent
         reply = error_reply(e, request_id)
         gateway.metrics.error("responses", reply.http_status)
-        yield sse(builder.fail(reply.message, "server_error" if reply.http_status >= 500 else reply.type))
+        for event in builder.fail(reply.message, failure_code(reply.http_status)):
+            yield sse(event)
+
 
 
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator:

@@ -5,7 +5,9 @@ One Serve deployment per application (one replica, no CPU of its own), so every 
 same responses and a gateway replica's restart loses none; it goes away with its application. Bounded
 by entries and by bytes, the least recently used response evicted first. A response belongs to the
 tenant whose key created it: to any other tenant it does not exist (404, as for an unknown id).
-Records are JSON bytes made by the gateway, so their size is what they hold.
+Records are JSON bytes made by the gateway, so their size is what they hold. The methods are coroutines
+that never await in between: they run one at a time on the replica's event loop (Serve runs plain
+methods on a thread pool, where two calls could interleave inside the LRU).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ class ResponseStore:
         self._bytes = 0
         self.num_evicted = 0
 
-    def put(self, response_id: str, tenant: str, record: bytes) -> bool:
+    async def put(self, response_id: str, tenant: str, record: bytes) -> bool:
         """Keeps the record (evicting the least recently used ones to make room); False when it alone is
         larger than the store."""
-        self.delete(response_id, tenant)
+        await self.delete(response_id, tenant)
         if len(record) > self.max_bytes:
             logger.warning("response %s (%d bytes) is larger than the response store (%d bytes): not stored",
                            response_id, len(record), self.max_bytes)
@@ -41,7 +43,7 @@ class ResponseStore:
             self.num_evicted += 1
         return True
 
-    def get(self, response_id: str, tenant: str) -> bytes | None:
+    async def get(self, response_id: str, tenant: str) -> bytes | None:
         """The tenant's record (now the most recently used), or None."""
         entry = self._records.get(response_id)
         if entry is None or entry[0] != tenant:
@@ -49,7 +51,7 @@ class ResponseStore:
         self._records.move_to_end(response_id)
         return entry[1]
 
-    def delete(self, response_id: str, tenant: str) -> bool:
+    async def delete(self, response_id: str, tenant: str) -> bool:
         entry = self._records.get(response_id)
         if entry is None or entry[0] != tenant:
             return False
@@ -57,5 +59,5 @@ class ResponseStore:
         self._bytes -= len(entry[1])
         return True
 
-    def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, int]:
         return {"entries": len(self._records), "bytes": self._bytes, "evicted": self.num_evicted}

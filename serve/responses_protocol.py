@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from gptoss.errors import ClientError, InvalidRequestError, shorten
 from gptoss.harmony import TextDelta, ToolCallArgsDelta, ToolCallStart
@@ -110,17 +110,24 @@ class _MessageItem(StrictShape):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[_ContentPart]
+    phase: Literal["commentary", "final_answer"] | None = None  # an assistant message: a preamble or the answer
     id: str | None = None
     status: str | None = None
 
 
 class _FunctionCallItem(StrictShape):
+    # The client's own fields of a call it got from us (`model_dump()` names and wire aliases), unset here.
+    model_config = ConfigDict(populate_by_name=True)
+
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
     id: str | None = None
     status: str | None = None
+    namespace: None = None
+    caller: None = None
+    async_: None = Field(None, alias="async")
 
 
 class _FunctionCallOutputItem(StrictShape):
@@ -129,6 +136,9 @@ class _FunctionCallOutputItem(StrictShape):
     output: str | list[_ContentPart]
     id: str | None = None
     status: str | None = None
+    name: str | None = None  # the call's function; the call_id decides
+    namespace: None = None
+    caller: None = None
 
 
 class _ReasoningItem(StrictShape):
@@ -259,7 +269,9 @@ def _input_item(raw: dict, i: int) -> dict:
         raise renamed(e, lambda param: f"input.{i}" if param == "body" else f"input.{i}.{param}") from None
     if isinstance(item, _MessageItem):
         text = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
-        return _message_item(item.role, text, "output_text" if item.role == "assistant" else "input_text", item.id)
+        if item.role != "assistant":
+            return _message_item(item.role, text, "input_text", item.id)
+        return _message_item(item.role, text, "output_text", item.id, item.phase or "final_answer")
     if isinstance(item, _FunctionCallItem):
         return function_call_item(item.call_id, item.name, item.arguments, item.id)
     if isinstance(item, _FunctionCallOutputItem):
@@ -270,10 +282,13 @@ def _input_item(raw: dict, i: int) -> dict:
     return reasoning_item(text, item.id)
 
 
-def _message_item(role: str, text: str, part_type: str, item_id: str | None = None) -> dict:
+def _message_item(role: str, text: str, part_type: str, item_id: str | None = None, phase: str | None = None
+                  ) -> dict:
+    """A message item; an assistant's has `phase`: "commentary" (a preamble, harmony's commentary channel)
+    or "final_answer"."""
     part = {"type": part_type, "text": text} | ({"annotations": [], "logprobs": []} if part_type == "output_text" else {})
     return {"id": item_id or _new_item_id("msg"), "type": "message", "role": role, "content": [part],
-            "status": "completed"}
+            "status": "completed"} | ({"phase": phase} if phase else {})
 
 
 def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None,
@@ -319,7 +334,7 @@ def items_to_messages(items: tuple[dict, ...], num_stored: int = 0) -> tuple[tup
         nonlocal turn
         if turn is not None:
             messages.append(MessageInput("assistant", "".join(turn["text"]), tool_calls=tuple(turn["calls"]),
-                                         reasoning="".join(turn["reasoning"]) or None))
+                                         reasoning="".join(turn["reasoning"]) or None, channel=turn.get("channel")))
             origin.append(turn["origin"])
             turn = None
 
@@ -338,7 +353,9 @@ def items_to_messages(items: tuple[dict, ...], num_stored: int = 0) -> tuple[tup
         if kind == "reasoning":
             assistant(i, 0)["reasoning"].append(item["content"][0]["text"] if item["content"] else "")
         elif kind == "message" and item["role"] == "assistant":
-            assistant(i, 1)["text"].append("".join(p["text"] for p in item["content"]))
+            turn_ = assistant(i, 1)
+            turn_["text"].append("".join(p["text"] for p in item["content"]))
+            turn_["channel"] = "commentary" if item.get("phase") == "commentary" else None
         elif kind == "function_call":
             call_names[item["call_id"]] = item["name"]
             assistant(i, 2)["calls"].append(ToolCallInput(item["name"], item["arguments"], item["call_id"]))
@@ -415,18 +432,25 @@ class ResponseBuilder:
                 self._open["arguments"] += delta.arguments
                 out.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],
                                        output_index=len(self.response["output"]) - 1, delta=delta.arguments))
-        if event.usage is not None:
-            self.usage = event.usage
+        if event.usage is not None and (event.usage.num_output_tokens or self.usage is None):
+            self.usage = event.usage  # an abort's event has no counts: the last ones stand
         self.replica_id = self.replica_id or event.replica_id
         if event.finish_reason is not None:
             out += self._finish(event.finish_reason)
         return out
 
-    def fail(self, message: str, code: str = "server_error") -> dict:
-        """The `response.failed` event: a fault after the stream started, reported in-band."""
+    def fail(self, message: str, code: str = "server_error") -> list[dict]:
+        """The events that end the response as failed (a fault after the stream started, reported
+        in-band): the open item closes as incomplete, then `response.failed`. `code`: server_error or
+        rate_limit_exceeded, as OpenAI's error codes go."""
+        out = self._close("incomplete")
         self.response |= {"status": "failed", "error": {"code": code, "message": message},
-                          "usage": usage_of(self.usage, self.block_size)}
-        return self._event("response.failed", response=self._snapshot())
+                          "incomplete_details": None, "usage": usage_of(self.usage, self.block_size)}
+        return out + [self._event("response.failed", response=self._snapshot())]
+
+    @property
+    def finished(self) -> bool:
+        return self.response["status"] != "in_progress"
 
     @property
     def started_output(self) -> bool:
@@ -438,8 +462,9 @@ class ResponseBuilder:
         reasoning = channel == "analysis"
         if self._open is None or self._channel != channel or self._open["type"] == "function_call":
             out += self._close()
+            phase = "commentary" if channel == "commentary" else "final_answer"
             item = reasoning_item("", status="in_progress") if reasoning \
-                else _message_item("assistant", "", "output_text") | {"status": "in_progress"}
+                else _message_item("assistant", "", "output_text", phase=phase) | {"status": "in_progress"}
             out += self._open_item(item, channel)
         index = len(self.response["output"]) - 1
         self._open["content"][0]["text"] += text
@@ -481,6 +506,8 @@ class ResponseBuilder:
         return out
 
     def _finish(self, finish_reason: str) -> list[dict]:
+        if finish_reason == "abort":  # the model server ended it early (it was going away)
+            return self.fail("the model server ended the response early; send it again")
         truncated = finish_reason == "length"
         out = self._close("incomplete" if truncated else "completed")
         self.response["usage"] = usage_of(self.usage, self.block_size)
@@ -498,6 +525,11 @@ def _copy(value: dict) -> dict:
     """A deep enough copy of a response or item: events carry what it was then, not what it becomes."""
     return {k: [_copy(v) if isinstance(v, dict) else v for v in val] if isinstance(val, list)
             else _copy(val) if isinstance(val, dict) else val for k, val in value.items()}
+
+
+def failure_code(http_status: int) -> str:
+    """A failed response's `error.code` for a fault of that HTTP status, among OpenAI's codes."""
+    return "rate_limit_exceeded" if http_status == 429 else "server_error"
 
 
 def stored_record(call: ResponsesCall, response: dict, conversation: tuple[dict, ...], tenant: str) -> dict:

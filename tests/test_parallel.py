@@ -62,7 +62,7 @@ def test_contiguous_placement_gives_each_rank_an_equal_run_of_experts():
     placement = ExpertPlacement.contiguous(16, 4)
     assert placement.world_size == 4
     assert [placement.expert_ids(r) for r in range(4)] == [list(range(4 * r, 4 * r + 4)) for r in range(4)]
-    assert placement.routing_table(2) == ([e // 4 for e in range(16)], [e % 4 for e in range(16)])
+    assert placement.routing_table(2) == [[(e // 4, e % 4)] for e in range(16)]
 
 
 def test_contiguous_placement_explains_a_world_size_that_does_not_divide_the_experts():
@@ -85,9 +85,25 @@ def test_replicated_expert_is_served_locally_where_held_and_spread_over_copies_e
     # Expert 0 is hot: ranks 0 and 2 hold a copy; rank 2 holds it as local expert 1.
     placement = ExpertPlacement(6, ((0, 1), (2, 3), (4, 0), (5,)))
     assert placement.replicas(0) == [(0, 0), (2, 1)]
-    to_rank = {src: placement.routing_table(src)[0][0] for src in range(4)}
-    assert to_rank == {0: 0, 1: 2, 2: 2, 3: 2}  # 1 % 2 = copy 1, 3 % 2 = copy 1
-    assert placement.routing_table(2)[1][0] == 1
+    assert placement.routing_table(0)[0] == [(0, 0)] and placement.routing_table(2)[0] == [(2, 1)]  # its own
+    assert placement.routing_table(1)[0] == placement.routing_table(3)[0] == [(0, 0), (2, 1)]  # spread
+
+
+def test_tokens_of_an_expert_with_copies_are_shared_evenly_by_the_copies():
+    from parallel.dispatcher import TokenDispatcher
+
+    placement = ExpertPlacement(6, ((0, 1), (2, 3), (4, 0), (5,)))
+    group = LoopbackGroup(4, timeout_s=30)
+
+    def route(comm):
+        dispatcher = TokenDispatcher(comm, placement)
+        topk = torch.tensor([[0, 5]] * 9 + [[3, 0]])  # expert 0 in every token's top-2
+        dest_rank, _, _, _ = dispatcher._route(topk)
+        return [int((dest_rank == r).sum()) for r in range(4)]
+
+    counts = group.run(route)
+    assert counts[0][0] == 10 and counts[2][2] == 10  # a holder keeps its own tokens
+    assert counts[1][0] == counts[1][2] == 5 and counts[3][0] == counts[3][2] == 5  # the others split them
 
 
 # --- loopback communicator ----------------------------------------------------------------------
@@ -292,6 +308,19 @@ def test_ep_moe_with_replicated_hot_experts_equals_the_single_rank_moe(reference
     results = group.run(lambda comm: models[comm.rank].layers[1].mlp(hidden[comm.rank]))
     for r in range(2):
         torch.testing.assert_close(results[r], reference.layers[1].mlp(hidden[r]), rtol=0, atol=1e-5)
+
+
+def test_ep_moe_spreading_tokens_over_copies_on_other_ranks_equals_the_single_rank_moe(reference):
+    # Four ranks; experts 0 and 4 have copies on two ranks each, which the other two ranks' tokens share.
+    per_rank = E // 4
+    ranks = [tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(4)]
+    placement = ExpertPlacement(E, (ranks[0], ranks[1], ranks[2] + (0,), ranks[3] + (per_rank,)))
+    group = LoopbackGroup(4, timeout_s=30)
+    models, _ = make_rank_models(reference, placement, group)
+    hidden = make_hidden([13, 8, 0, 21], seed=6)
+    results = group.run(lambda comm: models[comm.rank].layers[0].mlp(hidden[comm.rank]))
+    for r in range(4):
+        torch.testing.assert_close(results[r], reference.layers[0].mlp(hidden[r]), rtol=0, atol=1e-5)
 
 
 def test_ep_moe_runs_packed_mxfp4_experts_and_equals_the_single_rank_moe(checkpoint):

@@ -6,18 +6,21 @@ answers retrieve / input_items / delete, and every malformed item is a 400 namin
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import openai
 import pytest
 import requests
 
+from gptoss.harmony import TextDelta
 from gptoss.tokenizer import CALL_ID, CHANNEL_ID, MESSAGE_ID, START_ID, encode
 from serve.admission import Generation
-from serve.choices import ChoiceAssembler
+from serve.choices import ChoiceAssembler, ChoiceEvent, ChoiceUsage
 from serve.model_protocol import ModelChunk
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
-from serve.responses_protocol import ResponseBuilder, ResponsesCall
+from serve.responses_protocol import ResponseBuilder, ResponsesCall, items_to_messages
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +193,44 @@ def test_the_store_evicts_the_least_recently_used_by_entries_and_by_bytes():
     from serve.response_store import ResponseStore
 
     store = ResponseStore(max_entries=3, max_bytes=100)
+    loop = asyncio.new_event_loop()
+    put, get, delete, stats = (lambda *a, m=m: loop.run_until_complete(getattr(store, m)(*a))
+                               for m in ("put", "get", "delete", "stats"))
     for name in "abc":
-        assert store.put(name, "t", b"x" * 20)
-    assert store.get("a", "t") == b"x" * 20  # now the most recently used
-    assert store.get("a", "other") is None and not store.delete("a", "other")  # another tenant's: not there
-    store.put("d", "t", b"y" * 20)  # a fourth entry: b (least recently used) goes
-    assert store.get("b", "t") is None and store.get("c", "t") is not None  # c is now the most recent
-    store.put("e", "t", b"z" * 70)  # 130 bytes with a, d, c: the least recently used go until <= 100
-    assert [store.get(k, "t") is not None for k in "acde"] == [False, True, False, True]
-    assert store.stats() == {"entries": 2, "bytes": 90, "evicted": 3}
-    assert not store.put("f", "t", b"w" * 101)  # larger than the store: refused, nothing evicted for it
-    assert store.stats()["entries"] == 2
-    assert store.delete("c", "t") and store.stats() == {"entries": 1, "bytes": 70, "evicted": 3}
+        assert put(name, "t", b"x" * 20)
+    assert get("a", "t") == b"x" * 20  # now the most recently used
+    assert get("a", "other") is None and not delete("a", "other")  # another tenant's: not there
+    put("d", "t", b"y" * 20)  # a fourth entry: b (least recently used) goes
+    assert get("b", "t") is None and get("c", "t") is not None  # c is now the most recent
+    put("e", "t", b"z" * 70)  # 130 bytes with a, d, c: the least recently used go until <= 100
+    assert [get(k, "t") is not None for k in "acde"] == [False, True, False, True]
+    assert stats() == {"entries": 2, "bytes": 90, "evicted": 3}
+    assert not put("f", "t", b"w" * 101)  # larger than the store: refused, nothing evicted for it
+    assert stats()["entries"] == 2
+    assert delete("c", "t") and stats() == {"entries": 1, "bytes": 70, "evicted": 3}
+    loop.close()
+
+
+def test_a_preamble_and_an_answer_are_told_apart_by_phase_and_rendered_back_on_their_channels():
+    call = ResponsesCall("resp_test", (), None, {}, None, True, False, None)
+    builder = ResponseBuilder(call, "m", 16)
+    builder.add(ChoiceEvent(0, (1,), (TextDelta("commentary", "Let me look."),), ()))
+    builder.add(ChoiceEvent(0, (1,), (TextDelta("final", "It is 18 C."),), (), "stop", ChoiceUsage(5, 9, 0, 0)))
+    output = builder.response["output"]
+    assert [(item["phase"], item["content"][0]["text"]) for item in output] == [
+        ("commentary", "Let me look."), ("final_answer", "It is 18 C.")]
+    messages, _ = items_to_messages(tuple(output))
+    assert [(m.role, m.channel, m.content) for m in messages] == [
+        ("assistant", "commentary", "Let me look."), ("assistant", None, "It is 18 C.")]
+
+
+def test_an_aborted_stream_ends_the_response_as_failed_keeping_its_counts():
+    call = ResponsesCall("resp_test", (), None, {}, None, True, False, None)
+    builder = ResponseBuilder(call, "m", 16)
+    builder.add(ChoiceEvent(0, (1, 2), (TextDelta("final", "Hal"),), (), None, ChoiceUsage(5, 2, 0, 0)))
+    events = builder.add(ChoiceEvent(0, (), (), (), "abort", ChoiceUsage(5, 0, 0, 0)))
+    assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
+    assert events[-2]["item"]["status"] == "incomplete"
+    response = events[-1]["response"]
+    assert response["status"] == "failed" and response["error"]["code"] == "server_error"
+    assert response["usage"]["output_tokens"] == 2

@@ -1,6 +1,7 @@
 """The group is the unit of failure behind Serve: a G=2 model server replica whose ranks sit on both
-simulated nodes loses a rank; its in-flight requests end with 503 / UNAVAILABLE, Serve's health check
-replaces the replica, and new requests succeed on the new group."""
+simulated nodes loses a rank; with moving off (gateway.max_migrations 0) its in-flight requests end with
+503 / UNAVAILABLE, Serve's health check replaces the replica, and new requests succeed on the new group.
+(With moving on, a stream whose only group fails waits for the replacement: gateway.migration_wait_s.)"""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def spanning_app(serve_instance, tiny_checkpoint):
     ray.get(blocker.ready(), timeout=60)
     raw = {**SERVE_TEST_CONFIG,
            "model": {**SERVE_TEST_CONFIG["model"], "checkpoint": str(tiny_checkpoint), "name": "spanning"},
-           "group": {"num_ranks": 2, "device": "cuda", "collective_timeout_s": 5, "step_timeout_s": 10}}
+           "group": {"num_ranks": 2, "device": "cuda", "collective_timeout_s": 5, "step_timeout_s": 10},
+           "gateway": {**SERVE_TEST_CONFIG["gateway"], "max_migrations": 0}}
     serve.run(build_app_from_config(parse_config(raw)), name=APP, route_prefix=f"/{APP}")
     yield serve_instance, serve.get_deployment_handle(MODEL_SERVER_NAME, app_name=APP)
     serve.delete(APP)
