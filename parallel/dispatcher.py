@@ -159,10 +159,12 @@ class TokenDispatcher:
         t, k = topk_ids.shape
         g, width, device = self.comm.world_size, self._count_width, topk_ids.device
         flat_ids = topk_ids.flatten()
-        # An expert with several copies: token i's slot goes to copy (i + this rank) mod copies, so the
-        # copies share its tokens evenly and deterministically.
-        position = torch.arange(t, device=device).repeat_interleave(k) + self.comm.rank
-        slot = flat_ids * self._copy_width + position % self._num_copies.index_select(0, flat_ids)
+        slot = flat_ids
+        if self._copy_width > 1:
+            # An expert with several copies: token i's slot goes to copy (i + this rank) mod copies, so
+            # the copies share its tokens evenly and deterministically (one copy each: nothing to pick).
+            position = torch.arange(t, device=device).repeat_interleave(k) + self.comm.rank
+            slot = flat_ids * self._copy_width + position % self._num_copies.index_select(0, flat_ids)
         dest_rank = self._copy_rank.view(-1).index_select(0, slot).view(t, k)
         dest_local = self._copy_local.view(-1).index_select(0, slot).view(t, k)
         to_rank = torch.zeros(t, g, dtype=torch.bool, device=device).scatter_(1, dest_rank, True)

@@ -179,8 +179,8 @@ def prepare_chat(chat: ChatInput, context: AdmissionContext) -> Generation:
     """
     check_model(chat.model, context.model_name)
     limits = context.limits
-    _check_count("messages", len(chat.messages), 1, limits.max_messages, "gateway.max_messages")
-    _check_count("tools", len(chat.tools), 0, limits.max_tools, "gateway.max_tools")
+    check_count("messages", len(chat.messages), 1, limits.max_messages, "gateway.max_messages")
+    check_count("tools", len(chat.tools), 0, limits.max_tools, "gateway.max_tools")
     _check_sampling_limits(chat.sampling, limits, "top_logprobs")
     if chat.reasoning_effort not in REASONING_EFFORTS:
         raise _must("reasoning_effort", "one of low, medium, high", chat.reasoning_effort)
@@ -205,7 +205,7 @@ def prepare_completion(completion: CompletionInput, context: AdmissionContext,
     """
     check_model(completion.model, context.model_name)
     limits = context.limits
-    _check_count("prompt", len(completion.prompts), 1, limits.max_prompts, "gateway.max_prompts")
+    check_count("prompt", len(completion.prompts), 1, limits.max_prompts, "gateway.max_prompts")
     _check_sampling_limits(completion.sampling, limits, "logprobs")
     sampling = dataclasses.replace(_sampling_params(completion.sampling, limits, "logprobs"),
                                    stop_token_ids=stop_token_ids)
@@ -286,7 +286,8 @@ def _must(param: str, rule: str, value: object, setting: str = "") -> InvalidReq
     return InvalidRequestError(param, f"{param} must be {rule}{where}, got {shorten(value)}")
 
 
-def _check_count(param: str, count: int, least: int, most: int, setting: str) -> None:
+def check_count(param: str, count: int, least: int, most: int, setting: str) -> None:
+    """Refuses a list of `count` entries outside [least, most], naming the field and its setting."""
     if count < least:
         raise InvalidRequestError(param, f"{param} must not be empty")
     if count > most:

@@ -15,6 +15,7 @@ items' shape, with ids), both as stored and as rendered, so a stored turn contin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import uuid
@@ -33,6 +34,7 @@ from serve.admission import (
     SamplingInput,
     ToolCallInput,
     ToolInput,
+    check_count,
     prepare_chat,
     renamed,
 )
@@ -150,6 +152,14 @@ class _ReasoningItem(StrictShape):
     status: str | None = None
 
 
+class _FunctionTool(StrictShape):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | str | None = None  # a JSON schema (as JSON text from gRPC)
+    strict: bool | None = None
+
+
 _ITEM_SHAPES = {"message": _MessageItem, "function_call": _FunctionCallItem,
                 "function_call_output": _FunctionCallOutputItem, "reasoning": _ReasoningItem}
 
@@ -190,17 +200,15 @@ def admit_responses_turn(call_and_conversation: tuple[ResponsesCall, tuple[dict,
 
 
 def _call(request: ResponsesRequest, context: AdmissionContext) -> ResponsesCall:
-    for i, name in enumerate(request.include or ()):
+    if request.include:  # nothing it names is produced here
+        name = request.include[0]
         why = ("we keep no key to encrypt reasoning with; send reasoning items back as they came (their text "
                "is in their content)" if name == "reasoning.encrypted_content" else "it is not supported here")
-        raise InvalidRequestError(f"include.{i}", f"include.{i} {shorten(name)} cannot be honoured: {why}")
-    limits = context.limits
-    if isinstance(request.input, list) and len(request.input) > limits.max_messages:
-        raise InvalidRequestError("input", f"input must have at most {limits.max_messages} items "
-                                           f"(gateway.max_messages), got {len(request.input)}")
-    if len(request.tools or ()) > limits.max_tools:
-        raise InvalidRequestError("tools", f"tools must have at most {limits.max_tools} entries (gateway.max_tools), "
-                                           f"got {len(request.tools)}")
+        raise InvalidRequestError("include.0", f"include.0 {shorten(name)} cannot be honoured: {why}")
+    limits = context.limits  # counts first: nothing is built in their size before
+    if isinstance(request.input, list):
+        check_count("input", len(request.input), 0, limits.max_messages, "gateway.max_messages")
+    check_count("tools", len(request.tools or ()), 0, limits.max_tools, "gateway.max_tools")
     items = ([_message_item("user", request.input, "input_text")] if isinstance(request.input, str)
              else [_input_item(item, i) for i, item in enumerate(request.input)])
     tools = tuple(_tool(tool, i) for i, tool in enumerate(request.tools or ()))
@@ -302,20 +310,15 @@ def reasoning_item(text: str, item_id: str | None = None, status: str = "complet
             "content": [{"type": "reasoning_text", "text": text}], "encrypted_content": None, "status": status}
 
 
-def _tool(tool: dict, i: int) -> ToolInput:
-    kind = tool.get("type")
-    if kind != "function":
-        raise InvalidRequestError(f"tools.{i}.type", f"tools.{i}.type {shorten(kind)} is not supported: this "
-                                                     f"server runs no built-in tools; declare function tools")
-    unknown = set(tool) - {"type", "name", "description", "parameters", "strict"}
-    if unknown:
-        raise InvalidRequestError(f"tools.{i}", f"tools.{i} has unknown fields {sorted(unknown)[:5]}")
-    name, description, parameters = tool.get("name"), tool.get("description") or "", tool.get("parameters")
-    if not isinstance(name, str):
-        raise InvalidRequestError(f"tools.{i}.name", f"tools.{i}.name must be a string, got {shorten(name)}")
-    if not isinstance(description, str):
-        raise InvalidRequestError(f"tools.{i}.description", f"tools.{i}.description must be a string")
-    return ToolInput(name, description, parameters)
+def _tool(raw: dict, i: int) -> ToolInput:
+    if raw.get("type") != "function":
+        raise InvalidRequestError(f"tools.{i}.type", f"tools.{i}.type {shorten(raw.get('type'))} is not supported: "
+                                                     f"this server runs no built-in tools; declare function tools")
+    try:
+        tool = parse_body(_FunctionTool, raw)
+    except InvalidRequestError as e:
+        raise renamed(e, lambda param: f"tools.{i}" if param == "body" else f"tools.{i}.{param}") from None
+    return ToolInput(tool.name, tool.description or "", tool.parameters)
 
 
 def items_to_messages(items: tuple[dict, ...], num_stored: int = 0) -> tuple[tuple[MessageInput, ...], list[str]]:
@@ -479,7 +482,7 @@ class ResponseBuilder:
         self.response["output"].append(item)
         index = len(self.response["output"]) - 1
         shown = item if item["type"] == "function_call" else dict(item, content=[])
-        out = [self._event("response.output_item.added", output_index=index, item=_copy(shown))]
+        out = [self._event("response.output_item.added", output_index=index, item=copy.deepcopy(shown))]
         if item["type"] != "function_call":
             out.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
                                    content_index=0, part=dict(item["content"][0], text="")))
@@ -502,7 +505,7 @@ class ResponseBuilder:
                                **extra),
                    self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                content_index=0, part=dict(part))]
-        out.append(self._event("response.output_item.done", output_index=index, item=_copy(item)))
+        out.append(self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item)))
         return out
 
     def _finish(self, finish_reason: str) -> list[dict]:
@@ -518,13 +521,7 @@ class ResponseBuilder:
         return out + [self._event("response.completed", response=self._snapshot())]
 
     def _snapshot(self) -> dict:
-        return _copy(self.response)
-
-
-def _copy(value: dict) -> dict:
-    """A deep enough copy of a response or item: events carry what it was then, not what it becomes."""
-    return {k: [_copy(v) if isinstance(v, dict) else v for v in val] if isinstance(val, list)
-            else _copy(val) if isinstance(val, dict) else val for k, val in value.items()}
+        return copy.deepcopy(self.response)  # an event carries what it was then, not what it becomes
 
 
 def failure_code(http_status: int) -> str:
