@@ -2,7 +2,7 @@
 one `RankActor` per bundle (each hosting an engine), connects them with a communicator, and steps them in
 lockstep; the group is the unit of failure and restart."""
 
-from cluster.config import GroupConfig
+from cluster.config import EplbConfig, GroupConfig
 from cluster.errors import (
            ClusterError,
            GroupDrainingError,
@@ -11,7 +11,7 @@ from cluster.errors import (
            SuspectRequestError,
 )
 from cluster.group import EPGroup, GroupHealth, GroupStats
-from cluster.rank import LoadProgress, RankStats
+from cluster.rank import EplbStats, LoadProgress, RankStats
 
-__all__ = ["ClusterError", "EPGroup", "GroupConfig", "GroupDrainingError", "GroupFailedError", "GroupHealth",
+__all__ = ["ClusterError", "EPGroup", "EplbConfig", "EplbStats", "GroupConfig", "GroupDrainingError", "GroupFailedError", "GroupHealth",
            "GroupStats", "LoadProgress", "PlacementError", "RankStats", "SuspectRequestError"]

@@ -8,9 +8,46 @@ import torch
 
 from engine.config import EngineConfig
 from gptoss.load import TORCH_DTYPES
+from parallel.rebalance import TRANSFERS
 
 DEVICES = ("auto", "cpu", "cuda")
 COMMUNICATORS = ("auto", "torch_dist", "cupy_nccl")
+
+
+@dataclass(frozen=True)
+class EplbConfig:
+    """Expert load balancing in a running group (parallel/eplb.py, parallel/rebalance.py).
+
+    Attributes:
+        enabled: plan and rearrange every `interval_steps` (and on `EPGroup.rebalance_experts`).
+        redundant_experts_per_rank: R, expert slots per rank beyond E/G in every layer, held from the
+            load on (their memory is counted in the load's check).
+        interval_steps: group steps between two rearrangements (0: only when asked).
+        window_steps: the routed-token counts a plan reads cover about this many last steps.
+        transfer: how a rank gets the experts it newly holds: "checkpoint" (read from the memory-mapped
+            checkpoint, which every node reads anyway) or "communicator" (sent by a rank that has them).
+        min_gain: a layer moves only if its busiest rank's expected load drops by this share.
+    """
+
+    enabled: bool = False
+    redundant_experts_per_rank: int = 1
+    interval_steps: int = 3000
+    window_steps: int = 1000
+    transfer: str = "checkpoint"
+    min_gain: float = 0.02
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"eplb config: {name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.enabled, bool), "enabled", "true or false")
+        need(isinstance(self.redundant_experts_per_rank, int) and self.redundant_experts_per_rank >= 0,
+             "redundant_experts_per_rank", "an int >= 0")
+        need(isinstance(self.interval_steps, int) and self.interval_steps >= 0, "interval_steps", "an int >= 0")
+        need(isinstance(self.window_steps, int) and self.window_steps >= 1, "window_steps", "an int >= 1")
+        need(self.transfer in TRANSFERS, "transfer", f"one of {TRANSFERS}")
+        need(0 <= self.min_gain < 1, "min_gain", "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +75,7 @@ class GroupConfig:
         step_timeout_s: a rank that spends longer in one step (or does not answer the group's heartbeat
             for that long) while requests are open is stuck: the group fails (for any G, also G=1,
             where no collective would time out).
+        eplb: expert load balancing (off by default); needs num_ranks >= 2.
         name: shows in actor names and logs.
     """
 
@@ -56,6 +94,7 @@ class GroupConfig:
     load_timeout_s: float = 1800.0
     step_timeout_s: float = 120.0
     affinity_max_extra_requests: int = 8
+    eplb: EplbConfig = field(default_factory=EplbConfig)
     name: str = "ep-group"
 
     def __post_init__(self) -> None:
@@ -72,6 +111,10 @@ class GroupConfig:
         need(self.num_cpus_per_rank > 0, "num_cpus_per_rank", "> 0")
         need(isinstance(self.affinity_max_extra_requests, int) and self.affinity_max_extra_requests >= 0,
              "affinity_max_extra_requests", "an int >= 0")
+        need(isinstance(self.eplb, EplbConfig), "eplb", "an EplbConfig")
+        if self.eplb.enabled and self.num_ranks < 2:
+            raise ValueError("group config: eplb.enabled needs num_ranks >= 2 (one rank holds every expert: "
+                             f"there is nothing to balance), got num_ranks={self.num_ranks}")
         for name in ("placement_timeout_s", "start_timeout_s", "join_timeout_s", "collective_timeout_s",
                      "load_timeout_s", "step_timeout_s"):
             need(getattr(self, name) > 0, name, "> 0")

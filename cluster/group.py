@@ -28,6 +28,7 @@ from cluster.config import GroupConfig
 from cluster.errors import GroupDrainingError, GroupFailedError, SuspectRequestError
 from cluster.placement import Reservation, rank_bundle, reserve, wait_placed
 from cluster.rank import (
+    EplbStats,
     LoadProgress,
     RankActor,
     RankBusyness,
@@ -42,6 +43,7 @@ from engine.outputs import RequestOutput
 from engine.routing import PrefixAffinity, prefix_routing_keys
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
+from parallel.rebalance import Rearrangement
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class GroupStats:
     token_delivery_p99_ms: float
     expert_token_counts: tuple[tuple[int, ...], ...]  # [layers][experts], summed over ranks
     placement_group_id: str  # hex id of the placement group the ranks run in; "" when none
+    eplb: EplbStats | None = None  # rank 0's figures, pauses the slowest rank's; None when EPLB is off
 
 
 @dataclass
@@ -205,12 +208,17 @@ class EPGroup:
         """(CommunicatorSpec, ExpertPlacement), or (None, None) for a single rank."""
         import gptoss
         from parallel import CommunicatorSpec, ExpertPlacement
+        from parallel.rebalance import initial_placement
 
         cfg = self.config
         if cfg.num_ranks == 1:
             return None, None
         model_config = await asyncio.to_thread(gptoss.load_config, cfg.checkpoint)
-        placement = ExpertPlacement.contiguous(model_config.num_local_experts, cfg.num_ranks)
+        if cfg.eplb.enabled:  # every rank holds its R extra slots from the load on
+            placement = initial_placement(model_config.num_local_experts, cfg.num_ranks,
+                                          cfg.eplb.redundant_experts_per_rank)
+        else:
+            placement = ExpertPlacement.contiguous(model_config.num_local_experts, cfg.num_ranks)
         backend = cfg.communicator
         if backend == "auto":
             backend = "cupy_nccl" if device == "cuda" else "torch_dist"
@@ -506,6 +514,7 @@ class EPGroup:
             for layer, row in enumerate(r.expert_token_counts):
                 counts[layer] = [a + b for a, b in zip(counts[layer], row, strict=True)]
         reservation = self._reservation
+        eplb = _slowest_rank_eplb([r.eplb for r in ranks if r.eplb is not None])
         return GroupStats(
             name=self.config.name,
             state=self.state,
@@ -520,4 +529,33 @@ class EPGroup:
             token_delivery_p99_ms=self._delivery_ms.get(0.99),
             expert_token_counts=tuple(tuple(row) for row in counts),
             placement_group_id=reservation.placement_group.id.hex() if reservation is not None else "",
+            eplb=eplb,
         )
+
+    async def rebalance_experts(self) -> Rearrangement:
+        """Rearranges the group's experts now, between two steps, from the routed-token counts of the
+        last eplb.window_steps (open requests pause, none fails). Returns the plan's figures, with the
+        slowest rank's pause.
+        Raises:
+            ValueError: eplb is off for this group.
+            GroupDrainingError / GroupFailedError: the group is not serving.
+        """
+        if not self.config.eplb.enabled:
+            raise ValueError(f"{self.config.name}: expert load balancing is off (set eplb.enabled)")
+        self._check_admitting()
+        try:
+            results = await asyncio.gather(*(r.rebalance_experts.remote() for r in self._ranks))
+        except ray.exceptions.RayError as e:
+            raise GroupFailedError(f"{self.config.name}: rearranging the experts failed: {e}") from e
+        return dataclasses.replace(results[0], pause_s=max(r.pause_s for r in results),
+                                   fetch_s=max(r.fetch_s for r in results))
+
+
+def _slowest_rank_eplb(per_rank: list[EplbStats]) -> EplbStats | None:
+    """The group's EPLB figures: the plan is the same on every rank, a pause is the slowest rank's."""
+    if not per_rank:
+        return None
+    last = per_rank[0].last
+    if last is not None:
+        last = dataclasses.replace(last, pause_s=max(s.last.pause_s for s in per_rank if s.last is not None))
+    return dataclasses.replace(per_rank[0], pause_s_total=max(s.pause_s_total for s in per_rank), last=last)

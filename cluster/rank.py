@@ -28,6 +28,7 @@ from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from gptoss.errors import InvalidRequestError
 from parallel.comm import CommunicatorError
+from parallel.rebalance import Rearrangement
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class RankStats:
     rank: int
     node_id: str  # Ray node id of the rank's process
     pid: int
-    expert_ids: tuple[int, ...]  # global ids of the experts this rank holds (the same in every layer)
+    expert_ids: tuple[int, ...]  # global ids of the experts this rank holds in layer 0
     engine: EngineStats
     expert_token_counts: tuple[tuple[int, ...], ...]  # [layers][experts] tokens routed from this rank
     num_steps: int
@@ -126,6 +127,18 @@ class RankStats:
     output_tokens_per_s: float  # over the last few seconds
     loop_alive: bool
     kernels: tuple[tuple[str, str], ...] = ()  # CPU kernel -> how it runs (engine.kernels); empty on GPU
+    layer_expert_ids: tuple[tuple[int, ...], ...] = ()  # per layer: the experts held (EPLB moves them)
+    eplb: EplbStats | None = None  # None: expert load balancing is off
+
+
+@dataclass(frozen=True)
+class EplbStats:
+    """A rank's expert load balancing so far (parallel/rebalance.py)."""
+
+    num_rearrangements: int  # rearrangements that ran (also those that moved no layer)
+    num_layers_moved: int  # layers moved, over all of them
+    pause_s_total: float
+    last: Rearrangement | None  # the latest, with its per-layer imbalance before and after
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,11 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Rebalance:
+    done: asyncio.Future  # gets the Rearrangement (or the error) on the actor's event loop
 
 
 class RankActor:
@@ -159,6 +177,11 @@ class RankActor:
         self.kernels: tuple[tuple[str, str], ...] = ()
         self._progress = LoadProgress(rank, "waiting", 0, 0)
         self._commands: deque[_Add | _Abort] = deque()
+        self.rebalancer = None  # parallel.rebalance.ExpertRebalancer when eplb is on
+        self._window_counts = None  # parallel.rebalance.WindowCounts
+        self._rebalance_waiters: list[asyncio.Future] = []  # engine thread only
+        self._eplb_stats: EplbStats | None = None
+        self._last_rebalance_step = 0
         self._early_aborts: OrderedDict[str, None] = OrderedDict()  # engine thread only
         self._wake = threading.Event()
         self._begin = threading.Event()
@@ -254,6 +277,8 @@ class RankActor:
         self.expert_ids = tuple(experts if experts is not None else range(model.config.num_local_experts))
         if self.communicator is not None:
             self.expert_token_counts = apply_expert_parallel(model, self.communicator, placement)
+            if self.config.eplb.enabled:
+                self._start_rebalancer(model, placement)
         else:  # one rank: no dispatcher counts the routed tokens, hooks on the routers do
             self.expert_token_counts = count_expert_tokens(model)
         if self.device.type == "cpu":  # loaded now, not inside the first request
@@ -266,6 +291,35 @@ class RankActor:
         self._snapshot_stats()
         done = self._progress.tensors_total
         self._progress = LoadProgress(self.rank, "ready", done, done)
+
+    def _start_rebalancer(self, model, placement) -> None:
+        import ray
+
+        from gptoss.checkpoint import CheckpointReader, detect_layout
+        from gptoss.errors import InsufficientMemoryError
+        from gptoss.load import read_experts
+        from gptoss.memory import available_bytes, gib
+        from parallel.rebalance import ExpertRebalancer, WindowCounts
+
+        eplb = self.config.eplb
+        reader = CheckpointReader(detect_layout(self.config.checkpoint))
+        packed = model.layers[0].mlp.experts.packed
+
+        def read(layer: int, expert_ids: list[int]):
+            return read_experts(reader, layer, expert_ids, packed, self.config.torch_dtype, self.device)
+
+        node_key = int(ray.get_runtime_context().get_node_id()[:15], 16)
+        self.rebalancer = ExpertRebalancer(model, self.communicator, [placement] * model.config.num_hidden_layers,
+                                           redundant_per_rank=eplb.redundant_experts_per_rank, read_experts=read,
+                                           transfer=eplb.transfer, node_key=node_key, min_gain=eplb.min_gain)
+        self._window_counts = WindowCounts(self.expert_token_counts, eplb.window_steps)
+        self._eplb_stats = EplbStats(0, 0, 0.0, None)
+        need, free = self.rebalancer.transient_bytes(), available_bytes(self.device)
+        if free is not None and need > free:
+            raise InsufficientMemoryError(
+                f"rank {self.rank}: expert load balancing needs ~{gib(need)} free beyond the model (one layer's "
+                f"experts, held twice while the layer moves) but {gib(free)} is free on {self.device}; set "
+                "eplb.enabled false or fewer eplb.redundant_experts_per_rank")
 
     def begin(self) -> None:
         """Starts the lockstep loop; the group calls it on every rank once all have loaded."""
@@ -290,6 +344,19 @@ class RankActor:
         its `add_request`."""
         self._commands.append(_Abort(request_id))
         self._wake.set()
+
+    async def rebalance_experts(self):
+        """Asks the group for a rearrangement of its experts between two steps (every rank's ask, or the
+        interval, starts one on all ranks together); returns this rank's Rearrangement once done.
+        Raises ValueError when eplb is off."""
+        if self.rebalancer is None:
+            raise ValueError(f"{self.config.name}: expert load balancing is off (set eplb.enabled)")
+        if self._failed:
+            raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
+        done = self._loop.create_future()
+        self._commands.append(_Rebalance(done))
+        self._wake.set()
+        return await done
 
     def wake(self) -> None:
         """Ends an idle wait now: a request is about to arrive somewhere in the group."""
@@ -351,6 +418,9 @@ class RankActor:
                 if not self.engine.abort(command.request_id):
                     self._remember_early_abort(command.request_id)
                 continue
+            if isinstance(command, _Rebalance):
+                self._rebalance_waiters.append(command.done)
+                continue
             if command.request_id in self._early_aborts:  # aborted before it arrived
                 del self._early_aborts[command.request_id]
                 news.append(RankOutput(RequestOutput(command.request_id, (), None, "abort",
@@ -369,12 +439,37 @@ class RankActor:
         if len(self._early_aborts) > _MAX_EARLY_ABORTS:
             self._early_aborts.popitem(last=False)
 
-    def _agree(self, has_work: bool) -> tuple[bool, bool]:
-        """(anyone has work, anyone is stopping): one small all-reduce per iteration on every rank."""
+    def _agree(self, has_work: bool) -> tuple[bool, bool, bool]:
+        """(anyone has work, anyone is stopping, anyone wants the experts rearranged now): one small
+        all-reduce per iteration on every rank."""
         if self.communicator is None:
-            return has_work, self._stop
-        anyone_work, anyone_stop = self.communicator.all_reduce_ints([int(has_work), int(self._stop)], "max")
-        return bool(anyone_work), bool(anyone_stop)
+            return has_work, self._stop, False
+        anyone_work, anyone_stop, anyone_rebalance = self.communicator.all_reduce_ints(
+            [int(has_work), int(self._stop), int(self._wants_rebalance())], "max")
+        return bool(anyone_work), bool(anyone_stop), bool(anyone_rebalance)
+
+    def _wants_rebalance(self) -> bool:
+        if self.rebalancer is None:
+            return False
+        interval = self.config.eplb.interval_steps
+        due = interval > 0 and self._num_steps - self._last_rebalance_step >= interval
+        return due or bool(self._rebalance_waiters)
+
+    def _rebalance(self) -> None:
+        """Every rank at once, between two steps (the engine's requests wait; none is lost)."""
+        self._last_rebalance_step = self._num_steps
+        waiters, self._rebalance_waiters = self._rebalance_waiters, []
+        try:
+            result = self.rebalancer.rearrange(self._window_counts.window())
+        except Exception as e:  # the communicator broke: the group is done (the loop's handler)
+            for done in waiters:
+                self._loop.call_soon_threadsafe(lambda f=done, e=e: f.done() or f.set_exception(e))
+            raise
+        before = self._eplb_stats
+        self._eplb_stats = EplbStats(before.num_rearrangements + 1, before.num_layers_moved + len(result.changed_layers),
+                                     before.pause_s_total + result.pause_s, result)
+        for done in waiters:
+            self._loop.call_soon_threadsafe(lambda f=done: f.done() or f.set_result(result))
 
     def _snapshot_stats(self) -> None:
         import ray
@@ -386,9 +481,12 @@ class RankActor:
             # Only when a caller asks: on a GPU reading the counters syncs the device.
             counts = tuple(tuple(row) for row in self.expert_token_counts.get_counts().tolist())
         node_id = self._stats.node_id if self._stats is not None else ray.get_runtime_context().get_node_id()
-        self._stats = RankStats(self.rank, node_id, os.getpid(), self.expert_ids, stats, counts, self._num_steps,
-                                self._num_empty_steps, self._num_output_tokens, self._token_rate.rate(now),
-                                loop_alive=True, kernels=self.kernels)
+        layers = (tuple(tuple(p.expert_ids(self.rank)) for p in self.rebalancer.placements)
+                  if self.rebalancer is not None else ())
+        self._stats = RankStats(self.rank, node_id, os.getpid(), layers[0] if layers else self.expert_ids, stats,
+                                counts, self._num_steps, self._num_empty_steps, self._num_output_tokens,
+                                self._token_rate.rate(now), loop_alive=True, kernels=self.kernels,
+                                layer_expert_ids=layers, eplb=self._eplb_stats)
         busyness = RankBusyness(self.rank, stats.num_running, stats.num_waiting, stats.num_kv_blocks_free)
         if busyness != self._last_busyness:  # an idle rank sends nothing
             self._last_busyness = busyness
@@ -409,15 +507,19 @@ class RankActor:
                 if news:
                     self._publish(news)
                 has_work = self.engine.has_work()
-                anyone_work, stopping = self._agree(has_work)
+                anyone_work, stopping, rebalancing = self._agree(has_work)
                 if stopping:
                     break
+                if rebalancing:
+                    self._rebalance()
                 if anyone_work:
                     in_step = True
                     outputs = self.engine.step()  # an empty step when only others have work
                     in_step = False
                     self._num_steps += 1
                     self._num_empty_steps += not has_work
+                    if self._window_counts is not None:
+                        self._window_counts.step_done(self._num_steps)
                     if outputs:
                         num_tokens = sum(len(o.new_token_ids) for o in outputs)
                         self._num_output_tokens += num_tokens

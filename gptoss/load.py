@@ -236,18 +236,41 @@ def _read_weights(model: Transformer, reader: CheckpointReader, expert_ids: list
         is_expert = ".mlp.experts." in name
         if is_expert and name.endswith("_scales") and not packed:
             continue  # read and consumed with its blocks
-        tensor = reader.get(name, expert_ids if is_expert else None)
-        if is_expert and name.endswith("_blocks") and not packed:
-            scales = reader.get(name.removesuffix("_blocks") + "_scales", expert_ids)
-            name, tensor = name.removesuffix("_blocks"), _dequantize_chunked(tensor, scales, dtype, device)
-        elif tensor.dtype != torch.uint8:
-            tensor = tensor.to(dtype)
-        _assign(model, name, tensor.to(device))
+        name, tensor = _read_as_held(reader, name, expert_ids if is_expert else None, packed, dtype, device)
+        _assign(model, name, tensor)
         num_bytes_done += tensor.nbytes
         if progress_bytes is not None:
             progress_bytes(num_bytes_done, num_bytes_total)
     if progress is not None:
         progress(total, total)
+
+
+def read_experts(reader: CheckpointReader, layer: int, expert_ids: list[int], packed: bool, dtype: torch.dtype,
+                 device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The weights of experts `expert_ids` (in that order) of MoE layer `layer`, as an `Experts` of that
+    layer holds them (packed: MXFP4 blocks and scales; else dequantized to `dtype`), by `Experts` buffer
+    name: what an EP rank that newly holds these experts needs (parallel/rebalance.py)."""
+    prefix = f"layers.{layer}.mlp.experts."
+    out = {}
+    for name in reader.expected:
+        if name.startswith(prefix) and not (name.endswith("_scales") and not packed):
+            held_name, tensor = _read_as_held(reader, name, expert_ids, packed, dtype, torch.device(device))
+            out[held_name.removeprefix(prefix)] = tensor
+    return out
+
+
+def _read_as_held(reader: CheckpointReader, name: str, expert_ids: list[int] | None, packed: bool,
+                  dtype: torch.dtype, device: torch.device) -> tuple[str, torch.Tensor]:
+    """Checkpoint tensor `name` (of experts `expert_ids` only, for expert tensors) as the model holds it
+    on `device`, with the model's name for it: floats in `dtype`; experts' MXFP4 blocks kept packed or
+    dequantized (then read with their scales, and named without the `_blocks` suffix)."""
+    tensor = reader.get(name, expert_ids)
+    if ".mlp.experts." in name and name.endswith("_blocks") and not packed:
+        scales = reader.get(name.removesuffix("_blocks") + "_scales", expert_ids)
+        return name.removesuffix("_blocks"), _dequantize_chunked(tensor, scales, dtype, device)
+    if tensor.dtype != torch.uint8:
+        tensor = tensor.to(dtype)
+    return name, tensor.to(device)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -25,7 +25,8 @@ _SHARD_BYTES = 2 << 30
 
 
 def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: int = 0,
-                            layout: str = "hf", num_shards: int | None = None) -> Path:
+                            layout: str = "hf", num_shards: int | None = None,
+                            router_bias_boost: dict[int, float] | None = None) -> Path:
     """Writes a deterministic random-weight checkpoint.
 
     Args:
@@ -37,6 +38,8 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: i
             quantization_config) or "original" (OpenAI's `original/` layout: fused qkv, dtypes.json).
         num_shards: shard count; by default at least 2 (so sharding is always exercised) and at most
             ~2 GiB each.
+        router_bias_boost: expert id -> added to its router bias in every layer: a skewed checkpoint
+            whose routers favor a few experts, as real routing does (for expert load balancing).
     Returns:
         the folder written.
     """
@@ -54,7 +57,7 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelConfig, seed: i
     for k, group in enumerate(groups, start=1):
         fname = (f"model-{k:05d}-of-{len(groups):05d}.safetensors" if layout == "hf"
                  else f"model--{k:05d}-of-{len(groups):05d}.safetensors")
-        tensors = dict(_named_tensors(group, config, seed, layout))
+        tensors = dict(_named_tensors(group, config, seed, layout, router_bias_boost or {}))
         save_file(tensors, out / fname, metadata={"format": "pt"})
         for name in tensors:
             weight_map[name] = fname
@@ -133,7 +136,8 @@ def random_tensor(name: str, config: ModelConfig, seed: int) -> torch.Tensor:
     return gain * x / math.sqrt(shape[-1])
 
 
-def _named_tensors(group: list[str], config: ModelConfig, seed: int, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _named_tensors(group: list[str], config: ModelConfig, seed: int, layout: str,
+                   router_bias_boost: dict[int, float]) -> Iterator[tuple[str, torch.Tensor]]:
     fused: dict[str, list[torch.Tensor]] = {}
     for name in group:
         if name.endswith("_scales"):
@@ -144,7 +148,11 @@ def _named_tensors(group: list[str], config: ModelConfig, seed: int, layout: str
             for ours, t in ((name, blocks), (stem + "_scales", scales)):
                 yield _checkpoint_name(ours, config, layout), t
             continue
-        t = random_tensor(name, config, seed).to(torch.bfloat16)
+        t = random_tensor(name, config, seed)
+        if name.endswith("mlp.router.bias"):
+            for expert, boost in router_bias_boost.items():
+                t[expert] += boost
+        t = t.to(torch.bfloat16)
         if layout == "original" and ".self_attn." in name and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
             key, _ = original_name(name, config)
             fused.setdefault(key, []).append(t)

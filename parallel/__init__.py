@@ -43,11 +43,11 @@ from parallel.comm import (
 from parallel.cupy_nccl import CupyNcclCommunicator, make_nccl_unique_id
 from parallel.dispatcher import DispatchHandle, ExpertTokenCounts, TokenDispatcher
 from parallel.loopback import LoopbackCommunicator, LoopbackGroup
-from parallel.moe import ExpertParallelMoE, apply_expert_parallel, count_expert_tokens, select_experts
+from parallel.moe import ExpertParallelMoE, apply_expert_parallel, assemble_experts, count_expert_tokens
 from parallel.placement import ExpertPlacement
 from parallel.torch_dist import TorchDistCommunicator
 
 __all__ = ["Communicator", "CommunicatorError", "CommunicatorSpec", "CommunicatorTimeout", "CupyNcclCommunicator",
            "DispatchHandle", "ExpertParallelMoE", "ExpertPlacement", "ExpertTokenCounts", "LoopbackCommunicator",
            "LoopbackGroup", "TokenDispatcher", "TorchDistCommunicator", "apply_expert_parallel", "count_expert_tokens",
-           "create_communicator", "make_nccl_unique_id", "select_experts"]
+           "create_communicator", "make_nccl_unique_id", "assemble_experts"]

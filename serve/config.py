@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.config import GroupConfig
+from cluster.config import EplbConfig, GroupConfig
 from engine.config import EngineConfig
 from serve.validation import describe_validation_error
 
@@ -55,6 +55,25 @@ class GroupSection(_Section):
     collective_timeout_s: PositiveFloat = 60.0
     load_timeout_s: PositiveFloat = 1800.0
     step_timeout_s: PositiveFloat = 120.0
+
+
+class EplbSection(_Section):
+    """Expert load balancing in each EP group (G >= 2): redundant copies of hot experts, placed from the
+    live routing counts and rearranged between two steps (requests pause, none fails)."""
+
+    enabled: bool = Field(False, description="Plan and rearrange every interval_steps (off by default until "
+                                             "measured on real traffic).")
+    redundant_experts_per_rank: Annotated[int, Field(ge=0)] = Field(
+        1, description="Expert slots per rank beyond E/G, in every layer (their memory is held from the load on).")
+    interval_steps: Annotated[int, Field(ge=0)] = Field(
+        3000, description="Group steps between two rearrangements (0: only when asked).")
+    window_steps: PositiveInt = Field(1000, description="The routed-token counts a plan reads cover about this "
+                                                        "many last steps.")
+    transfer: Literal["checkpoint", "communicator"] = Field(
+        "checkpoint", description="How a rank gets the experts it newly holds: read from the checkpoint, or sent "
+                                  "by a rank that holds them.")
+    min_gain: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.02, description="A layer moves only if its busiest rank's expected load drops by this share.")
 
 
 class EngineSection(_Section):
@@ -263,6 +282,7 @@ class AppConfig(_Section):
 
     model: ModelSection = ModelSection()
     group: GroupSection = GroupSection()
+    eplb: EplbSection = EplbSection()
     engine: EngineSection = EngineSection()
     model_server: ModelServerSection = ModelServerSection()
     gateway: GatewaySection = GatewaySection()
@@ -270,6 +290,13 @@ class AppConfig(_Section):
     auth: AuthSection = AuthSection()
     http: HTTPSection = HTTPSection()
     grpc: GRPCSection = GRPCSection()
+
+    @model_validator(mode="after")
+    def _eplb_needs_a_group(self) -> AppConfig:
+        if self.eplb.enabled and self.group.num_ranks < 2:
+            raise ValueError("eplb.enabled needs group.num_ranks >= 2 (one rank holds every expert: nothing to "
+                             f"balance), got group.num_ranks={self.group.num_ranks}")
+        return self
 
     @model_validator(mode="after")
     def _engine_budget_covers_every_running_request(self) -> AppConfig:
@@ -315,7 +342,8 @@ class AppConfig(_Section):
                           placement_timeout_s=g.placement_timeout_s, start_timeout_s=g.start_timeout_s,
                           join_timeout_s=g.join_timeout_s,
                           collective_timeout_s=g.collective_timeout_s, load_timeout_s=g.load_timeout_s,
-                          step_timeout_s=g.step_timeout_s, name=name)
+                          step_timeout_s=g.step_timeout_s, eplb=_converted("eplb", EplbConfig, **dict(self.eplb)),
+                          name=name)
 
     def request_limits(self):
         """The limits every API applies (serve/admission.py)."""

@@ -73,6 +73,14 @@ class ModelServerMetrics:
         self.expert_tokens = Counter("gptoss_expert_tokens_total", "Tokens routed to each expert of each layer "
                                      "(the input of expert load balancing; EP groups of G > 1).",
                                      (*_SERVER, "layer", "expert")).set_default_tags(t)
+        self.eplb_imbalance = Gauge("gptoss_eplb_imbalance", "Expert load balancing: the busiest rank's expected "
+                                    "load over the mean, per layer, on the latest plan's counts, under the "
+                                    "placement before it and after it (when).", (*_SERVER, "layer", "when")
+                                    ).set_default_tags(t)
+        self.eplb_rearrangements = Counter("gptoss_eplb_rearrangements_total", "Expert rearrangements run (also "
+                                           "those that moved no layer).", _SERVER).set_default_tags(t)
+        self.eplb_pause = Histogram("gptoss_eplb_pause_seconds", "How long a rearrangement paused the group "
+                                    "(its slowest rank).", STEP_BUCKETS_S, _SERVER).set_default_tags(t)
         self._last: dict[str, float] = {}  # cumulative figures at the previous poll
         self._last_rank: dict[int, tuple[int, float]] = {}  # rank -> (steps, step time)
         self._last_experts: list[list[int]] = []
@@ -122,6 +130,18 @@ class ModelServerMetrics:
                                        tags={"rank": str(r.rank)})
             self._last_rank[r.rank] = (r.engine.num_steps, r.engine.step_time_s)
         self._advance_experts(stats.expert_token_counts)
+        if stats.eplb is not None:
+            self._eplb(stats.eplb)
+
+    def _eplb(self, eplb) -> None:
+        new = eplb.num_rearrangements - int(self._last.get("eplb_rearrangements", 0))
+        if new <= 0 or eplb.last is None:
+            return
+        self._advance(self.eplb_rearrangements, "eplb_rearrangements", eplb.num_rearrangements)
+        self.eplb_pause.observe(eplb.last.pause_s)  # the latest (one per poll: interval_steps apart)
+        for when, values in (("before", eplb.last.imbalance_before), ("after", eplb.last.imbalance_after)):
+            for layer, value in enumerate(values):
+                self.eplb_imbalance.set(value, tags={"layer": str(layer), "when": when})
 
     def _advance(self, counter: Counter, name: str, total: float) -> None:
         delta = total - self._last.get(name, 0.0)

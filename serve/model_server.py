@@ -146,6 +146,11 @@ class ModelServer:
     async def stats(self) -> GroupStats:
         return await self.group.stats()
 
+    async def rebalance_experts(self):
+        """Admin: rearranges this replica's experts now from the live routing counts (eplb.enabled);
+        open requests pause between two steps, none fails. Returns parallel.rebalance.Rearrangement."""
+        return await self.group.rebalance_experts()
+
     def health(self) -> ReplicaHealth:
         health = self.group.health()
         return ReplicaHealth(health.ok, health.state, health.error)

@@ -36,9 +36,11 @@ from tests.conftest import free_port
     ("model_server:\n  router: {policy: random}\n", "model_server.router.policy"),
     ("http:\n  ssl_certfile: /tmp/cert.pem\n", "ssl_certfile and ssl_keyfile must be given together"),
     ("auth:\n  api_keys_path: /keys\n", "auth.api_keys_path: unknown field"),
+    ("eplb:\n  enabled: true\n", "eplb.enabled needs group.num_ranks >= 2"),
+    ("eplb:\n  transfer: rdma\n", "eplb.transfer"),
 ], ids=["zero-ranks", "wrong-type", "bad-choice", "unknown-key", "unknown-section", "cross-field", "port-range",
         "yaml-syntax", "not-a-mapping", "replicas-and-autoscaling", "autoscaling-bounds", "router-policy",
-        "cert-without-key", "auth-unknown"])
+        "cert-without-key", "auth-unknown", "eplb-one-rank", "eplb-transfer"])
 def test_a_bad_config_exits_non_zero_naming_the_field(tmp_path, capsys, yaml_text, named):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
@@ -53,6 +55,10 @@ def test_a_missing_config_file_and_a_group_size_the_model_cannot_split_are_named
     path.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\ngroup:\n  num_ranks: 3\n")
     assert main(["serve", str(path)]) == 2
     assert "group.num_ranks must divide the model's 8 experts, got 3; one of [1, 2, 4, 8]" in capsys.readouterr().err
+    path.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\ngroup:\n  num_ranks: 4\n"
+                    "eplb:\n  enabled: true\n  redundant_experts_per_rank: 7\n")
+    assert main(["serve", str(path)]) == 2
+    assert "eplb.redundant_experts_per_rank must be at most 6" in capsys.readouterr().err
 
 
 def test_the_config_converts_to_the_lower_layers_configs():
@@ -61,6 +67,11 @@ def test_the_config_converts_to_the_lower_layers_configs():
     group = config.group_config("/ckpt", name="g", device="cpu")
     assert (group.num_ranks, group.device, group.packed_experts) == (2, "cpu", None)
     assert group.engine.kv_cache_bytes == 1 << 29 and group.engine.max_model_len == 4096
+    assert not group.eplb.enabled
+    eplb = parse_config({"group": {"num_ranks": 2}, "eplb": {"enabled": True, "interval_steps": 500,
+                                                             "transfer": "communicator"}})
+    group = eplb.group_config("/ckpt", name="g")
+    assert (group.eplb.enabled, group.eplb.interval_steps, group.eplb.transfer) == (True, 500, "communicator")
     assert AppConfig().served_model_name() == "gpt-oss-tiny-random"
     with pytest.raises(ConfigError, match="engine: engine config: max_model_len must be None or an int >= 2"):
         parse_config({"engine": {"max_model_len": 1}}).engine_config()

@@ -1,0 +1,85 @@
+"""Expert load balancing in a running EP group: 4 rank actors across the simulated two-node cluster (gloo),
+a checkpoint whose routers favor two experts, rearrangements on the interval and on an admin call while
+16 streams run."""
+
+import asyncio
+
+import pytest
+import torch
+
+import gptoss
+from cluster import EplbConfig, EPGroup, GroupConfig
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from parallel.rebalance import initial_placement
+
+ENGINE = EngineConfig(num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=128, block_size=8)
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+MODEL = gptoss.get_preset("tiny")  # 8 experts: 2 a rank, plus 1 redundant slot
+HOT_EXPERTS = {0: 3.0, 1: 2.5}  # both on rank 0 by default
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return gptoss.write_random_checkpoint(tmp_path_factory.mktemp("eplb"), MODEL, seed=7,
+                                          router_bias_boost=HOT_EXPERTS)
+
+
+def prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 199998, (int(torch.randint(4, 30, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+def test_rearrangements_while_16_streams_run_change_no_token_and_fail_no_request(ray_cluster, event_loop_thread,
+                                                                                   checkpoint):
+    eplb = EplbConfig(enabled=True, redundant_experts_per_rank=1, interval_steps=10, window_steps=8,
+                      transfer="communicator")
+    group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=4, dtype="float32", engine=ENGINE,
+                                collective_timeout_s=10.0, placement_timeout_s=20.0, eplb=eplb, name="eplb"))
+    run = event_loop_thread
+    work = prompts(16)
+    expected = [list(c.token_ids) for c in Engine(gptoss.load_model(checkpoint, dtype=torch.float32),
+                                                  ENGINE).generate(work, GREEDY)]
+
+    async def scenario():
+        first_tokens = asyncio.Event()
+
+        async def stream(i):
+            tokens = []
+            async for out in group.generate(f"s{i}", work[i], GREEDY):
+                tokens += out.new_token_ids
+                first_tokens.set()
+            return tokens
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(16)]
+        await first_tokens.wait()
+        asked = await group.rebalance_experts()  # in the middle of the streams
+        return await asyncio.gather(*tasks), asked, await group.stats()
+
+    run(group.start(), timeout_s=180)
+    try:
+        got, asked, stats = run(scenario(), timeout_s=180)
+    finally:
+        run(group.shutdown())
+    assert got == expected
+    # The admin call ran one; the interval (every 10 steps of 24+) ran others; the hot experts were spread.
+    assert stats.eplb.num_rearrangements >= 2 and stats.eplb.num_layers_moved >= 1
+    assert asked.transfer == "communicator" and not asked.error
+    last = stats.eplb.last
+    assert max(last.imbalance_after) <= max(last.imbalance_before)
+    start = initial_placement(MODEL.num_local_experts, 4, 1)
+    layers = [r.layer_expert_ids for r in stats.ranks]
+    assert any(layers[r][layer] != start.rank_expert_ids[r] for r in range(4) for layer in range(2))
+    holders = {r for r in range(4) for layer in range(2) if {0, 1} & set(layers[r][layer])}
+    assert len(holders) >= 3
+    assert stats.eplb.pause_s_total > 0
+
+
+def test_rebalance_is_refused_where_eplb_is_off(ray_cluster, event_loop_thread, checkpoint):
+    group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=2, dtype="float32", engine=ENGINE))
+    with pytest.raises(ValueError, match="expert load balancing is off"):
+        event_loop_thread(group.rebalance_experts())
+    with pytest.raises(ValueError, match="eplb.enabled needs num_ranks >= 2"):
+        GroupConfig(checkpoint=str(checkpoint), num_ranks=1, eplb=EplbConfig(enabled=True))
