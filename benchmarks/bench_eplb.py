@@ -16,7 +16,7 @@
 
 Loads are expected loads, an expert's tokens split evenly over its copies (what the dispatcher does).
 
-    python benchmarks/bench_eplb.py [--json] [--skip-group]
+    python benchmarks/bench_eplb.py [--json] [--skip-group] [--real-width-fetch]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ GROUP_RANKS, GROUP_PROMPTS, GROUP_MAX_TOKENS = 4, 32, 32
 HOT_EXPERTS = {0: 2.5, 1: 2.0, 2: 1.5, 3: 1.0}  # router bias boosts: rank 0's four experts
 
 
-def run_group(checkpoint: str, redundant: int | None) -> dict:
+def run_group(checkpoint: str, redundant: int | None, transfer: str = "checkpoint") -> dict:
     """One group (EPLB off when `redundant` is None): warm-up round, a rearrangement while a round runs,
     then the measured round."""
     import asyncio
@@ -51,7 +51,7 @@ def run_group(checkpoint: str, redundant: int | None) -> dict:
     from engine.sampling_params import SamplingParams
 
     eplb = EplbConfig(enabled=redundant is not None, redundant_experts_per_rank=redundant or 0, interval_steps=0,
-                      window_steps=10_000)
+                      window_steps=10_000, transfer=transfer)
     engine = EngineConfig(max_num_seqs=GROUP_PROMPTS, max_num_batched_tokens=2048, num_kv_blocks=512)
     group = EPGroup(GroupConfig(checkpoint=checkpoint, num_ranks=GROUP_RANKS, dtype="float32", engine=engine,
                                 num_cpus_per_rank=0.5, eplb=eplb, name=f"eplb-{redundant}"))
@@ -108,10 +108,43 @@ def run_group(checkpoint: str, redundant: int | None) -> dict:
         per_rank = [a + b for a, b in zip(per_rank, loads, strict=True)]
     steps = ranks[0].num_steps - sorted(before.ranks, key=lambda r: r.rank)[0].num_steps
     num_tokens = sum(len(r) for r in results if not isinstance(r, BaseException))
-    return {"redundant_per_rank": redundant, "imbalance_mean": sum(layer_imbalance) / len(layer_imbalance),
+    return {"redundant_per_rank": redundant, "transfer": transfer if eplb.enabled else None, "imbalance_mean": sum(layer_imbalance) / len(layer_imbalance),
             "imbalance_worst": max(layer_imbalance), "tokens_per_rank": [round(x) for x in per_rank],
             "step_ms": 1000 * wall / max(1, steps), "tokens_per_s": num_tokens / wall, "failed_requests": failed,
             "pause_s": pause, "tokens": [r if not isinstance(r, BaseException) else None for r in results]}
+
+
+def real_width_fetch(num_experts: int = 4) -> dict:
+    """What a rank pays per expert it newly holds at gpt-oss's width (the `gpt-oss-20b-2l` preset: hidden
+    2880, intermediate 2880, MXFP4): read from the memory-mapped checkpoint and built into the layer's
+    experts (the kept ones copied too), timed together since the mapped bytes move only when copied."""
+    import torch
+
+    import gptoss
+    from gptoss.checkpoint import CheckpointReader, detect_layout
+    from gptoss.load import read_experts
+    from gptoss.writer import cached_random_checkpoint
+    from parallel.moe import assemble_experts
+
+    path = cached_random_checkpoint("gpt-oss-20b-2l")
+    config = gptoss.load_config(path)
+    reader = CheckpointReader(detect_layout(path))
+    held = list(range(num_experts))
+    experts = gptoss.load_model(path, dtype=torch.bfloat16, experts=held, packed_experts=True).layers[0].mlp.experts
+    figures = {}
+    ids = list(range(8, 8 + num_experts))
+    for label in ("first", "again"):  # the first pass may read from disk; the second from the page cache
+        started = time.perf_counter()
+        weights = read_experts(reader, 0, ids, True, torch.bfloat16, "cpu")  # memory-mapped: bytes move below
+        fetched = {e: {name: w[i] for name, w in weights.items()} for i, e in enumerate(ids)}
+        assemble_experts(experts, held + ids, config, fetched)
+        figures[label] = {"ms_per_new_expert": 1000 * (time.perf_counter() - started) / len(ids),
+                          "mib_per_expert": sum(w[0].nbytes for w in weights.values()) / 2**20}
+    print(f"# real width (gpt-oss-20b-2l, MXFP4 experts of {figures['first']['mib_per_expert']:.1f} MiB): a layer "
+          f"of {num_experts} kept + {num_experts} new experts read and built in "
+          f"{figures['first']['ms_per_new_expert']:.1f} ms per new expert (first pass), "
+          f"{figures['again']['ms_per_new_expert']:.1f} ms (again)")
+    return figures
 
 
 def group_part() -> dict:
@@ -128,23 +161,25 @@ def group_part() -> dict:
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     print(f"# group: G={GROUP_RANKS} CPU ranks, small preset (16 experts, 4 layers) with routers favoring experts "
           f"{sorted(HOT_EXPERTS)}, {GROUP_PROMPTS} prompts x {GROUP_MAX_TOKENS} tokens, float32")
-    print(f"{'EPLB':>8} {'imbalance mean':>14} {'worst':>6} {'tokens per rank (all layers)':>30} {'step ms':>8} "
+    print(f"{'EPLB':>10} {'imbalance mean':>14} {'worst':>6} {'tokens per rank (all layers)':>30} {'step ms':>8} "
           f"{'tok/s':>7} {'pause s':>8} {'failed':>6} {'same tokens':>11}")
     try:
         runs = [run_group(checkpoint, None)] + [run_group(checkpoint, r) for r in (0, 1, 2)]
+        runs.append(run_group(checkpoint, 1, transfer="communicator"))
     finally:
         ray.shutdown()
     baseline = runs[0]
     for run in runs:
         run["identical_tokens"] = run["tokens"] == baseline["tokens"]
         label = "off" if run["redundant_per_rank"] is None else f"R={run['redundant_per_rank']}"
+        label += " comm" if run["transfer"] == "communicator" else ""
         pause = f"{run['pause_s']:.3f}" if run["pause_s"] is not None else "-"
-        print(f"{label:>8} {run['imbalance_mean']:>14.3f} {run['imbalance_worst']:>6.3f} "
+        print(f"{label:>10} {run['imbalance_mean']:>14.3f} {run['imbalance_worst']:>6.3f} "
               f"{str(run['tokens_per_rank']):>30} {run['step_ms']:>8.1f} {run['tokens_per_s']:>7.1f} {pause:>8} "
               f"{run['failed_requests']:>6} {str(run['identical_tokens']):>11}")
     for run in runs:
         del run["tokens"]
-    on = next(r for r in runs if r["redundant_per_rank"] == 1)
+    on = next(r for r in runs if r["redundant_per_rank"] == 1 and r["transfer"] == "checkpoint")
     return {"runs": runs, "imbalance_off": baseline["imbalance_worst"], "imbalance_on": on["imbalance_worst"],
             "step_time_ratio": on["step_ms"] / baseline["step_ms"],
             "failed_requests": sum(r["failed_requests"] for r in runs),
@@ -168,8 +203,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     parser.add_argument("--skip-group", action="store_true", help="the planner simulation only")
+    parser.add_argument("--real-width-fetch", action="store_true",
+                        help="also time reading experts at gpt-oss's width (writes a 3 GB checkpoint once)")
     args = parser.parse_args()
     group = None if args.skip_group else group_part()
+    fetch = real_width_fetch() if args.real_width_fetch else None
     print(f"# bench_eplb @ {git_revision()}: planner simulation, {NUM_EXPERTS} experts x {NUM_LAYERS} layers")
     print(f"{'G':>3} {'zipf s':>6} {'R':>2} {'default mean':>12} {'default worst':>13} {'planned mean':>12} "
           f"{'planned worst':>13} {'plan ms':>8}")
@@ -203,6 +241,8 @@ def main() -> int:
                    "simulated_imbalance_on": max(r["imbalance_on_worst"] for r in skewed), "target_met": met}
         if group is not None:
             figures.update(group)
+        if fetch is not None:
+            figures["real_width_fetch"] = fetch
         print(json.dumps(figures))
     return 0
 

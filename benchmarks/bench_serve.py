@@ -143,6 +143,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="model_server.stream_interval_ms")
+    parser.add_argument("--merge-streams-per-token", type=int, default=None,
+                        help="model_server.stream_merge_streams_per_token (default: the config's; 0: off)")
+    parser.add_argument("--merge-max-wait-ms", type=float, default=None,
+                        help="model_server.stream_merge_max_wait_ms (default: the config's)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
@@ -153,7 +157,9 @@ def main() -> int:
         "group": {"num_ranks": 1, "device": "cpu", "num_cpus_per_rank": cores},
         "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 1.0,
                    "enable_prefix_caching": False},
-        "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms},
+        "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms} | {
+            key: value for key, value in (("stream_merge_streams_per_token", args.merge_streams_per_token),
+                                          ("stream_merge_max_wait_ms", args.merge_max_wait_ms)) if value is not None},
         "gateway": {"num_cpus": 0},
     })
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())
@@ -234,16 +240,30 @@ async def bench_endpoints(config, args, results: dict) -> None:
             results[("grpc", n)] = await measure(over_grpc, n, args.requests_per_client, seed=n)
 
 
+def config_defaults_or(args) -> tuple[int, float]:
+    """The merging the run used: the flags, else the config's defaults."""
+    from serve.config import ModelServerSection
+
+    defaults = ModelServerSection()
+    return (args.merge_streams_per_token if args.merge_streams_per_token is not None
+            else defaults.stream_merge_streams_per_token,
+            args.merge_max_wait_ms if args.merge_max_wait_ms is not None else defaults.stream_merge_max_wait_ms)
+
+
 def report(results: dict, args) -> int:
+    ms = config_defaults_or(args)
+    print(f"# merging: a chunk waits for 1 + open streams // {ms[0]} tokens, at most {ms[1]:g} ms "
+          f"(model_server.stream_merge_*)")
     print(f"{'side':<7}{'clients':>8}{'tokens/s':>10}{'vs group':>10}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}"
-          f"{'p99':>8}{'+TTFT p50':>11}")
+          f"{'p99':>8}{'+TTFT p50':>11}{'tok/chunk':>10}{'chunk gap p99':>14}")
     rows = []
     for (side, n), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0] != "group", item[0][0])):
         base = results[("group", n)]
         r["vs_group"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ttft_overhead_p50_ms"] = r["ttft_p50_ms"] - base["ttft_p50_ms"]
         print(f"{side:<7}{n:>8}{r['tokens_per_s']:>10.1f}{r['vs_group']:>9.2f}x{r['ttft_p50_ms']:>10.1f}"
-              f"{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['ttft_overhead_p50_ms']:>+11.1f}")
+              f"{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['ttft_overhead_p50_ms']:>+11.1f}"
+              f"{r['tokens_per_chunk']:>10.2f}{r['chunk_gap_p99_ms']:>14.1f}")
         rows.append({"side": side, "concurrency": n} | r)
     print("(ms; +TTFT: serving minus the bare group at the same concurrency)")
     kinds = ("proxy", "gateway", "model_server", "serving_path", "rank", "ray", "clients")

@@ -144,8 +144,14 @@ class ModelServerSection(_Section):
     max_queued_requests: int = Field(
         1000, ge=-1, description="Requests waiting for a replica before new ones get 429 (-1: no limit).")
     stream_interval_ms: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="Merge a stream's tokens for up to this long before sending them on (the first "
-                         "token always goes at once): fewer messages through Ray at high concurrency.")
+        0.0, description="Every chunk of a stream after the first waits at least this long after the previous "
+                         "one (a fixed floor; the adaptive merging below needs none).")
+    stream_merge_streams_per_token: Annotated[int, Field(ge=0)] = Field(
+        16, description="Under load a chunk waits for more tokens: each this many streams open on the replica "
+                        "add one token to what it waits for (1 token below 16 streams, 9 at 128); 0: every "
+                        "chunk carries what is ready, as sampled.")
+    stream_merge_max_wait_ms: Annotated[float, Field(ge=0)] = Field(
+        50.0, description="The most a token waits for its chunk to fill: the added inter-token latency.")
     health_check_period_s: PositiveFloat = 5.0
     health_check_timeout_s: PositiveFloat = 30.0
     graceful_shutdown_timeout_s: PositiveFloat = Field(

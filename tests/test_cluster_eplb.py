@@ -1,6 +1,6 @@
 """Expert load balancing in a running EP group: 4 rank actors across the simulated two-node cluster (gloo),
 a checkpoint whose routers favor two experts, rearrangements on the interval and on an admin call while
-16 streams run."""
+16 streams run; and behind Serve: the model server's admin call and the gptoss_eplb_* metrics."""
 
 import asyncio
 
@@ -13,6 +13,8 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from parallel.rebalance import initial_placement
+from tests.conftest import SERVE_TEST_CONFIG
+from tests.serve_helpers import metric_total
 
 ENGINE = EngineConfig(num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=128, block_size=8)
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
@@ -83,3 +85,31 @@ def test_rebalance_is_refused_where_eplb_is_off(ray_cluster, event_loop_thread, 
         event_loop_thread(group.rebalance_experts())
     with pytest.raises(ValueError, match="eplb.enabled needs num_ranks >= 2"):
         GroupConfig(checkpoint=str(checkpoint), num_ranks=1, eplb=EplbConfig(enabled=True))
+
+
+def test_the_model_servers_admin_call_rearranges_and_the_metrics_show_it(serve_instance, checkpoint):
+    import requests
+    from ray import serve
+
+    from serve.app import MODEL_SERVER_NAME, build_app_from_config
+    from serve.config import parse_config
+
+    raw = {**SERVE_TEST_CONFIG, "model": {**SERVE_TEST_CONFIG["model"], "checkpoint": str(checkpoint), "name": "eplb"},
+           "group": {"num_ranks": 2, "device": "cpu", "num_cpus_per_rank": 0.5, "step_timeout_s": 30},
+           "eplb": {"enabled": True, "interval_steps": 0}}
+    serve.run(build_app_from_config(parse_config(raw)), name="eplb", route_prefix="/eplb")
+    try:
+        body = {"model": "eplb", "prompt": [1, 2, 3, 4, 5], "max_tokens": 16, "temperature": 0}
+        before = requests.post(f"{serve_instance.http}/eplb/v1/completions", json=body, timeout=60).json()
+        handle = serve.get_deployment_handle(MODEL_SERVER_NAME, app_name="eplb")
+        result = handle.rebalance_experts.remote().result(timeout_s=60)
+        assert result.transfer == "checkpoint" and not result.error
+        assert max(result.imbalance_after) <= max(result.imbalance_before)
+        after = requests.post(f"{serve_instance.http}/eplb/v1/completions", json=body, timeout=60).json()
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]
+        url = f"{serve_instance.http}/eplb/metrics"
+        assert metric_total(url, "ray_gptoss_eplb_rearrangements_total", 'model="eplb"', timeout_s=60) == 1
+        assert metric_total(url, "ray_gptoss_eplb_pause_seconds_count", 'model="eplb"', timeout_s=30) == 1
+        assert metric_total(url, "ray_gptoss_eplb_imbalance", 'when="before"', at_least=2, timeout_s=30) >= 2
+    finally:
+        serve.delete("eplb")

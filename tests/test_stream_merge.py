@@ -1,0 +1,93 @@
+"""serve/model_server.py's merge_outputs: how a stream's tokens are merged into chunks (pure asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.outputs import RequestOutput
+from serve.model_server import MergePolicy, merge_outputs
+
+
+async def outputs_every(gap_s: float, count: int, *, fail_after: int | None = None, seen: list | None = None):
+    """An engine stream: one token every `gap_s`, the last with finish_reason "length"."""
+    try:
+        for i in range(count):
+            await asyncio.sleep(gap_s)
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("group failed")
+            yield RequestOutput("r", (100 + i,), None, "length" if i == count - 1 else None, 5, i + 1, 0)
+    finally:
+        if seen is not None:
+            seen.append("closed")
+
+
+async def collect(policy: MergePolicy, gap_s: float, count: int, open_streams: int):
+    chunks, times = [], []
+    started = time.monotonic()
+    async for chunk in merge_outputs(outputs_every(gap_s, count), policy, lambda: open_streams):
+        chunks.append(chunk)
+        times.append(time.monotonic() - started)
+    return chunks, times
+
+
+def test_the_policy_asks_one_more_token_per_streams_per_token_open_streams():
+    policy = MergePolicy(streams_per_token=16, max_wait_s=0.05)
+    assert [policy.target_tokens(n) for n in (1, 15, 16, 32, 128)] == [1, 1, 2, 3, 9]
+    assert MergePolicy(streams_per_token=0, max_wait_s=0.05).target_tokens(128) == 1
+    assert MergePolicy(streams_per_token=16, max_wait_s=0).target_tokens(128) == 1
+
+
+def test_under_load_chunks_carry_the_target_and_the_first_token_goes_at_once():
+    policy = MergePolicy(streams_per_token=16, max_wait_s=0.5)
+    chunks, times = asyncio.run(collect(policy, 0.01, 13, open_streams=64))  # target 5
+    assert [t for c in chunks for t in c.token_ids] == list(range(100, 113))  # all, in order
+    assert len(chunks[0].token_ids) == 1 and times[0] < 0.1
+    assert [len(c.token_ids) for c in chunks[1:]] == [5, 5, 2]  # the last one ends at the finish
+    assert chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 13
+
+
+def test_a_token_waits_at_most_max_wait_for_its_chunk():
+    policy = MergePolicy(streams_per_token=1, max_wait_s=0.05)  # asks 33 tokens: never reached
+    chunks, times = asyncio.run(collect(policy, 0.03, 8, open_streams=32))
+    assert [t for c in chunks for t in c.token_ids] == list(range(100, 108))
+    assert all(len(c.token_ids) <= 3 for c in chunks) and len(chunks) >= 4
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) < 0.05 + 0.03 + 0.05  # max_wait after its first token, plus that token's own gap, plus slack
+
+
+def test_with_few_streams_or_merging_off_every_token_goes_as_sampled():
+    for policy, streams in ((MergePolicy(streams_per_token=16, max_wait_s=0.5), 4), (MergePolicy(), 128)):
+        chunks, _ = asyncio.run(collect(policy, 0.01, 6, open_streams=streams))
+        assert [len(c.token_ids) for c in chunks] == [1] * 6
+
+
+def test_an_error_after_tokens_reaches_the_caller_after_the_tokens_before_it():
+    async def run():
+        got = []
+        with pytest.raises(RuntimeError, match="group failed"):
+            async for chunk in merge_outputs(outputs_every(0.005, 10, fail_after=4),
+                                             MergePolicy(streams_per_token=1, max_wait_s=0.5), lambda: 8):
+                got.extend(chunk.token_ids)
+        return got
+
+    assert asyncio.run(run()) == [100, 101, 102, 103]
+
+
+def test_leaving_early_closes_the_engine_stream_while_a_chunk_is_held():
+    async def run():
+        seen = []
+        merged = merge_outputs(outputs_every(0.01, 1000, seen=seen), MergePolicy(streams_per_token=1, max_wait_s=5),
+                               lambda: 100)
+        first = await merged.__anext__()
+        waiting = asyncio.ensure_future(merged.__anext__())  # holds for 101 tokens or 5 s
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await merged.aclose()
+        return first, seen
+
+    first, seen = asyncio.run(run())
+    assert first.token_ids == (100,) and seen == ["closed"]
