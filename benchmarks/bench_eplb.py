@@ -1,6 +1,6 @@
 """Expert load balancing (EPLB), two parts.
 
-1. A running group: G=4 CPU rank actors on a local Ray, the `small` preset written with routers that
+1. A running group: G=4 (`--ranks`) CPU rank actors on a local Ray, the `small` preset written with routers that
    favor four experts (all held by rank 0 by default), 32 concurrent prompts. Baseline: the same group
    without EPLB (contiguous placement). With EPLB at 0, 1 and 2 redundant experts per rank, the group
    serves a warm-up round (the counts' window), rearranges on an admin call while 32 streams run (its
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -35,26 +36,27 @@ from parallel.eplb import imbalance, plan, rank_loads  # noqa: E402
 from parallel.placement import ExpertPlacement  # noqa: E402
 
 NUM_EXPERTS, NUM_LAYERS = 128, 36
-GROUP_RANKS, GROUP_PROMPTS, GROUP_MAX_TOKENS = 4, 32, 32
+GROUP_PROMPTS, GROUP_MAX_TOKENS = 32, 32
 HOT_EXPERTS = {0: 2.5, 1: 2.0, 2: 1.5, 3: 1.0}  # router bias boosts: rank 0's four experts
 
 
-def run_group(checkpoint: str, redundant: int | None, transfer: str = "checkpoint") -> dict:
+def run_group(checkpoint: str, num_ranks: int, redundant: int | None, transfer: str = "checkpoint") -> dict:
     """One group (EPLB off when `redundant` is None): warm-up round, a rearrangement while a round runs,
     then the measured round."""
     import asyncio
 
     import torch
 
-    from cluster import EplbConfig, EPGroup, GroupConfig
+    from cluster import EPGroup, EplbConfig, GroupConfig
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
 
     eplb = EplbConfig(enabled=redundant is not None, redundant_experts_per_rank=redundant or 0, interval_steps=0,
                       window_steps=10_000, transfer=transfer)
     engine = EngineConfig(max_num_seqs=GROUP_PROMPTS, max_num_batched_tokens=2048, num_kv_blocks=512)
-    group = EPGroup(GroupConfig(checkpoint=checkpoint, num_ranks=GROUP_RANKS, dtype="float32", engine=engine,
-                                num_cpus_per_rank=0.5, eplb=eplb, name=f"eplb-{redundant}"))
+    group = EPGroup(GroupConfig(checkpoint=checkpoint, num_ranks=num_ranks, dtype="float32", engine=engine,
+                                num_cpus_per_rank=max(0.5, (os.cpu_count() or 2) // num_ranks), eplb=eplb,
+                                name=f"eplb-{redundant}"))
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 199998, (int(torch.randint(16, 64, (1,), generator=gen)),), generator=gen).tolist()
                for _ in range(GROUP_PROMPTS)]
@@ -100,7 +102,7 @@ def run_group(checkpoint: str, redundant: int | None, transfer: str = "checkpoin
     counts = [[a - b for a, b in zip(la, lb, strict=True)]
               for la, lb in zip(after.expert_token_counts, before.expert_token_counts, strict=True)]
     ranks = sorted(after.ranks, key=lambda r: r.rank)
-    layer_imbalance, per_rank = [], [0.0] * GROUP_RANKS
+    layer_imbalance, per_rank = [], [0.0] * num_ranks
     for layer, row in enumerate(counts):
         held = [r.layer_expert_ids[layer] if r.layer_expert_ids else r.expert_ids for r in ranks]
         loads = rank_loads(row, ExpertPlacement(len(row), tuple(held)))
@@ -147,9 +149,8 @@ def real_width_fetch(num_experts: int = 4) -> dict:
     return figures
 
 
-def group_part() -> dict:
+def group_part(num_ranks: int) -> dict:
     local_ray_env()
-    import os
     import tempfile
 
     import ray
@@ -159,13 +160,13 @@ def group_part() -> dict:
     folder = tempfile.mkdtemp(prefix="bench-eplb-")
     checkpoint = str(gptoss.write_random_checkpoint(folder, "small", seed=0, router_bias_boost=HOT_EXPERTS))
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    print(f"# group: G={GROUP_RANKS} CPU ranks, small preset (16 experts, 4 layers) with routers favoring experts "
+    print(f"# group: G={num_ranks} CPU ranks, small preset (16 experts, 4 layers) with routers favoring experts "
           f"{sorted(HOT_EXPERTS)}, {GROUP_PROMPTS} prompts x {GROUP_MAX_TOKENS} tokens, float32")
     print(f"{'EPLB':>10} {'imbalance mean':>14} {'worst':>6} {'tokens per rank (all layers)':>30} {'step ms':>8} "
           f"{'tok/s':>7} {'pause s':>8} {'failed':>6} {'same tokens':>11}")
     try:
-        runs = [run_group(checkpoint, None)] + [run_group(checkpoint, r) for r in (0, 1, 2)]
-        runs.append(run_group(checkpoint, 1, transfer="communicator"))
+        runs = [run_group(checkpoint, num_ranks, None)] + [run_group(checkpoint, num_ranks, r) for r in (0, 1, 2)]
+        runs.append(run_group(checkpoint, num_ranks, 1, transfer="communicator"))
     finally:
         ray.shutdown()
     baseline = runs[0]
@@ -203,10 +204,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     parser.add_argument("--skip-group", action="store_true", help="the planner simulation only")
+    parser.add_argument("--ranks", type=int, default=4, help="G of the running group (2: a core per rank here)")
     parser.add_argument("--real-width-fetch", action="store_true",
                         help="also time reading experts at gpt-oss's width (writes a 3 GB checkpoint once)")
     args = parser.parse_args()
-    group = None if args.skip_group else group_part()
+    group = None if args.skip_group else group_part(args.ranks)
     fetch = real_width_fetch() if args.real_width_fetch else None
     print(f"# bench_eplb @ {git_revision()}: planner simulation, {NUM_EXPERTS} experts x {NUM_LAYERS} layers")
     print(f"{'G':>3} {'zipf s':>6} {'R':>2} {'default mean':>12} {'default worst':>13} {'planned mean':>12} "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gptoss
-from cluster import EplbConfig, EPGroup, GroupConfig
+from cluster import EPGroup, EplbConfig, GroupConfig
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
