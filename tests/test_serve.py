@@ -283,3 +283,40 @@ def test_concurrent_streams_each_get_their_own_greedy_tokens(serve_app, referenc
 
     expected = [decode(t) for t in reference(PROMPT_IDS, 8)] * 3
     assert asyncio.run(all_at_once()) == expected
+
+
+def test_merged_streams_arrive_whole_and_in_order_while_one_of_them_is_cancelled(serve_app, reference):
+    """24 streams open at once: the model server merges their tokens into chunks (1 + 24 // 16 = 2 tokens
+    a chunk, at most 50 ms); every stream still gets its exact greedy tokens in order, and one cancelled
+    after its first chunk frees its KV blocks without disturbing the others."""
+    prompts = [[(7 * i + j) % 5000 + 3 for j in range(5 + i % 11)] for i in range(23)]
+    expected = reference(prompts, 24)
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=f"{serve_app.http}/v1", api_key="unused", max_retries=0)
+
+        async def stream(prompt):
+            chunks = []
+            response = await client.completions.create(model="tiny-test", prompt=prompt, max_tokens=24,
+                                                       temperature=0, stream=True)
+            async for event in response:
+                chunks.append(event.choices[0].text if event.choices else "")
+            return chunks
+
+        async def cancelled():
+            body = {"model": "tiny-test", "prompt": list(range(3, 120)), "max_tokens": 1900, "temperature": 1,
+                    "seed": 5, "stream": True}
+            response = await client.completions.create(**body)
+            async for _ in response:
+                break  # leave after the first chunk
+            await response.close()
+
+        results = await asyncio.gather(*(stream(p) for p in prompts), cancelled())
+        await client.close()
+        return results[:-1]
+
+    got = asyncio.run(all_at_once())
+    for chunks, want in zip(got, expected, strict=True):
+        assert "".join(chunks) == decode(want)
+    stats = kv_settles_empty(serve_app)
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
