@@ -118,8 +118,10 @@ def run_group(checkpoint: str, num_ranks: int, redundant: int | None, transfer: 
 
 def real_width_fetch(num_experts: int = 4) -> dict:
     """What a rank pays per expert it newly holds at gpt-oss's width (the `gpt-oss-20b-2l` preset: hidden
-    2880, intermediate 2880, MXFP4): read from the memory-mapped checkpoint and built into the layer's
-    experts (the kept ones copied too), timed together since the mapped bytes move only when copied."""
+    2880, intermediate 2880, MXFP4): read from the memory-mapped checkpoint and written over a dropped
+    expert's slot (a move's usual path), and, for comparison, built into a new set for the layer (the
+    path where a rank's number of experts changes, which copies the kept experts too). Read and write
+    are timed together: the mapped bytes move only when copied."""
     import torch
 
     import gptoss
@@ -127,25 +129,32 @@ def real_width_fetch(num_experts: int = 4) -> dict:
     from gptoss.load import read_experts
     from gptoss.writer import cached_random_checkpoint
     from parallel.moe import assemble_experts
+    from parallel.rebalance import replace_in_place
 
     path = cached_random_checkpoint("gpt-oss-20b-2l")
     config = gptoss.load_config(path)
     reader = CheckpointReader(detect_layout(path))
-    held = list(range(num_experts))
+    held = list(range(2 * num_experts))
     experts = gptoss.load_model(path, dtype=torch.bfloat16, experts=held, packed_experts=True).layers[0].mlp.experts
     figures = {}
-    ids = list(range(8, 8 + num_experts))
-    for label in ("first", "again"):  # the first pass may read from disk; the second from the page cache
+    for label, new in (("first", list(range(16, 16 + num_experts))), ("again", list(range(16, 16 + num_experts)))):
         started = time.perf_counter()
-        weights = read_experts(reader, 0, ids, True, torch.bfloat16, "cpu")  # memory-mapped: bytes move below
-        fetched = {e: {name: w[i] for name, w in weights.items()} for i, e in enumerate(ids)}
-        assemble_experts(experts, held + ids, config, fetched)
-        figures[label] = {"ms_per_new_expert": 1000 * (time.perf_counter() - started) / len(ids),
-                          "mib_per_expert": sum(w[0].nbytes for w in weights.values()) / 2**20}
-    print(f"# real width (gpt-oss-20b-2l, MXFP4 experts of {figures['first']['mib_per_expert']:.1f} MiB): a layer "
-          f"of {num_experts} kept + {num_experts} new experts read and built in "
-          f"{figures['first']['ms_per_new_expert']:.1f} ms per new expert (first pass), "
-          f"{figures['again']['ms_per_new_expert']:.1f} ms (again)")
+        weights = read_experts(reader, 0, new, True, torch.bfloat16, "cpu")
+        fetched = {e: {name: w[i] for name, w in weights.items()} for i, e in enumerate(new)}
+        assemble_experts(experts, held[num_experts:] + new, config, fetched)
+        figures[f"built_{label}_ms_per_new_expert"] = 1000 * (time.perf_counter() - started) / num_experts
+    ids = list(experts.expert_ids)
+    for label, new in (("first", list(range(24, 24 + num_experts))), ("again", list(range(16, 16 + num_experts)))):
+        started = time.perf_counter()  # "again": experts read above, their pages in the page cache
+        weights = read_experts(reader, 0, new, True, torch.bfloat16, "cpu")
+        fetched = {e: {name: w[i] for name, w in weights.items()} for i, e in enumerate(new)}
+        replace_in_place(experts, new + ids[num_experts:], config, fetched)
+        figures[f"in_place_{label}_ms_per_new_expert"] = 1000 * (time.perf_counter() - started) / num_experts
+    figures["mib_per_expert"] = sum(w[0].nbytes for w in weights.values()) / 2**20
+    print(f"# real width (gpt-oss-20b-2l, MXFP4 experts of {figures['mib_per_expert']:.1f} MiB), ms per new expert "
+          f"read and written over a dropped one: {figures['in_place_first_ms_per_new_expert']:.1f} (first read), "
+          f"{figures['in_place_again_ms_per_new_expert']:.1f} (again); a layer of {2 * num_experts} built anew: "
+          f"{figures['built_first_ms_per_new_expert']:.1f} / {figures['built_again_ms_per_new_expert']:.1f}")
     return figures
 
 

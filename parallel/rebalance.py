@@ -13,8 +13,9 @@ layer agrees when, as it agrees each step). It
    its experts makes every rank keep that layer as it was (reported, nothing else changes).
 
 Nothing runs between the start and the end of a rearrangement on any rank, so no step ever sees two
-placements. Memory: a rank holds at most one layer's share of experts twice (the new set is built
-before the old one is dropped); `transient_bytes` says how much, for the load's memory check.
+placements. A rank's kept experts keep their slots (`keep_slots`), so a move writes only the new ones,
+in place; only where a rank's number of experts changes (the planner dropped a copy) is the layer's set
+built anew, holding that layer's share twice for a moment: `transient_bytes`, for the load's memory check.
 """
 
 from __future__ import annotations
@@ -136,18 +137,19 @@ class ExpertRebalancer:
         fetched_total, fetch_s = 0, 0.0
         for layer, planned in enumerate(plans):
             gains = planned.imbalance_after < planned.imbalance_before * (1 - self.min_gain)
-            if not gains or planned.placement == self.placements[layer]:
+            placement = keep_slots(self.placements[layer], planned.placement)
+            if not gains or placement == self.placements[layer]:
                 after.append(planned.imbalance_before)
                 continue
             fetch_started = time.perf_counter()
-            fetched, error = self._fetch(layer, self.placements[layer], planned.placement)
+            fetched, error = self._fetch(layer, self.placements[layer], placement)
             fetch_s += time.perf_counter() - fetch_started
             # Every rank swaps this layer, or none does.
             if self.comm.all_reduce_ints([int(bool(error))], "max")[0]:
                 errors.append(f"layer {layer}: {error or 'another rank could not read its experts'}")
                 after.append(planned.imbalance_before)
                 continue
-            self._swap(layer, planned.placement, fetched)
+            self._swap(layer, placement, fetched)
             fetched_total += len(fetched)
             changed.append(layer)
             after.append(planned.imbalance_after)
@@ -209,11 +211,30 @@ class ExpertRebalancer:
     def _swap(self, layer: int, placement: ExpertPlacement, fetched: dict[int, dict[str, torch.Tensor]]) -> None:
         block = self.model.layers[layer]
         old = block.mlp
-        experts = assemble_experts(old.experts, placement.expert_ids(self.comm.rank), self.model.config, fetched)
+        old_ids, new_ids = old.experts.expert_ids, placement.expert_ids(self.comm.rank)
+        if len(new_ids) == len(old_ids):  # kept experts kept their slots (keep_slots): write the new ones over
+            experts = replace_in_place(old.experts, new_ids, self.model.config, fetched)
+        else:  # a rank with fewer or more slots than before: a new set, built whole
+            experts = assemble_experts(old.experts, new_ids, self.model.config, fetched)
         dispatcher = TokenDispatcher(self.comm, placement, layer=layer,
                                      expert_token_counts=old.dispatcher.expert_token_counts)
         block.mlp = ExpertParallelMoE(old.router, experts, dispatcher)
         self.placements[layer] = placement
+
+
+def replace_in_place(experts: Experts, expert_ids: list[int], config, fetched: dict[int, dict[str, torch.Tensor]]
+                     ) -> Experts:
+    """`experts` now holding `expert_ids` (as many as before): each slot whose expert changed gets its
+    new expert's weights from `fetched`, written over the old ones; the other slots are not touched."""
+    buffers = _weight_buffers(experts)
+    for slot, (before, now) in enumerate(zip(experts.expert_ids, expert_ids, strict=True)):
+        if before != now:
+            for name, buffer in buffers.items():
+                buffer[slot].copy_(fetched[now][name])
+    experts.expert_ids = list(expert_ids)
+    experts.global_to_local = experts.global_to_local_table(config).to(experts.global_to_local.device)
+    experts._float32_biases.clear()  # float32 copies of the biases just written
+    return experts
 
 
 def _weight_buffers(experts: Experts) -> dict[str, torch.Tensor]:
@@ -226,6 +247,19 @@ def _row_nbytes(buffer: torch.Tensor) -> int:
 
 def _experts_nbytes(experts: Experts) -> int:
     return sum(b.nbytes for b in _weight_buffers(experts).values())
+
+
+def keep_slots(current: ExpertPlacement, planned: ExpertPlacement) -> ExpertPlacement:
+    """`planned` with each rank's experts ordered so that an expert the rank keeps stays in its slot (its
+    local id) and a new one takes a slot that was freed: a move then writes only the new experts, in
+    place, and leaves the kept ones where they are."""
+    ranks = []
+    for before, after in zip(current.rank_expert_ids, planned.rank_expert_ids, strict=True):
+        staying = set(after)
+        newcomers = iter([e for e in after if e not in before])
+        slots = [e if e in staying else next(newcomers, None) for e in before]
+        ranks.append(tuple(e for e in slots if e is not None) + tuple(newcomers))
+    return ExpertPlacement(planned.num_experts, tuple(ranks))
 
 
 def initial_placement(num_experts: int, world_size: int, redundant_per_rank: int) -> ExpertPlacement:

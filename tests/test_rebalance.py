@@ -12,7 +12,7 @@ from gptoss.checkpoint import CheckpointReader, detect_layout
 from gptoss.load import read_experts
 from parallel import ExpertPlacement, LoopbackGroup, apply_expert_parallel
 from parallel.eplb import imbalance, rank_loads
-from parallel.rebalance import ExpertRebalancer, WindowCounts, initial_placement
+from parallel.rebalance import ExpertRebalancer, WindowCounts, initial_placement, keep_slots
 from tests.engine_helpers import greedy, make_prompts, reference_greedy
 from tests.parallel_helpers import EP_CONFIG
 
@@ -45,6 +45,16 @@ def test_initial_placement_gives_every_rank_its_share_and_r_copies_of_others():
     assert all(len(ids) == 6 for ids in placement.rank_expert_ids)
     with pytest.raises(ValueError, match="redundant_per_rank must be at most 12"):
         initial_placement(16, 4, 13)
+
+
+def test_keep_slots_leaves_kept_experts_in_their_slots_and_puts_new_ones_in_freed_ones():
+    current = ExpertPlacement(8, ((0, 1, 2), (3, 4, 5), (6, 7, 0)))
+    planned = ExpertPlacement(8, ((0, 2, 7), (1, 3, 4), (5, 6)))  # rank 2 holds one fewer
+    kept = keep_slots(current, planned)
+    assert kept.rank_expert_ids == ((0, 7, 2), (3, 4, 1), (6, 5))
+    assert [set(ids) for ids in kept.rank_expert_ids] == [set(ids) for ids in planned.rank_expert_ids]
+    assert keep_slots(current, ExpertPlacement(8, ((0, 1, 2, 3), (3, 4, 5), (6, 7, 0)))).rank_expert_ids[0] \
+        == (0, 1, 2, 3)
 
 
 def _run_group(checkpoint, world_size: int, prompts, max_tokens: int, *, redundant: int = 1,
@@ -137,3 +147,17 @@ def test_window_counts_cover_about_the_last_window_of_steps():
         window.step_done(step)
     seen = window.window()[0].tolist()
     assert seen[0] == 0 and 8 <= seen[1] <= 10  # only the last ~8 steps (one period of slack)
+
+
+def test_assemble_experts_takes_kept_experts_from_the_layer_and_new_ones_from_what_was_fetched(skewed_checkpoint):
+    from parallel import assemble_experts
+
+    held = gptoss.load_model(skewed_checkpoint, dtype=torch.float32, experts=[0, 1, 2, 3]).layers[1].mlp.experts
+    reader = CheckpointReader(detect_layout(skewed_checkpoint))
+    weights = read_experts(reader, 1, [9, 12], held.packed, torch.float32, "cpu")
+    fetched = {e: {name: w[i] for name, w in weights.items()} for i, e in enumerate([9, 12])}
+    built = assemble_experts(held, [12, 1, 9], EP_CONFIG, fetched)  # fewer experts than before: a new set
+    want = gptoss.load_model(skewed_checkpoint, dtype=torch.float32, experts=[12, 1, 9]).layers[1].mlp.experts
+    assert built.expert_ids == [12, 1, 9] and built.global_to_local.tolist() == want.global_to_local.tolist()
+    for name, buffer in want.named_buffers(recurse=False):
+        assert torch.equal(getattr(built, name), buffer), name
