@@ -318,8 +318,8 @@ class RankActor:
         if free is not None and need > free:
             raise InsufficientMemoryError(
                 f"rank {self.rank}: expert load balancing needs ~{gib(need)} free beyond the model (one layer's "
-                f"experts, held twice while the layer moves) but {gib(free)} is free on {self.device}; set "
-                "eplb.enabled false or fewer eplb.redundant_experts_per_rank")
+                f"experts, held twice where a move changes a rank's count of experts) but {gib(free)} is free on "
+                f"{self.device}; set eplb.enabled false or fewer eplb.redundant_experts_per_rank")
 
     def begin(self) -> None:
         """Starts the lockstep loop; the group calls it on every rank once all have loaded."""

@@ -118,7 +118,8 @@ class ExpertRebalancer:
         self._node_of_rank: list[int] | None = None
 
     def transient_bytes(self) -> int:
-        """The most memory a rearrangement holds beyond the model: one layer's share of experts."""
+        """The most memory a rearrangement holds beyond the model and the new experts' bytes: one layer's
+        share of experts, where a move changes a rank's count of experts (else it writes in place)."""
         return max(_experts_nbytes(block.mlp.experts) for block in self.model.layers)
 
     def rearrange(self, counts: torch.Tensor) -> Rearrangement:
@@ -167,10 +168,10 @@ class ExpertRebalancer:
                ) -> tuple[dict[int, dict[str, torch.Tensor]], str]:
         """The weights of the experts this rank holds in `new` but not in `old`, and an error message
         ("" when it has them all). The communicator's failures are the group's: they raise."""
-        rank = self.comm.rank
-        wanted = [e for e in new.rank_expert_ids[rank] if e not in old.rank_expert_ids[rank]]
         if self.transfer == "communicator":
             return self._receive(layer, old, new), ""
+        rank = self.comm.rank
+        wanted = [e for e in new.rank_expert_ids[rank] if e not in old.rank_expert_ids[rank]]
         if not wanted:
             return {}, ""
         try:

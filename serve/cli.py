@@ -182,10 +182,13 @@ def _check_against_checkpoint(config, checkpoint: str) -> str | None:
     if e % g:
         return (f"group.num_ranks must divide the model's {e} experts, got {g}; one of "
                 f"{[d for d in range(1, e + 1) if e % d == 0]}")
-    most = e - e // g  # the experts other ranks hold
-    if config.eplb.enabled and config.eplb.redundant_experts_per_rank > most:
-        return (f"eplb.redundant_experts_per_rank must be at most {most} (the experts the other ranks hold, "
-                f"{e} experts over {g} ranks), got {config.eplb.redundant_experts_per_rank}")
+    if config.eplb.enabled:
+        from parallel.rebalance import initial_placement
+
+        try:  # what the group will place at start
+            initial_placement(e, g, config.eplb.redundant_experts_per_rank)
+        except ValueError as error:
+            return f"{error} ({e} experts over {g} ranks)".replace("redundant_per_rank", "eplb.redundant_experts_per_rank")
     return None
 
 

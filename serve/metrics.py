@@ -134,9 +134,8 @@ class ModelServerMetrics:
             self._eplb(stats.eplb)
 
     def _eplb(self, eplb) -> None:
-        new = eplb.num_rearrangements - int(self._last.get("eplb_rearrangements", 0))
-        if new <= 0 or eplb.last is None:
-            return
+        if eplb.last is None or eplb.num_rearrangements <= self._last.get("eplb_rearrangements", 0):
+            return  # nothing new since the last poll
         self._advance(self.eplb_rearrangements, "eplb_rearrangements", eplb.num_rearrangements)
         self.eplb_pause.observe(eplb.last.pause_s)  # the latest (one per poll: interval_steps apart)
         for when, values in (("before", eplb.last.imbalance_before), ("after", eplb.last.imbalance_after)):

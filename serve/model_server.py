@@ -110,7 +110,7 @@ class ModelServer:
             SuspectRequestError: the group failed in a step of this request (it is not to be retried).
         """
         arrival = time.monotonic()
-        opened = False
+        self._num_open_streams += 1  # what merging adapts to
         last_chunk_at: float | None = None
         ended_as = "abort"  # unless a finish reason or an error comes: the caller went away
         num_prompt = len(request.prompt_token_ids)
@@ -119,8 +119,6 @@ class ModelServer:
                                           request.cache_salt, request.resumed_token_ids)
             # Closed when left: Serve throws a cancel in at our `yield` when the caller goes away, and
             # only closing merge_outputs aborts the request in its engine at once.
-            self._num_open_streams += 1
-            opened = True
             chunks = merge_outputs(outputs, self._merge_policy, lambda: self._num_open_streams)
             async with contextlib.aclosing(chunks) as chunks:
                 async for chunk in chunks:
@@ -141,8 +139,7 @@ class ModelServer:
             ended_as = "error"
             raise
         finally:
-            if opened:
-                self._num_open_streams -= 1
+            self._num_open_streams -= 1
             self.metrics.request_finished(ended_as, num_prompt, time.monotonic() - arrival)
 
     async def abort(self, request_id: str) -> bool:

@@ -271,10 +271,7 @@ def _input_item(raw: dict, i: int) -> dict:
     if kind == "reasoning" and raw.get("encrypted_content") is not None:
         raise InvalidRequestError(f"input.{i}.encrypted_content", f"input.{i}.encrypted_content cannot be read: "
                                   f"this server encrypts nothing; send the reasoning text in content")
-    try:
-        item = parse_body(shape, raw)
-    except InvalidRequestError as e:
-        raise renamed(e, lambda param: f"input.{i}" if param == "body" else f"input.{i}.{param}") from None
+    item = _parse_under(shape, raw, f"input.{i}")
     if isinstance(item, _MessageItem):
         text = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
         if item.role != "assistant":
@@ -314,11 +311,17 @@ def _tool(raw: dict, i: int) -> ToolInput:
     if raw.get("type") != "function":
         raise InvalidRequestError(f"tools.{i}.type", f"tools.{i}.type {shorten(raw.get('type'))} is not supported: "
                                                      f"this server runs no built-in tools; declare function tools")
-    try:
-        tool = parse_body(_FunctionTool, raw)
-    except InvalidRequestError as e:
-        raise renamed(e, lambda param: f"tools.{i}" if param == "body" else f"tools.{i}.{param}") from None
+    tool = _parse_under(_FunctionTool, raw, f"tools.{i}")
     return ToolInput(tool.name, tool.description or "", tool.parameters)
+
+
+def _parse_under(shape, raw: dict, prefix: str):
+    """`parse_body` of one element of a list field, its errors naming the field under `prefix`
+    (`input.3.role`; the element itself where the whole body was wrong)."""
+    try:
+        return parse_body(shape, raw)
+    except InvalidRequestError as e:
+        raise renamed(e, lambda param: prefix if param == "body" else f"{prefix}.{param}") from None
 
 
 def items_to_messages(items: tuple[dict, ...], num_stored: int = 0) -> tuple[tuple[MessageInput, ...], list[str]]:
