@@ -112,6 +112,7 @@ class EPGroup:
         self._streams: dict[str, _Stream] = {}  # by the per-call id the ranks see
         self._open_ids: dict[str, str] = {}  # caller's request id -> per-call id
         self._call_ids = itertools.count()
+        self._rebalance_asks = itertools.count(1)  # numbers each rebalance_experts call for the ranks
         self._num_open_per_rank: list[int] = []
         self._busyness: list[RankBusyness] = []
         self._affinity = PrefixAffinity()  # prompt prefix -> the rank that holds it (reset by each start)
@@ -544,7 +545,8 @@ class EPGroup:
             raise ValueError(f"{self.config.name}: expert load balancing is off (set eplb.enabled)")
         self._check_admitting()
         try:
-            results = await asyncio.gather(*(r.rebalance_experts.remote() for r in self._ranks))
+            ask = next(self._rebalance_asks)
+            results = await asyncio.gather(*(r.rebalance_experts.remote(ask) for r in self._ranks))
         except ray.exceptions.RayError as e:
             raise GroupFailedError(f"{self.config.name}: rearranging the experts failed: {e}") from e
         return dataclasses.replace(results[0], pause_s=max(r.pause_s for r in results),

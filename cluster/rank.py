@@ -157,6 +157,7 @@ class _Abort:
 
 @dataclass(frozen=True)
 class _Rebalance:
+    ask: int  # the group's number for the admin call: every rank gets its own copy of the same number
     done: asyncio.Future  # gets the Rearrangement (or the error) on the actor's event loop
 
 
@@ -179,7 +180,9 @@ class RankActor:
         self._commands: deque[_Add | _Abort] = deque()
         self.rebalancer = None  # parallel.rebalance.ExpertRebalancer when eplb is on
         self._window_counts = None  # parallel.rebalance.WindowCounts
-        self._rebalance_waiters: list[asyncio.Future] = []  # engine thread only
+        self._rebalance_waiters: list[_Rebalance] = []  # engine thread only
+        self._asks_served = 0  # every admin call numbered up to this one has had its rearrangement
+        self._last_rearrangement: Rearrangement | None = None
         self._eplb_stats: EplbStats | None = None
         self._last_rebalance_step = 0
         self._early_aborts: OrderedDict[str, None] = OrderedDict()  # engine thread only
@@ -345,16 +348,18 @@ class RankActor:
         self._commands.append(_Abort(request_id))
         self._wake.set()
 
-    async def rebalance_experts(self):
-        """Asks the group for a rearrangement of its experts between two steps (every rank's ask, or the
-        interval, starts one on all ranks together); returns this rank's Rearrangement once done.
+    async def rebalance_experts(self, ask: int):
+        """Asks the group for a rearrangement of its experts between two steps (any rank's ask, or the
+        interval, starts one on all ranks together); returns this rank's Rearrangement once done. `ask`
+        numbers the group's admin call (increasing; every rank gets the same number): one rearrangement
+        answers every rank's copy, also a copy that reaches its rank only after the others started it.
         Raises ValueError when eplb is off."""
         if self.rebalancer is None:
             raise ValueError(f"{self.config.name}: expert load balancing is off (set eplb.enabled)")
         if self._failed:
             raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
         done = self._loop.create_future()
-        self._commands.append(_Rebalance(done))
+        self._commands.append(_Rebalance(ask, done))
         self._wake.set()
         return await done
 
@@ -419,7 +424,11 @@ class RankActor:
                     self._remember_early_abort(command.request_id)
                 continue
             if isinstance(command, _Rebalance):
-                self._rebalance_waiters.append(command.done)
+                if command.ask <= self._asks_served:  # the other ranks' copies already started it
+                    self._loop.call_soon_threadsafe(lambda f=command.done, r=self._last_rearrangement:
+                                                    f.done() or f.set_result(r))
+                else:
+                    self._rebalance_waiters.append(command)
                 continue
             if command.request_id in self._early_aborts:  # aborted before it arrived
                 del self._early_aborts[command.request_id]
@@ -439,32 +448,41 @@ class RankActor:
         if len(self._early_aborts) > _MAX_EARLY_ABORTS:
             self._early_aborts.popitem(last=False)
 
-    def _agree(self, has_work: bool) -> tuple[bool, bool, bool]:
-        """(anyone has work, anyone is stopping, anyone wants the experts rearranged now): one small
-        all-reduce per iteration on every rank."""
+    def _agree(self, has_work: bool) -> tuple[bool, bool, int | None]:
+        """(anyone has work, anyone is stopping, the admin call to rearrange the experts for now, 0 for
+        the interval's rearrangement, None for none): one small all-reduce per iteration on every rank."""
         if self.communicator is None:
-            return has_work, self._stop, False
-        anyone_work, anyone_stop, anyone_rebalance = self.communicator.all_reduce_ints(
-            [int(has_work), int(self._stop), int(self._wants_rebalance())], "max")
-        return bool(anyone_work), bool(anyone_stop), bool(anyone_rebalance)
+            return has_work, self._stop, None
+        due, ask = self._wants_rebalance()
+        anyone_work, anyone_stop, anyone_due, newest_ask = self.communicator.all_reduce_ints(
+            [int(has_work), int(self._stop), int(due), ask], "max")
+        # Every rank computes the same answer: _asks_served moves only with agreed values.
+        rebalance = newest_ask if newest_ask > self._asks_served else (0 if anyone_due else None)
+        return bool(anyone_work), bool(anyone_stop), rebalance
 
-    def _wants_rebalance(self) -> bool:
+    def _wants_rebalance(self) -> tuple[bool, int]:
+        """(the interval is due, the newest admin call waiting here or 0)."""
         if self.rebalancer is None:
-            return False
+            return False, 0
         interval = self.config.eplb.interval_steps
         due = interval > 0 and self._num_steps - self._last_rebalance_step >= interval
-        return due or bool(self._rebalance_waiters)
+        return due, max((w.ask for w in self._rebalance_waiters), default=0)
 
-    def _rebalance(self) -> None:
-        """Every rank at once, between two steps (the engine's requests wait; none is lost)."""
+    def _rebalance(self, ask: int) -> None:
+        """Every rank at once, between two steps (the engine's requests wait; none is lost), for the
+        admin calls numbered up to `ask` (0: the interval's)."""
         self._last_rebalance_step = self._num_steps
-        waiters, self._rebalance_waiters = self._rebalance_waiters, []
         try:
             result = self.rebalancer.rearrange(self._window_counts.window())
         except Exception as e:  # the communicator broke: the group is done (the loop's handler)
-            for done in waiters:
-                self._loop.call_soon_threadsafe(lambda f=done, e=e: f.done() or f.set_exception(e))
+            waiters, self._rebalance_waiters = self._rebalance_waiters, []
+            for waiter in waiters:
+                self._loop.call_soon_threadsafe(lambda f=waiter.done, e=e: f.done() or f.set_exception(e))
             raise
+        self._asks_served = max(self._asks_served, ask)
+        self._last_rearrangement = result
+        waiters = [w.done for w in self._rebalance_waiters if w.ask <= self._asks_served]
+        self._rebalance_waiters = [w for w in self._rebalance_waiters if w.ask > self._asks_served]
         before = self._eplb_stats
         self._eplb_stats = EplbStats(before.num_rearrangements + 1, before.num_layers_moved + len(result.changed_layers),
                                      before.pause_s_total + result.pause_s, result)
@@ -507,11 +525,11 @@ class RankActor:
                 if news:
                     self._publish(news)
                 has_work = self.engine.has_work()
-                anyone_work, stopping, rebalancing = self._agree(has_work)
+                anyone_work, stopping, rebalance_ask = self._agree(has_work)
                 if stopping:
                     break
-                if rebalancing:
-                    self._rebalance()
+                if rebalance_ask is not None:
+                    self._rebalance(rebalance_ask)
                 if anyone_work:
                     in_step = True
                     outputs = self.engine.step()  # an empty step when only others have work

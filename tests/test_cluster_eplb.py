@@ -79,6 +79,34 @@ def test_rearrangements_while_16_streams_run_change_no_token_and_fail_no_request
     assert stats.eplb.pause_s_total > 0
 
 
+def test_one_admin_call_is_one_rearrangement_even_when_its_copy_reaches_a_rank_late(ray_cluster, event_loop_thread,
+                                                                                       checkpoint):
+    # The group sends each rank a copy of the call. A copy that arrives after the others started the
+    # rearrangement (here: sent only once the first has finished) is answered by it, not by another.
+    eplb = EplbConfig(enabled=True, redundant_experts_per_rank=1, interval_steps=0)
+    group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=2, dtype="float32", engine=ENGINE,
+                                collective_timeout_s=10.0, placement_timeout_s=20.0, eplb=eplb, name="eplb-ask"))
+    run = event_loop_thread
+
+    async def scenario():
+        ranks, ask = group._ranks, next(group._rebalance_asks)  # the test sends the group's copies itself
+        first = await ranks[0].rebalance_experts.remote(ask)
+        after_first = await group.stats()
+        late = await asyncio.wait_for(ranks[1].rebalance_experts.remote(ask), timeout=10)
+        after_late = await group.stats()
+        await group.rebalance_experts()  # the group's own next call: its number is new, so one more
+        return first, late, after_first, after_late, await group.stats()
+
+    run(group.start(), timeout_s=180)
+    try:
+        first, late, after_first, after_late, after_next = run(scenario(), timeout_s=120)
+    finally:
+        run(group.shutdown())
+    counts = [[r.eplb.num_rearrangements for r in s.ranks] for s in (after_first, after_late, after_next)]
+    assert counts == [[1, 1], [1, 1], [2, 2]]
+    assert late.imbalance_before == first.imbalance_before and not late.error
+
+
 def test_rebalance_is_refused_where_eplb_is_off(ray_cluster, event_loop_thread, checkpoint):
     group = EPGroup(GroupConfig(checkpoint=str(checkpoint), num_ranks=2, dtype="float32", engine=ENGINE))
     with pytest.raises(ValueError, match="expert load balancing is off"):
