@@ -78,6 +78,11 @@ def cpu_matrix_features() -> dict[str, bool]:
     return {name: flag in flags for name, flag in MATRIX_FEATURES}
 
 
+def warm_up_prompts() -> list[list[int]]:
+    """What each side runs once, untimed, before the measurements."""
+    return make_prompts(4, 8, 32, seed=99)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -281,7 +286,7 @@ def main() -> int:
     vllm_done: dict[int, tuple[float, list[list[int]]]] = {}  # concurrency -> best time, tokens (--vllm-first)
     if args.vllm_first:
         print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s; runs every concurrency first")
-        vllm.run(make_prompts(4, 8, 32, seed=99), 4)
+        vllm.run(warm_up_prompts(), 4)
         for n in args.concurrency:
             prompts = make_prompts(n, *args.prompt_lengths, seed=n)
             runs = [vllm.run(prompts, args.max_tokens) for _ in range(args.repeats)]
@@ -305,7 +310,7 @@ def main() -> int:
     if vllm is not None:
         print(f"# vLLM side: {args.vllm_python}, loaded in {vllm.load_s:.1f} s; alternates with ours")
 
-    warm = make_prompts(4, 8, 32, seed=99)
+    warm = warm_up_prompts()
     if hf is not None:
         run_transformers(hf, warm, 4)
     run_engine(engine, warm, 4)

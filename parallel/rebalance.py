@@ -263,15 +263,20 @@ def keep_slots(current: ExpertPlacement, planned: ExpertPlacement) -> ExpertPlac
     return ExpertPlacement(planned.num_experts, tuple(ranks))
 
 
+def max_redundant_per_rank(num_experts: int, world_size: int) -> int:
+    """The most redundant slots a rank can fill: one copy of each expert the other ranks hold."""
+    return (world_size - 1) * (num_experts // world_size)
+
+
 def initial_placement(num_experts: int, world_size: int, redundant_per_rank: int) -> ExpertPlacement:
     """Where a group with R redundant slots per rank starts, before anything is measured: the contiguous
     placement, each rank's extra slots holding copies of the following ranks' first experts (every rank
     then holds E/G + R experts from the start, so the memory of the copies is taken and checked at load)."""
     base = ExpertPlacement.contiguous(num_experts, world_size)
-    per_rank = num_experts // world_size
-    if redundant_per_rank > (world_size - 1) * per_rank:
-        raise ValueError(f"redundant_per_rank must be at most {(world_size - 1) * per_rank} "
-                         f"(the experts held by other ranks), got {redundant_per_rank}")
+    most = max_redundant_per_rank(num_experts, world_size)
+    if redundant_per_rank > most:
+        raise ValueError(f"redundant_per_rank must be at most {most} (the experts held by other ranks), "
+                         f"got {redundant_per_rank}")
     ids = []
     for rank, own in enumerate(base.rank_expert_ids):
         others = [e for r in range(1, world_size) for e in base.rank_expert_ids[(rank + r) % world_size]]

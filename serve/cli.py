@@ -183,12 +183,12 @@ def _check_against_checkpoint(config, checkpoint: str) -> str | None:
         return (f"group.num_ranks must divide the model's {e} experts, got {g}; one of "
                 f"{[d for d in range(1, e + 1) if e % d == 0]}")
     if config.eplb.enabled:
-        from parallel.rebalance import initial_placement
+        from parallel.rebalance import max_redundant_per_rank
 
-        try:  # what the group will place at start
-            initial_placement(e, g, config.eplb.redundant_experts_per_rank)
-        except ValueError as error:
-            return f"{error} ({e} experts over {g} ranks)".replace("redundant_per_rank", "eplb.redundant_experts_per_rank")
+        most, asked = max_redundant_per_rank(e, g), config.eplb.redundant_experts_per_rank
+        if asked > most:
+            return (f"eplb.redundant_experts_per_rank must be at most {most} (the experts held by other ranks; "
+                    f"{e} experts over {g} ranks), got {asked}")
     return None
 
 
