@@ -13,6 +13,10 @@ process spent, per streamed token: the Serve proxy, the gateway replica (with it
 the model server replica, the rank actor, Ray's own processes (raylet, GCS, Serve controller, ...), and
 the clients (this process). The serving path is proxy + gateway + model server: what a GPU node's
 cores pay per token beside the engine. `--preset tiny` makes the engine cheap enough to show the path.
+
+`--direct-ingress`: the clients reach the gateway replica's own ports (gateway.direct_ingress, Ray
+Serve's direct ingress), no Serve proxy on the way. `--no-token-channel`: every chunk comes to the
+gateway in its Serve call (gateway.token_channel off), as before the channel.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from cluster import EPGroup  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from gptoss.harmony import ChatMessage  # noqa: E402
 from serve.admission import ToolChoice, render_chat  # noqa: E402
+from serve.cli import direct_ingress_environment  # noqa: E402
 from serve.config import parse_config  # noqa: E402
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb  # noqa: E402
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc  # noqa: E402
@@ -147,6 +152,10 @@ def main() -> int:
                         help="model_server.stream_merge_streams_per_token (default: the config's; 0: off)")
     parser.add_argument("--merge-max-wait-ms", type=float, default=None,
                         help="model_server.stream_merge_max_wait_ms (default: the config's)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="gateway.direct_ingress: clients reach the gateway replica's own ports, no Serve proxy")
+    parser.add_argument("--no-token-channel", action="store_true",
+                        help="gateway.token_channel off: every chunk is a Ray message in its Serve call")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
@@ -160,7 +169,7 @@ def main() -> int:
         "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms} | {
             key: value for key, value in (("stream_merge_streams_per_token", args.merge_streams_per_token),
                                           ("stream_merge_max_wait_ms", args.merge_max_wait_ms)) if value is not None},
-        "gateway": {"num_cpus": 0},
+        "gateway": {"num_cpus": 0, "token_channel": not args.no_token_channel},
     })
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())
     print(f"# bench_serve  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
@@ -170,11 +179,15 @@ def main() -> int:
           f"the {cores} cores")
 
     # Logical CPUs for scheduling only: the rank takes every core, the replica and gateway bundles a sliver.
+    ports = (free_port(), free_port())  # the clients': Serve's proxies, or the gateway replica itself
+    proxy_ports = ports
+    if args.direct_ingress:  # read at import by every Serve process: set before the cluster starts
+        proxy_ports = direct_ingress_environment(parse_config({"http": {"port": ports[0]}, "grpc": {"port": ports[1]}}))
     ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
     results: dict[tuple[str, int], dict] = {}
     try:
         asyncio.run(bench_group(config, sampling, args, results))
-        asyncio.run(bench_endpoints(config, args, results))
+        asyncio.run(bench_endpoints(config, args, results, ports, proxy_ports))
     finally:
         from ray import serve
 
@@ -199,16 +212,16 @@ async def bench_group(config, sampling: SamplingParams, args, results: dict) -> 
         await group.shutdown()
 
 
-async def bench_endpoints(config, args, results: dict) -> None:
+async def bench_endpoints(config, args, results: dict, ports: tuple[int, int], proxy_ports: tuple[int, int]) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from serve.app import GRPC_SERVICER_FUNCTIONS, build_app_from_config
 
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=proxy_ports[0]),
+                grpc_options=gRPCOptions(port=proxy_ports[1], grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     serve.run(build_app_from_config(config), name="bench", route_prefix="/")
+    http_port, grpc_port = ports
     url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
                                      connector=aiohttp.TCPConnector(limit=0)) as session, \
@@ -254,6 +267,8 @@ def report(results: dict, args) -> int:
     ms = config_defaults_or(args)
     print(f"# merging: a chunk waits for 1 + open streams // {ms[0]} tokens, at most {ms[1]:g} ms "
           f"(model_server.stream_merge_*)")
+    print(f"# token channel {'off' if args.no_token_channel else 'on'}; clients reach "
+          f"{'the gateway replica itself (direct ingress)' if args.direct_ingress else 'Serve proxies'}")
     print(f"{'side':<7}{'clients':>8}{'tokens/s':>10}{'vs group':>10}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}"
           f"{'p99':>8}{'+TTFT p50':>11}{'tok/chunk':>10}{'chunk gap p99':>14}")
     rows = []
@@ -273,17 +288,17 @@ def report(results: dict, args) -> int:
         cpu = row["cpu_ms_per_token"]
         print(f"{row['side']:<7}{row['concurrency']:>8}" + "".join(f"{cpu[k]:>14.3f}" for k in kinds))
     if args.json:
-        top, low = max(args.concurrency), min(args.concurrency)
+        low = min(args.concurrency)
+        figures = {f"{api}_vs_group_at_{n}": results[(api, n)]["vs_group"]
+                   for n in args.concurrency for api in ("http", "grpc")}
+        figures |= {f"serve_cpu_ms_per_token_{api}_at_{n}": results[(api, n)]["cpu_ms_per_token"]["serving_path"]
+                    for n in args.concurrency for api in ("http", "grpc")}
         print(json.dumps({
-            "benchmark": "bench_serve", "git": git_revision(),
-            f"http_vs_group_at_{top}": results[("http", top)]["vs_group"],
-            f"grpc_vs_group_at_{top}": results[("grpc", top)]["vs_group"],
+            "benchmark": "bench_serve", "git": git_revision(), "direct_ingress": args.direct_ingress,
+            "token_channel": not args.no_token_channel,
             "ttft_overhead_p50_ms": max(results[("http", low)]["ttft_overhead_p50_ms"],
                                         results[("grpc", low)]["ttft_overhead_p50_ms"]),
-            f"serve_cpu_ms_per_token_http_at_{top}": results[("http", top)]["cpu_ms_per_token"]["serving_path"],
-            f"serve_cpu_ms_per_token_grpc_at_{top}": results[("grpc", top)]["cpu_ms_per_token"]["serving_path"],
-            "results": rows,
-        }))
+        } | figures | {"results": rows}))
     return 0
 
 

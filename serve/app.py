@@ -11,6 +11,8 @@ instance's `grpc_options` (which `gptoss-serve serve` sets).
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import ray
@@ -34,6 +36,8 @@ MODEL_SERVER_NAME = "ModelServer"
 GATEWAY_NAME = "Gateway"
 RESPONSE_STORE_NAME = "ResponseStore"
 
+logger = logging.getLogger("ray.serve")
+
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application for `serve run serve.app:build_app` / a Serve config's `import_path`."""
@@ -42,6 +46,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def build_app_from_config(config: AppConfig) -> Application:
     device = resolve_device(config.group.device)
+    if config.gateway.direct_ingress and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        logger.warning("gateway.direct_ingress is set, but this Ray was not started with "
+                       "RAY_SERVE_ENABLE_DIRECT_INGRESS=1: requests come through Serve's proxies")
     ms = config.model_server
     model_server = serve.deployment(ModelServer).options(
         name=MODEL_SERVER_NAME,

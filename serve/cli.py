@@ -90,16 +90,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"note: the cluster's gRPC proxies take messages up to their own RAY_SERVE_GRPC_MAX_MESSAGE_SIZE; set "
               f"it to {grpc_limit} (gateway.max_request_bytes) on every node so that larger ones are refused "
               f"there, not only by the gateway", file=sys.stderr)
+    direct = config.gateway.direct_ingress
+    proxy_ports = (config.http.port, config.grpc.port)
+    if direct and address is None:
+        proxy_ports = direct_ingress_environment(config)
+    elif direct:
+        print("note: with --address the cluster decides on direct ingress: set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+              "(and the RAY_SERVE_DIRECT_INGRESS_*_PORT ranges) on every node before Ray starts", file=sys.stderr)
     # Without --address (or RAY_ADDRESS) a Ray of its own: plain ray.init() would join any Ray already
     # running on this machine and could replace another app's routes there.
     ray.init(address=address or "local", namespace="gptoss-serve")
     try:
         h = config.http
-        serve.start(http_options=HTTPOptions(host=h.host, port=h.port, ssl_certfile=h.ssl_certfile,
+        serve.start(http_options=HTTPOptions(host=h.host, port=proxy_ports[0], ssl_certfile=h.ssl_certfile,
                                              ssl_keyfile=h.ssl_keyfile, ssl_keyfile_password=h.ssl_keyfile_password,
                                              ssl_ca_certs=h.ssl_ca_certs),
                     grpc_options=gRPCOptions(
-                        port=config.grpc.port, enable_reflection=True,
+                        port=proxy_ports[1], enable_reflection=True,
                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if config.grpc.enabled else []))
         a = config.model_server.autoscaling
         groups = (f"{a.min_replicas}-{a.max_replicas} groups, autoscaled" if a is not None
@@ -109,11 +116,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.run(build_app_from_config(config), name="gptoss", route_prefix="/", blocking=False)
         host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
         scheme = "https" if h.ssl_certfile else "http"
+        ingress = ""
+        if direct and address is None:
+            n = config.gateway.num_replicas
+            ingress = ("direct ingress: the gateway replica serves these ports itself" + (
+                "" if n == 1 else f" (replica i of a node: port + i, i < {n})") +
+                f"; Serve's proxy, a fallback, at {proxy_ports[0]} / {proxy_ports[1]}\n")
         print(f"serving {config.served_model_name()!r}\n"
               f"  OpenAI API: {scheme}://{host}:{config.http.port}/v1  (health: /health)\n"
               + (f"  gRPC:       {host}:{config.grpc.port}  (gptoss.v1.GptossService, reflection on)\n"
                  if config.grpc.enabled else "")
               + f"  metrics:    {_metrics_addresses(config, scheme, host)}\n"
+              + (f"  {ingress}" if ingress else "")
               + "Ctrl-C stops it.", file=sys.stderr, flush=True)
         stop.wait()
         print("shutting down", file=sys.stderr)
@@ -122,6 +136,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def direct_ingress_environment(config) -> tuple[int, int]:
+    """Sets up the environment of the Ray about to start here for Serve's direct ingress (read at import by
+    every Serve process): the gateway replicas of a node take http.port / grpc.port and the ones after
+    them, and a port a replica leaves is free again at once (Serve holds it back only for its HAProxy
+    mode). Returns the ports for Serve's own proxy, which Serve keeps on the head node as a fallback."""
+    n = config.gateway.num_replicas
+    os.environ.update({
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.http.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.http.port + n),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(config.grpc.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(config.grpc.port + n)})
+    return _free_port(), _free_port()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _metrics_addresses(config, scheme: str, host: str) -> str:
@@ -154,14 +191,15 @@ class _StopSignal:
 
 
 def _with_overrides(config, args: argparse.Namespace):
-    """The config with the command line's --checkpoint / --host / --http-port / --grpc-port applied."""
+    """The config with the command line's --checkpoint / --host / --http-port / --grpc-port /
+    --direct-ingress applied."""
     from serve.config import parse_config
 
     raw = config.model_dump()
     if args.checkpoint:
         raw["model"]["checkpoint"] = args.checkpoint
     for section, key, value in (("http", "host", args.host), ("http", "port", args.http_port),
-                                ("grpc", "port", args.grpc_port)):
+                                ("grpc", "port", args.grpc_port), ("gateway", "direct_ingress", args.direct_ingress)):
         if value is not None:
             raw[section][key] = value
     return parse_config(raw, "command line")
@@ -480,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="overrides http.host (0.0.0.0: every interface)")
     p.add_argument("--http-port", type=int, help="overrides http.port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="overrides grpc.port (default 9000)")
+    p.add_argument("--direct-ingress", action="store_true", default=None,
+                   help="sets gateway.direct_ingress: the gateway replica serves the ports itself, no Serve proxy")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("batch", help="run a file of chats or token-id prompts on Ray Data (resumable)")

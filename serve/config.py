@@ -212,6 +212,17 @@ class GatewaySection(_Section):
         30.0, description="A moving stream whose only groups left are ones this gateway saw fail waits up to this "
                           "long for Serve to replace them (a failed move there does not count against "
                           "max_migrations), then fails.")
+    direct_ingress: bool = Field(
+        False, description="`gptoss-serve serve` starts Ray with Serve's direct ingress: each gateway replica "
+                           "serves HTTP and gRPC on http.port / grpc.port itself (replica i of one node on port + i), "
+                           "with no Serve proxy on the way (about half of the CPU per streamed token). On a "
+                           "cluster of your own (--address, KubeRay) the cluster decides: set "
+                           "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on every node before Ray starts.")
+    token_channel: bool = Field(
+        True, description="Model servers send each gateway replica the tokens of all its streams as one message "
+                          "per engine step over a TCP connection (an ephemeral port on the gateway's node IP, "
+                          "which model server nodes must reach); off: every chunk of every stream is one Ray "
+                          "message in its Serve call.")
     admission_workers: Annotated[int, Field(ge=0)] = Field(
         1, description="Processes per gateway replica that parse, check and render requests, off the event "
                        "loop that streams every reply (0: on the loop, for trusted clients only).")

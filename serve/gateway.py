@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -32,9 +33,11 @@ from serve.choices import ChoiceAssembler, ChoiceEvent, ChoiceUsage
 from serve.config import AppConfig
 from serve.errors import ReplicaUnavailableError, unwrap
 from serve.metrics import GatewayMetrics
-from serve.model_protocol import ModelInfo, ModelRequest
+from serve.model_protocol import ChannelAddress, ModelInfo, ModelRequest
 from serve.replica_sets import REPLICA_SETS, deployment_key
 from serve.responses_protocol import ResponseBuilder, ResponsesCall, admit_responses_turn, stored_record
+from serve.stream_merge import MergePolicy, merge_stream
+from serve.token_channel import TokenInbox, call_chunks
 
 logger = logging.getLogger("ray.serve")
 
@@ -168,6 +171,14 @@ class GatewayService:
         self._listening = False
         self._on_left: Callable | None = None
         self._replica_id = _replica_id()
+        # Tokens come from the model servers over this replica's token channel (serve/token_channel.py).
+        self._inbox = TokenInbox(ray.util.get_node_ip_address()) if config.gateway.token_channel else None
+        self._inbox_address: ChannelAddress | None = None
+        self._channel_keys = itertools.count()
+        self._num_channel_streams = 0  # open calls whose tokens come over the channel: what merging adapts to
+        ms = config.model_server
+        self._merge_policy = MergePolicy(ms.stream_interval_ms / 1000, ms.stream_merge_streams_per_token,
+                                         ms.stream_merge_max_wait_ms / 1000)
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -373,16 +384,27 @@ class GatewayService:
         outcome = "error"
         try:
             while True:
-                choice.stream, choice.moving = self._streaming.generate.remote(model_request), False
-                request.streams.append(choice.stream)
+                key, queue = await self._open_channel_key()
+                chunks = None
                 try:
-                    async for chunk in choice.stream:
+                    call_request = model_request if queue is None else dataclasses.replace(
+                        model_request, reply_to=self._inbox_address, channel_key=key)
+                    choice.stream, choice.moving = self._streaming.generate.remote(call_request), False
+                    request.streams.append(choice.stream)
+                    # Over the channel, chunks first become Ray messages here (to the proxy): merged here.
+                    chunks = choice.stream if queue is None else merge_stream(
+                        call_chunks(choice.stream, queue, _LAST_TOKENS_WAIT_S), self._merge_policy,
+                        lambda: self._num_channel_streams)
+                    async for chunk in chunks:
                         self._track(choice, chunk.replica_id)
                         if broke_at is not None:
                             self.metrics.resumed(time.monotonic() - broke_at)
                             broke_at = None
                         cached = chunk.num_cached_tokens if cached is None else cached
                         generated += chunk.token_ids
+                        if chunk.finish_reason is not None:
+                            in_call = len(generated) - len(model_request.resumed_token_ids)
+                            self.metrics.received(chunk.channel_tokens_before, in_call - chunk.channel_tokens_before)
                         event = assembler.add(dataclasses.replace(chunk, num_cached_tokens=cached))
                         if event.finish_reason is not None:
                             outcome = "finished"
@@ -413,6 +435,11 @@ class GatewayService:
                         error = None
                 finally:
                     self._untrack(choice)
+                    if queue is not None:
+                        self._inbox.close(key)
+                        self._num_channel_streams -= 1
+                        if chunks is not None:
+                            await chunks.aclose()
                 if error is None:
                     await asyncio.sleep(_WAIT_FOR_REPLICA_POLL_S)
                     model_request = self._moved(model_request, generated, "")
@@ -440,6 +467,16 @@ class GatewayService:
         finally:
             if num_moves:
                 self.metrics.migrated_outcome(outcome)
+
+    async def _open_channel_key(self) -> tuple[str, asyncio.Queue | None]:
+        """A new key on this replica's token channel and its queue (no queue: the channel is off)."""
+        if self._inbox is None:
+            return "", None
+        if self._inbox_address is None:
+            self._inbox_address = await self._inbox.address()
+        key = str(next(self._channel_keys))
+        self._num_channel_streams += 1
+        return key, self._inbox.open(key)
 
     def _moved(self, model_request: ModelRequest, generated: list[int], left_replica_id: str) -> ModelRequest:
         """The request for the group a choice moves to: the prompt and what was generated so far (the
@@ -504,6 +541,8 @@ class GatewayService:
 
     def close(self) -> None:
         self.workers.close()
+        if self._inbox is not None:
+            self._inbox.stop()
         if self._registry_poll is not None:
             self._registry_poll.cancel()
         if self._on_left is not None:
@@ -519,6 +558,9 @@ def _replica_id() -> str:
 
 
 _WAIT_FOR_REPLICA_POLL_S = 0.5  # a moving stream with no usable group asks again this often
+# A stream's last chunk (in its Serve call) waits this long for the tokens its model server sent before it
+# over the token channel (written before it, so normally there already), then the stream moves on.
+_LAST_TOKENS_WAIT_S = 10.0
 
 
 def _retryable(exc: BaseException) -> bool:

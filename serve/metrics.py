@@ -175,6 +175,16 @@ class GatewayMetrics:
         self.migrated_outcomes = Counter("gptoss_migrated_requests_total", "Choices that moved at least once, by "
                                          "how they ended: finished, error, abort.",
                                          ("model", "outcome")).set_default_tags({"model": model})
+        self.received_tokens = Counter("gptoss_gateway_received_tokens_total", "Tokens of finished streams the "
+                                       "gateway received from model servers, by how: channel (the token channel, "
+                                       "one message per engine step for all streams) or call (in each stream's "
+                                       "Serve call).", ("model", "path")).set_default_tags({"model": model})
+
+    def received(self, via_channel: int, in_call: int) -> None:
+        if via_channel:
+            self.received_tokens.inc(via_channel, tags={"path": "channel"})
+        if in_call:
+            self.received_tokens.inc(in_call, tags={"path": "call"})
 
     def request(self, api: str) -> None:
         self.requests.inc(tags={"api": api})

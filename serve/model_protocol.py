@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.outputs import FinishReason, TokenLogprobs
+from engine.outputs import FinishReason, RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    """Where a gateway replica's token channel listens (serve/token_channel.py), and the secret a
+    connection must open with."""
+
+    host: str
+    port: int
+    secret: bytes
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,9 @@ class ModelRequest:
     # What another group generated before the stream moved here (a migration): prefilled after the
     # prompt and counted as outputs; the stream goes on from there (engine.Engine.add_request).
     resumed_token_ids: tuple[int, ...] = ()
+    # The gateway's token channel and this call's key on it (None: every chunk comes in the call).
+    reply_to: ChannelAddress | None = None
+    channel_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,25 @@ class ModelChunk:
     num_output_tokens: int  # generated so far
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     replica_id: str = ""  # the model server replica (EP group) that produced it
+    channel_tokens_before: int = 0  # in the call: tokens of this call sent over the token channel before it
+
+
+def chunk_of(output: RequestOutput) -> ModelChunk:
+    return ModelChunk(output.new_token_ids, output.new_logprobs, output.finish_reason, output.num_prompt_tokens,
+                      output.num_output_tokens, output.num_cached_tokens)
+
+
+def merge_chunks(chunks: list[ModelChunk]) -> ModelChunk:
+    """Consecutive chunks of one call as one: their tokens in order, the last one's counts and finish."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    logprobs = None
+    if any(c.logprobs is not None for c in chunks):
+        logprobs = tuple(lp for c in chunks for lp in (c.logprobs or ()))
+    return ModelChunk(tuple(t for c in chunks for t in c.token_ids), logprobs, last.finish_reason,
+                      last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens, last.replica_id,
+                      last.channel_tokens_before)
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,20 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from ray import serve
 
 from cluster import EPGroup, GroupStats, LoadProgress
 from cluster.placement import rank_bundle
-from engine.outputs import RequestOutput
 from gptoss.errors import UnavailableError
 from serve.config import AppConfig
 from serve.errors import ReplicaUnavailableError
 from serve.metrics import ModelServerMetrics
-from serve.model_protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth
+from serve.model_protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth, chunk_of
 from serve.router import ReplicaLoad
+from serve.stream_merge import MergePolicy, merge_stream
+from serve.token_channel import TokenOutbox
 
 logger = logging.getLogger("ray.serve")  # what Serve writes to the replica's log
 
@@ -53,6 +53,7 @@ class ModelServer:
         self._merge_policy = MergePolicy(ms.stream_interval_ms / 1000, ms.stream_merge_streams_per_token,
                                          ms.stream_merge_max_wait_ms / 1000)
         self._num_open_streams = 0
+        self._outbox = TokenOutbox(self.replica_id)
         self._last_progress_log = 0.0
         start = time.monotonic()
         logger.info("starting an EP group of %d ranks on %s from %s", config.group.num_ranks, device, checkpoint)
@@ -103,7 +104,10 @@ class ModelServer:
 
     async def generate(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
         """Streams the request's tokens; a caller that goes away (Serve cancels this generator)
-        aborts the request in its engine, freeing its KV blocks.
+        aborts the request in its engine, freeing its KV blocks. With `request.reply_to` (the gateway's
+        token channel, serve/token_channel.py) every chunk but the last goes over the channel, and the
+        last one here says how many tokens went before it; without it, or when the channel cannot be
+        reached, every chunk goes here, merged as `model_server.stream_merge_*` say.
 
         Raises:
             ReplicaUnavailableError (naming this replica): the group failed or is draining.
@@ -114,21 +118,46 @@ class ModelServer:
         last_chunk_at: float | None = None
         ended_as = "abort"  # unless a finish reason or an error comes: the caller went away
         num_prompt = len(request.prompt_token_ids)
+
+        def measure(chunk: ModelChunk) -> None:
+            nonlocal last_chunk_at
+            now = time.monotonic()
+            if chunk.token_ids:
+                if last_chunk_at is None:
+                    self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
+                else:
+                    self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
+                last_chunk_at = now
+
         try:
+            link = await self._outbox.link(request.reply_to) if request.reply_to is not None else None
             outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
                                           request.cache_salt, request.resumed_token_ids)
+            if link is not None:
+                # Every output but the last over the gateway's token channel, the last in this call.
+                # Closed when left: a cancel thrown in by Serve aborts the request in its engine at once.
+                sent = 0
+                async with contextlib.aclosing(outputs) as outputs:
+                    async for output in outputs:
+                        chunk = chunk_of(output)
+                        measure(chunk)
+                        if output.finish_reason is not None:
+                            ended_as = output.finish_reason
+                            yield dataclasses.replace(chunk, replica_id=self.replica_id, channel_tokens_before=sent)
+                            return
+                        try:
+                            link.send(request.channel_key, output)
+                        except ConnectionError as e:
+                            raise ReplicaUnavailableError(str(e), self.replica_id) from None
+                        sent += len(output.new_token_ids)
+                return
             # Closed when left: Serve throws a cancel in at our `yield` when the caller goes away, and
-            # only closing merge_outputs aborts the request in its engine at once.
-            chunks = merge_outputs(outputs, self._merge_policy, lambda: self._num_open_streams)
+            # only closing merge_stream aborts the request in its engine at once.
+            chunks = merge_stream((chunk_of(o) async for o in outputs), self._merge_policy,
+                                   lambda: self._num_open_streams)
             async with contextlib.aclosing(chunks) as chunks:
                 async for chunk in chunks:
-                    now = time.monotonic()
-                    if chunk.token_ids:
-                        if last_chunk_at is None:
-                            self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
-                        else:
-                            self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
-                        last_chunk_at = now
+                    measure(chunk)
                     if chunk.finish_reason is not None:
                         ended_as = chunk.finish_reason
                     yield dataclasses.replace(chunk, replica_id=self.replica_id)
@@ -180,105 +209,10 @@ class ModelServer:
         self._poller.cancel()
         await self.group.drain(timeout_s=max(1.0, self.config.model_server.graceful_shutdown_timeout_s
                                              - _DRAIN_MARGIN_S))
+        self._outbox.close()
 
 
 def _load_model_config(checkpoint: str):
     import gptoss
 
     return gptoss.load_config(checkpoint)
-
-
-@dataclass(frozen=True)
-class MergePolicy:
-    """How a stream's tokens are merged into chunks on their way to the gateway. Every chunk is one Ray
-    message on each hop (model server -> gateway -> proxy), which costs the same CPU whatever it carries,
-    so under load a chunk waits for a few tokens; the first token of a stream always goes at once.
-
-    Attributes:
-        min_interval_s: every chunk after the first waits at least this long after the previous one.
-        streams_per_token: each this many streams open on the replica add one token to what a chunk
-            waits for (16: 1 token up to 15 streams, 9 at 128); 0: a chunk carries what is ready.
-        max_wait_s: the most a token waits for its chunk to fill (the added inter-token latency).
-    """
-
-    min_interval_s: float = 0.0
-    streams_per_token: int = 0
-    max_wait_s: float = 0.0
-
-    def target_tokens(self, num_open_streams: int) -> int:
-        if self.streams_per_token <= 0 or self.max_wait_s <= 0:
-            return 1
-        return 1 + num_open_streams // self.streams_per_token
-
-
-async def merge_outputs(outputs: AsyncIterator[RequestOutput], policy: MergePolicy,
-                        num_open_streams: Callable[[], int] = lambda: 1) -> AsyncIterator[ModelChunk]:
-    """Each request output as a chunk, merging the ones that are ready together (when the caller reads
-    slower than the engine samples, a chunk carries several steps' tokens) and, after the first chunk,
-    holding one back as `policy` says for the number of streams open now."""
-    buffered: list = []  # RequestOutputs, then the end marker or the error
-    end = object()
-    state = {"tokens": 0, "want": 1, "first_at": 0.0}
-    ready = asyncio.Event()  # set when the buffer holds what the merger waits for
-
-    async def read() -> None:
-        try:
-            async for output in outputs:
-                if not buffered:
-                    state["first_at"] = time.monotonic()
-                buffered.append(output)
-                state["tokens"] += len(output.new_token_ids)
-                if state["want"] <= 1 or state["tokens"] >= state["want"] or output.finish_reason is not None:
-                    ready.set()
-            buffered.append(end)
-        except Exception as e:  # noqa: BLE001 - handed to the merger, which raises it
-            buffered.append(e)
-        ready.set()
-
-    def ended() -> bool:
-        return bool(buffered) and (buffered[-1] is end or isinstance(buffered[-1], Exception))
-
-    reader = asyncio.create_task(read())
-    last_sent = 0.0
-    try:
-        while True:
-            state["want"] = 1
-            while not buffered:
-                ready.clear()
-                await ready.wait()
-            if last_sent and policy.min_interval_s > 0:
-                await asyncio.sleep(max(0.0, last_sent + policy.min_interval_s - time.monotonic()))
-            target = policy.target_tokens(num_open_streams()) if last_sent else 1
-            if state["tokens"] < target and not ended():
-                state["want"] = target
-                ready.clear()
-                remaining = state["first_at"] + policy.max_wait_s - time.monotonic()
-                if remaining > 0:
-                    try:
-                        await asyncio.wait_for(ready.wait(), remaining)
-                    except TimeoutError:
-                        pass
-            items = buffered[:]
-            buffered.clear()
-            state["tokens"] = 0
-            finished = [item for item in items if item is end or isinstance(item, Exception)]
-            merged = [item for item in items if isinstance(item, RequestOutput)]
-            if merged:
-                yield _merge(merged)
-                last_sent = time.monotonic()
-            if finished:
-                if isinstance(finished[0], Exception):
-                    raise finished[0]
-                return
-    finally:
-        reader.cancel()  # the caller left: the group's generator aborts the request
-        await asyncio.gather(reader, return_exceptions=True)
-
-
-def _merge(outputs: list[RequestOutput]) -> ModelChunk:
-    last = outputs[-1]
-    logprobs = None
-    if any(o.new_logprobs is not None for o in outputs):
-        logprobs = tuple(lp for o in outputs for lp in (o.new_logprobs or ()))
-    return ModelChunk(tuple(t for o in outputs for t in o.new_token_ids), logprobs, last.finish_reason,
-                      last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)

@@ -24,6 +24,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from gptoss.tokenizer import decode, encode
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+from tests.serve_helpers import metric_total
 
 PROMPT_IDS = [[9906, 11, 1879, 0], [40, 1093, 21, 128, 37, 5, 77, 6000], list(range(1000, 1040))]
 
@@ -286,9 +287,10 @@ def test_concurrent_streams_each_get_their_own_greedy_tokens(serve_app, referenc
 
 
 def test_merged_streams_arrive_whole_and_in_order_while_one_of_them_is_cancelled(serve_app, reference):
-    """24 streams open at once: the model server merges their tokens into chunks (1 + 24 // 16 = 2 tokens
-    a chunk, at most 50 ms); every stream still gets its exact greedy tokens in order, and one cancelled
-    after its first chunk frees its KV blocks without disturbing the others."""
+    """24 streams open at once share one token channel from the model server to the gateway (one frame
+    per engine step for all of them): every stream still gets its exact greedy tokens in order, one
+    cancelled after its first chunk frees its KV blocks without disturbing the others, and the tokens
+    came over the channel, not in the streams' Serve calls (only each stream's last chunk does)."""
     prompts = [[(7 * i + j) % 5000 + 3 for j in range(5 + i % 11)] for i in range(23)]
     expected = reference(prompts, 24)
 
@@ -320,3 +322,7 @@ def test_merged_streams_arrive_whole_and_in_order_while_one_of_them_is_cancelled
         assert "".join(chunks) == decode(want)
     stats = kv_settles_empty(serve_app)
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    url = f"{serve_app.http}/metrics"
+    via_channel = metric_total(url, "ray_gptoss_gateway_received_tokens_total", 'path="channel"',
+                               at_least=23 * 23)
+    assert via_channel >= 23 * 23  # all but the last token of each of the 23 finished streams, at least

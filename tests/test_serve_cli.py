@@ -3,6 +3,7 @@ serves the embedded model (a subprocess with its own Ray instance) and Ctrl-C en
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from serve.config import AppConfig, ConfigError, parse_config
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from tests.conftest import free_port
+from tests.serve_helpers import metric_total
 
 
 @pytest.mark.parametrize(("yaml_text", "named"), [
@@ -133,6 +135,48 @@ def test_the_default_config_serves_the_embedded_model_and_stops_on_ctrl_c(tmp_pa
         output = stop_server(process)
         assert f"http://127.0.0.1:{http_port}/v1" in output and "shutting down" in output
         assert f"metrics:    http://127.0.0.1:{http_port}/metrics" in output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_direct_ingress_serves_http_and_grpc_from_the_gateway_replica_itself():
+    """gateway.direct_ingress: the gateway replica listens on http.port / grpc.port itself (Serve's proxy
+    moves to other ports), streams over both APIs, and refuses oversized gRPC messages there too."""
+    http_port, grpc_port = free_port(), free_port()
+    process = start_server("--http-port", str(http_port), "--grpc-port", str(grpc_port), "--direct-ingress")
+    try:
+        [model] = wait_until_serving(process, f"http://127.0.0.1:{http_port}/v1/models").json()["data"]
+        with requests.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", timeout=60, stream=True, json={
+                "model": model["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12,
+                "stream": True, "stream_options": {"include_usage": True}}) as reply:
+            events = [line for line in reply.iter_lines() if line.startswith(b"data: ")]
+        assert reply.status_code == 200 and events[-1] == b"data: [DONE]"
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 12
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]) \
+                as channel:
+            stub = pb_grpc.GptossServiceStub(channel)
+            replies = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                                            sampling=pb.SamplingParams(max_tokens=10)), timeout=60))
+            assert sum(len(r.token_ids) for r in replies) == 10
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb.GenerateRequest(text="x" * (9 << 20)), timeout=60))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Clients that go away (a gRPC cancel, an HTTP disconnect) abort their requests in the engine.
+            call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(3, 90))),
+                                                    sampling=pb.SamplingParams(max_tokens=1900, temperature=1)))
+            next(call)
+            call.cancel()
+        with requests.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60, stream=True, json={
+                "model": model["id"], "prompt": list(range(3, 90)), "max_tokens": 1900, "temperature": 1,
+                "stream": True}) as reply:
+            next(reply.iter_lines())
+        aborted = metric_total(f"http://127.0.0.1:{http_port}/metrics", "ray_gptoss_request_success_total",
+                               'finished_reason="abort"', at_least=2, timeout_s=60)
+        assert aborted == 2
+        output = stop_server(process)
+        assert "direct ingress: the gateway replica serves these ports itself" in output
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""serve/model_server.py's merge_outputs: how a stream's tokens are merged into chunks (pure asyncio)."""
+"""serve/stream_merge.py: how a stream's tokens are merged into chunks (pure asyncio)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 import pytest
 
 from engine.outputs import RequestOutput
-from serve.model_server import MergePolicy, merge_outputs
+from serve.model_protocol import chunk_of
+from serve.stream_merge import MergePolicy, merge_stream
 
 
 async def outputs_every(gap_s: float, count: int, *, fail_after: int | None = None, seen: list | None = None):
@@ -18,7 +19,7 @@ async def outputs_every(gap_s: float, count: int, *, fail_after: int | None = No
             await asyncio.sleep(gap_s)
             if fail_after is not None and i == fail_after:
                 raise RuntimeError("group failed")
-            yield RequestOutput("r", (100 + i,), None, "length" if i == count - 1 else None, 5, i + 1, 0)
+            yield chunk_of(RequestOutput("r", (100 + i,), None, "length" if i == count - 1 else None, 5, i + 1, 0))
     finally:
         if seen is not None:
             seen.append("closed")
@@ -27,7 +28,7 @@ async def outputs_every(gap_s: float, count: int, *, fail_after: int | None = No
 async def collect(policy: MergePolicy, gap_s: float, count: int, open_streams: int):
     chunks, times = [], []
     started = time.monotonic()
-    async for chunk in merge_outputs(outputs_every(gap_s, count), policy, lambda: open_streams):
+    async for chunk in merge_stream(outputs_every(gap_s, count), policy, lambda: open_streams):
         chunks.append(chunk)
         times.append(time.monotonic() - started)
     return chunks, times
@@ -68,7 +69,7 @@ def test_an_error_after_tokens_reaches_the_caller_after_the_tokens_before_it():
     async def run():
         got = []
         with pytest.raises(RuntimeError, match="group failed"):
-            async for chunk in merge_outputs(outputs_every(0.005, 10, fail_after=4),
+            async for chunk in merge_stream(outputs_every(0.005, 10, fail_after=4),
                                              MergePolicy(streams_per_token=1, max_wait_s=0.5), lambda: 8):
                 got.extend(chunk.token_ids)
         return got
@@ -79,7 +80,7 @@ def test_an_error_after_tokens_reaches_the_caller_after_the_tokens_before_it():
 def test_leaving_early_closes_the_engine_stream_while_a_chunk_is_held():
     async def run():
         seen = []
-        merged = merge_outputs(outputs_every(0.01, 1000, seen=seen), MergePolicy(streams_per_token=1, max_wait_s=5),
+        merged = merge_stream(outputs_every(0.01, 1000, seen=seen), MergePolicy(streams_per_token=1, max_wait_s=5),
                                lambda: 100)
         first = await merged.__anext__()
         waiting = asyncio.ensure_future(merged.__anext__())  # holds for 101 tokens or 5 s

@@ -1,0 +1,98 @@
+"""Merging a stream's tokens into fewer, fuller chunks where each chunk costs a Ray message."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from serve.model_protocol import ModelChunk, merge_chunks
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """How a stream's tokens are merged into chunks where chunks become Ray messages: in the gateway
+    (gateway -> proxy) when the token channel brings the tokens, else in the model server (model
+    server -> gateway -> proxy). A Ray message costs the same CPU whatever it carries, so under load
+    a chunk waits for a few tokens; the first token of a stream always goes at once.
+
+    Attributes:
+        min_interval_s: every chunk after the first waits at least this long after the previous one.
+        streams_per_token: each this many streams open in the replica that merges add one token to what
+            a chunk waits for (16: 1 token up to 15 streams, 9 at 128); 0: a chunk carries what is ready.
+        max_wait_s: the most a token waits for its chunk to fill (the added inter-token latency).
+    """
+
+    min_interval_s: float = 0.0
+    streams_per_token: int = 0
+    max_wait_s: float = 0.0
+
+    def target_tokens(self, num_open_streams: int) -> int:
+        if self.streams_per_token <= 0 or self.max_wait_s <= 0:
+            return 1
+        return 1 + num_open_streams // self.streams_per_token
+
+
+async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
+                        num_open_streams: Callable[[], int] = lambda: 1) -> AsyncIterator[ModelChunk]:
+    """The stream's chunks, merging the ones that are ready together (when the caller reads slower than
+    they come, a chunk carries several steps' tokens) and, after the first chunk, holding one back as
+    `policy` says for the number of streams open now. Leaving early closes `chunks`."""
+    buffered: list = []  # ModelChunks, then the end marker or the error
+    end = object()
+    state = {"tokens": 0, "want": 1, "first_at": 0.0}
+    ready = asyncio.Event()  # set when the buffer holds what the merger waits for
+
+    async def read() -> None:
+        try:
+            async for chunk in chunks:
+                if not buffered:
+                    state["first_at"] = time.monotonic()
+                buffered.append(chunk)
+                state["tokens"] += len(chunk.token_ids)
+                if state["want"] <= 1 or state["tokens"] >= state["want"] or chunk.finish_reason is not None:
+                    ready.set()
+            buffered.append(end)
+        except Exception as e:  # noqa: BLE001 - handed to the merger, which raises it
+            buffered.append(e)
+        ready.set()
+
+    def ended() -> bool:
+        return bool(buffered) and (buffered[-1] is end or isinstance(buffered[-1], Exception))
+
+    reader = asyncio.create_task(read())
+    last_sent = 0.0
+    try:
+        while True:
+            state["want"] = 1
+            while not buffered:
+                ready.clear()
+                await ready.wait()
+            if last_sent and policy.min_interval_s > 0:
+                await asyncio.sleep(max(0.0, last_sent + policy.min_interval_s - time.monotonic()))
+            target = policy.target_tokens(num_open_streams()) if last_sent else 1
+            if state["tokens"] < target and not ended():
+                state["want"] = target
+                ready.clear()
+                remaining = state["first_at"] + policy.max_wait_s - time.monotonic()
+                if remaining > 0:
+                    try:
+                        await asyncio.wait_for(ready.wait(), remaining)
+                    except TimeoutError:
+                        pass
+            items = buffered[:]
+            buffered.clear()
+            state["tokens"] = 0
+            finished = [item for item in items if item is end or isinstance(item, Exception)]
+            merged = [item for item in items if isinstance(item, ModelChunk)]
+            if merged:
+                yield merge_chunks(merged)
+                last_sent = time.monotonic()
+            if finished:
+                if isinstance(finished[0], Exception):
+                    raise finished[0]
+                return
+    finally:
+        reader.cancel()  # the caller left: what the chunks come from (a group's generator) is closed
+        await asyncio.gather(reader, return_exceptions=True)

@@ -1,0 +1,185 @@
+"""serve/token_channel.py: a model server's outbox and a gateway's inbox over a real loopback socket
+(pure asyncio, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from engine.outputs import RequestOutput, TokenLogprobs
+from serve.errors import ReplicaUnavailableError
+from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of
+from serve.token_channel import TokenInbox, TokenOutbox, call_chunks
+
+
+def output(key: str, i: int, count: int, logprobs: bool = False) -> RequestOutput:
+    lp = (TokenLogprobs(100 + i, -0.5 * i, (100 + i, 7), (-0.5 * i, -3.0)),) if logprobs else None
+    return RequestOutput(key, (100 + i,), lp, "length" if i == count - 1 else None, 5, i + 1, 2)
+
+
+async def model_server_call(link, key: str, count: int, gap_s: float = 0.0, logprobs: bool = False):
+    """What ModelServer.generate does with a link: every output but the last over the channel, the last in
+    the call with the number of tokens sent before it."""
+    sent = 0
+    for i in range(count):
+        await asyncio.sleep(gap_s)
+        out = output(key, i, count, logprobs)
+        if out.finish_reason is not None:
+            yield dataclasses.replace(chunk_of(out), replica_id="ms-1", channel_tokens_before=sent)
+            return
+        link.send(key, out)
+        sent += 1
+
+
+async def pair():
+    inbox = TokenInbox("127.0.0.1")
+    address = await inbox.address()
+    outbox = TokenOutbox("ms-1")
+    link = await outbox.link(address)
+    assert link is not None
+    return inbox, outbox, link
+
+
+def test_many_streams_share_one_connection_and_each_gets_its_tokens_in_order_with_one_cancelled():
+    async def main():
+        inbox, outbox, link = await pair()
+        frames = []
+        write_frame = link.write_frame
+        link.write_frame = lambda frame: (frames.append(len(frame)), write_frame(frame))[1]
+
+        async def stream(key: str, count: int, cancel_after: int | None = None):
+            tokens, last = [], None
+            chunks = call_chunks(model_server_call(link, key, count, 0.001), inbox.open(key), 5.0)
+            try:
+                async for chunk in chunks:
+                    tokens += chunk.token_ids
+                    assert chunk.replica_id == "ms-1"
+                    last = chunk
+                    if cancel_after is not None and len(tokens) >= cancel_after:
+                        break
+            finally:
+                await chunks.aclose()
+                inbox.close(key)
+            return tokens, last
+
+        results = await asyncio.gather(*(stream(f"k{i}", 20, cancel_after=5 if i == 3 else None) for i in range(16)))
+        for i, (tokens, last) in enumerate(results):
+            if i == 3:
+                assert tokens[:5] == list(range(100, 105)) and last.finish_reason is None
+            else:
+                assert tokens == list(range(100, 120)), i
+                assert last.finish_reason == "length" and last.num_output_tokens == 20 and last.num_cached_tokens == 2
+        # Streams that sampled in the same loop turn went out in one frame: far fewer frames than records.
+        assert sum(frames) > 2 * len(frames)
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_logprobs_and_counts_cross_the_channel_intact():
+    async def main():
+        inbox, outbox, link = await pair()
+        queue = inbox.open("a")
+        chunks = [c async for c in call_chunks(model_server_call(link, "a", 4, logprobs=True), queue, 5.0)]
+        logprobs = [lp for c in chunks for lp in c.logprobs]
+        assert logprobs == [output("a", i, 4, True).new_logprobs[0] for i in range(4)]
+        assert [t for c in chunks for t in c.token_ids] == [100, 101, 102, 103]
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_the_last_chunk_waits_for_the_tokens_sent_before_it_over_the_channel():
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def call():  # the last chunk overtakes two channel records
+            yield ModelChunk((103,), None, "stop", 5, 4, 0, "ms-1", channel_tokens_before=3)
+
+        async def channel():
+            await asyncio.sleep(0.05)
+            queue.put_nowait(ModelChunk((100, 101), None, None, 5, 2, 0, "ms-1"))
+            await asyncio.sleep(0.05)
+            queue.put_nowait(ModelChunk((102,), None, None, 5, 3, 0, "ms-1"))
+
+        task = asyncio.create_task(channel())
+        chunks = [c async for c in call_chunks(call(), queue, 5.0)]
+        await task
+        assert [t for c in chunks for t in c.token_ids] == [100, 101, 102, 103]
+        assert chunks[-1].finish_reason == "stop"
+
+        async def short_call():
+            yield ModelChunk((103,), None, "stop", 5, 4, 0, "ms-1", channel_tokens_before=3)
+
+        with pytest.raises(ReplicaUnavailableError, match="3 tokens over the token channel, 0 arrived"):
+            [c async for c in call_chunks(short_call(), asyncio.Queue(), 0.1)]
+
+    asyncio.run(main())
+
+
+def test_an_error_of_the_call_reaches_the_gateway_after_the_tokens_before_it():
+    async def main():
+        inbox, outbox, link = await pair()
+
+        async def failing_call():
+            for i in range(3):
+                link.send("a", output("a", i, 10))
+                await asyncio.sleep(0.01)
+            raise ReplicaUnavailableError("group failed", "ms-1")
+            yield  # an async generator
+
+        tokens = []
+        with pytest.raises(ReplicaUnavailableError, match="group failed"):
+            async for chunk in call_chunks(failing_call(), inbox.open("a"), 5.0):
+                tokens += chunk.token_ids
+        assert tokens == [100, 101, 102]
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_a_connection_that_breaks_fails_its_open_streams_as_a_replica_failure():
+    async def main():
+        inbox, outbox, link = await pair()
+        queue = inbox.open("a")
+        link.send("a", output("a", 0, 10))
+        assert (await asyncio.wait_for(queue.get(), 5)).token_ids == (100,)
+        outbox.close()  # the model server replica went away
+        error = await asyncio.wait_for(queue.get(), 5)
+        assert isinstance(error, ReplicaUnavailableError) and error.replica_id == "ms-1"
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_a_connection_without_the_gateways_secret_is_not_read():
+    async def main():
+        inbox = TokenInbox("127.0.0.1")
+        address = await inbox.address()
+        queue = inbox.open("a")
+        stranger = await TokenOutbox("intruder").link(ChannelAddress(address.host, address.port, b"0" * 16))
+        stranger.send("a", output("a", 0, 10))
+        await asyncio.sleep(0.2)
+        assert queue.empty()
+        assert stranger.broken is not None  # the gateway hung up on it
+        with pytest.raises(ConnectionError):
+            stranger.send("a", output("a", 1, 10))
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_gateway_gives_no_link_so_the_call_carries_the_tokens():
+    async def main():
+        inbox = TokenInbox("127.0.0.1")
+        address = await inbox.address()
+        inbox.stop()
+        await asyncio.sleep(0.05)
+        assert await TokenOutbox("ms-1").link(address) is None
+
+    asyncio.run(main())
