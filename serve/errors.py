@@ -55,6 +55,12 @@ class ReplicaUnavailableError(UnavailableError):
         return type(self), (str(self), self.replica_id)
 
 
+class TokenChannelError(UnavailableError):
+    """A stream's tokens were lost on the token channel between a model server and a gateway
+    (serve/token_channel.py): the stream goes on in another call, but the model server replica is not
+    to blame (it is not avoided)."""
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The exception a deployment raised, out of Ray's wrapper (RayTaskError keeps it as `cause`)."""
     while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None and exc.cause is not exc:

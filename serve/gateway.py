@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ from serve.admission_workers import AdmissionWorkers
 from serve.auth import ApiKeys
 from serve.choices import ChoiceAssembler, ChoiceEvent, ChoiceUsage
 from serve.config import AppConfig
-from serve.errors import ReplicaUnavailableError, unwrap
+from serve.errors import ReplicaUnavailableError, TokenChannelError, unwrap
 from serve.metrics import GatewayMetrics
 from serve.model_protocol import ChannelAddress, ModelInfo, ModelRequest
 from serve.replica_sets import REPLICA_SETS, deployment_key
@@ -172,7 +173,10 @@ class GatewayService:
         self._on_left: Callable | None = None
         self._replica_id = _replica_id()
         # Tokens come from the model servers over this replica's token channel (serve/token_channel.py).
-        self._inbox = TokenInbox(ray.util.get_node_ip_address()) if config.gateway.token_channel else None
+        # Off under Ray's TLS: the channel is plain TCP, and would carry the tokens in the clear.
+        channel = config.gateway.token_channel and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true")
+        self._inbox = TokenInbox(ray.util.get_node_ip_address()) if channel else None
+        self._inbox_retry_at = 0.0
         self._inbox_address: ChannelAddress | None = None
         self._channel_keys = itertools.count()
         self._num_channel_streams = 0  # open calls whose tokens come over the channel: what merging adapts to
@@ -440,6 +444,8 @@ class GatewayService:
                         self._num_channel_streams -= 1
                         if chunks is not None:
                             await chunks.aclose()
+                        if choice.stream is not None:
+                            choice.stream.cancel()  # left for a channel fault: the call must not run on
                 if error is None:
                     await asyncio.sleep(_WAIT_FOR_REPLICA_POLL_S)
                     model_request = self._moved(model_request, generated, "")
@@ -469,11 +475,18 @@ class GatewayService:
                 self.metrics.migrated_outcome(outcome)
 
     async def _open_channel_key(self) -> tuple[str, asyncio.Queue | None]:
-        """A new key on this replica's token channel and its queue (no queue: the channel is off)."""
-        if self._inbox is None:
+        """A new key on this replica's token channel and its queue (no queue: the channel is off, or
+        cannot listen now: the call carries the tokens)."""
+        if self._inbox is None or time.monotonic() < self._inbox_retry_at:
             return "", None
         if self._inbox_address is None:
-            self._inbox_address = await self._inbox.address()
+            try:
+                self._inbox_address = await self._inbox.address()
+            except OSError as e:
+                logger.warning("token channel: cannot listen (%s); streams come in their Serve calls for the "
+                               "next %g s", e, _INBOX_RETRY_S)
+                self._inbox_retry_at = time.monotonic() + _INBOX_RETRY_S
+                return "", None
         key = str(next(self._channel_keys))
         self._num_channel_streams += 1
         return key, self._inbox.open(key)
@@ -561,13 +574,14 @@ _WAIT_FOR_REPLICA_POLL_S = 0.5  # a moving stream with no usable group asks agai
 # A stream's last chunk (in its Serve call) waits this long for the tokens its model server sent before it
 # over the token channel (written before it, so normally there already), then the stream moves on.
 _LAST_TOKENS_WAIT_S = 10.0
+_INBOX_RETRY_S = 60.0  # a gateway whose channel cannot listen tries again after this long
 
 
 def _retryable(exc: BaseException) -> bool:
     """A failure of the replica, not of the request: another group may serve it."""
     cause = unwrap(exc)
-    return isinstance(cause, ReplicaUnavailableError | DeploymentUnavailableError | ray.exceptions.RayActorError
-                      | ray.exceptions.ActorUnavailableError)
+    return isinstance(cause, ReplicaUnavailableError | TokenChannelError | DeploymentUnavailableError
+                      | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError)
 
 
 async def interleave(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

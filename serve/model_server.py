@@ -21,7 +21,7 @@ from cluster import EPGroup, GroupStats, LoadProgress
 from cluster.placement import rank_bundle
 from gptoss.errors import UnavailableError
 from serve.config import AppConfig
-from serve.errors import ReplicaUnavailableError
+from serve.errors import ReplicaUnavailableError, TokenChannelError
 from serve.metrics import ModelServerMetrics
 from serve.model_protocol import ModelChunk, ModelInfo, ModelRequest, ReplicaHealth, chunk_of
 from serve.router import ReplicaLoad
@@ -107,10 +107,12 @@ class ModelServer:
         aborts the request in its engine, freeing its KV blocks. With `request.reply_to` (the gateway's
         token channel, serve/token_channel.py) every chunk but the last goes over the channel, and the
         last one here says how many tokens went before it; without it, or when the channel cannot be
-        reached, every chunk goes here, merged as `model_server.stream_merge_*` say.
+        reached (yet: a first connection is made in the background), every chunk goes here, merged
+        as `model_server.stream_merge_*` say.
 
         Raises:
             ReplicaUnavailableError (naming this replica): the group failed or is draining.
+            TokenChannelError: the gateway's token channel broke mid-stream.
             SuspectRequestError: the group failed in a step of this request (it is not to be retried).
         """
         arrival = time.monotonic()
@@ -130,7 +132,7 @@ class ModelServer:
                 last_chunk_at = now
 
         try:
-            link = await self._outbox.link(request.reply_to) if request.reply_to is not None else None
+            link = self._outbox.link(request.reply_to) if request.reply_to is not None else None
             outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
                                           request.cache_salt, request.resumed_token_ids)
             if link is not None:
@@ -145,10 +147,7 @@ class ModelServer:
                             ended_as = output.finish_reason
                             yield dataclasses.replace(chunk, replica_id=self.replica_id, channel_tokens_before=sent)
                             return
-                        try:
-                            link.send(request.channel_key, output)
-                        except ConnectionError as e:
-                            raise ReplicaUnavailableError(str(e), self.replica_id) from None
+                        link.send(request.channel_key, output)  # TokenChannelError once the link broke
                         sent += len(output.new_token_ids)
                 return
             # Closed when left: Serve throws a cancel in at our `yield` when the caller goes away, and
@@ -161,6 +160,9 @@ class ModelServer:
                     if chunk.finish_reason is not None:
                         ended_as = chunk.finish_reason
                     yield dataclasses.replace(chunk, replica_id=self.replica_id)
+        except TokenChannelError:
+            ended_as = "error"
+            raise  # the channel, not this group: the gateway moves the stream without avoiding this replica
         except UnavailableError as e:
             ended_as = "error"
             raise ReplicaUnavailableError(str(e), self.replica_id) from None

@@ -24,7 +24,6 @@ top_logprobs]` per token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import secrets
@@ -36,14 +35,16 @@ import msgpack
 from ray.serve.exceptions import RequestCancelledError
 
 from engine.outputs import RequestOutput, TokenLogprobs
-from serve.errors import ReplicaUnavailableError
+from serve.errors import TokenChannelError
 from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of, merge_chunks
 
 logger = logging.getLogger("ray.serve")
 
 _VERSION = 1
 _HELLO_MAX_BYTES = 4096
-_FRAME_MAX_BYTES = 64 << 20
+_FRAME_MAX_BYTES = 64 << 20  # what the gateway reads
+_FRAME_TARGET_BYTES = 1 << 20  # what the model server writes (a longer record alone in its frame)
+_ACK = b"\x06"  # the gateway's answer to a hello it accepts
 _CONNECT_TIMEOUT_S = 5.0
 _RETRY_UNREACHABLE_S = 60.0  # a gateway found unreachable is not tried again for this long
 # Past this many unsent bytes a link stops writing until the socket drains; meanwhile each stream's
@@ -75,7 +76,7 @@ class TokenInbox:
         return ChannelAddress(self._host, self._server.sockets[0].getsockname()[1], self._secret)
 
     def open(self, key: str) -> asyncio.Queue:
-        """The queue the records of `key` go to (ModelChunks; a ReplicaUnavailableError when their
+        """The queue the records of `key` go to (ModelChunks; a TokenChannelError when their
         connection breaks) until `close(key)`."""
         queue = self._queues[key] = asyncio.Queue()
         return queue
@@ -103,13 +104,14 @@ class TokenInbox:
                                "gateway's hello", writer.get_extra_info("peername"))
                 return
             replica_id = str(hello[2])
+            writer.write(_ACK)  # the model server sends nothing over a connection it was not let in on
             while (records := await _read_frame(reader, _FRAME_MAX_BYTES)) is not None:
                 for record in records:
                     queue = self._queues.get(record[0])
                     if queue is not None:
                         self._sources[record[0]] = connection
                         queue.put_nowait(_chunk_from_record(record, replica_id))
-        except (OSError, EOFError, TimeoutError, ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+        except Exception as e:  # noqa: BLE001 - a broken or malformed connection: its streams move on
             logger.warning("token channel from model server replica %s broke: %s: %s", replica_id or "?",
                            type(e).__name__, e)
         finally:
@@ -118,8 +120,8 @@ class TokenInbox:
             lost = [key for key, source in self._sources.items() if source is connection]
             for key in lost:
                 self._sources.pop(key)
-                self._queues[key].put_nowait(ReplicaUnavailableError(
-                    f"the token channel from model server replica {replica_id} closed mid-stream", replica_id))
+                self._queues[key].put_nowait(TokenChannelError(
+                    f"the token channel from model server replica {replica_id} closed mid-stream"))
 
 
 # --- the model server's end ----------------------------------------------------------------------
@@ -133,34 +135,41 @@ class TokenOutbox:
         self._links: dict[tuple[str, int], asyncio.Future] = {}
         self._unreachable_until: dict[tuple[str, int], float] = {}
 
-    async def link(self, address: ChannelAddress) -> _Link | None:
-        """The link to `address` (None: it cannot be reached; the caller streams in the call instead)."""
+    def link(self, address: ChannelAddress) -> _Link | None:
+        """The link to `address` when it is up; else None (the caller sends in the call) and, unless the
+        gateway was found unreachable within the last minute, a connection starts in the background."""
         where = (address.host, address.port)
         future = self._links.get(where)
         if future is not None and future.done():
             link = future.result()
-            if (link is None and time.monotonic() > self._unreachable_until[where]) or (link and link.broken):
-                future = None  # try again
+            if link is not None and not link.broken:
+                return link
+            if link is None and time.monotonic() < self._unreachable_until.get(where, 0.0):
+                return None
+            future = None  # try again
         if future is None:
-            future = self._links[where] = asyncio.ensure_future(self._connect(address))
-        return await asyncio.shield(future)
+            self._links[where] = asyncio.ensure_future(self._connect(address))
+        return None
 
     async def _connect(self, address: ChannelAddress) -> _Link | None:
+        where = (address.host, address.port)
+        writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port),
-                                                    _CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as e:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*where), _CONNECT_TIMEOUT_S)
+            _write_frame(writer, [_VERSION, address.secret, self.replica_id])
+            if await asyncio.wait_for(reader.readexactly(len(_ACK)), _CONNECT_TIMEOUT_S) != _ACK:
+                raise ConnectionRefusedError("the gateway did not acknowledge the hello")
+        except (OSError, EOFError, TimeoutError) as e:
+            if writer is not None:
+                writer.close()
             logger.warning("token channel: gateway at %s:%d unreachable (%s: %s); its streams go in their "
-                           "Serve calls for the next %g s", address.host, address.port, type(e).__name__, e,
-                           _RETRY_UNREACHABLE_S)
-            self._unreachable_until[(address.host, address.port)] = time.monotonic() + _RETRY_UNREACHABLE_S
+                           "Serve calls for the next %g s", *where, type(e).__name__, e, _RETRY_UNREACHABLE_S)
+            self._unreachable_until[where] = time.monotonic() + _RETRY_UNREACHABLE_S
             return None
-        link = _Link(reader, writer)
-        link.write_frame([_VERSION, address.secret, self.replica_id])
-        for where, future in list(self._links.items()):  # gateway replicas gone since
+        for other, future in list(self._links.items()):  # gateway replicas gone since
             if future.done() and future.result() is not None and future.result().broken:
-                del self._links[where]
-        return link
+                del self._links[other]
+        return _Link(reader, writer)
 
     def close(self) -> None:
         for future in self._links.values():
@@ -181,17 +190,13 @@ class _Link:
         self._watch = asyncio.ensure_future(self._watch_closed(reader))  # the gateway never writes: EOF = gone
 
     def send(self, key: str, output: RequestOutput) -> None:
-        """Queues `output`'s tokens for the gateway's `key`. Raises ConnectionError once the link broke."""
+        """Queues `output`'s tokens for the gateway's `key`. Raises TokenChannelError once the link broke."""
         if self.broken is not None:
-            raise ConnectionError(f"token channel to the gateway broke: {self.broken}")
+            raise TokenChannelError(f"the token channel to the gateway broke: {self.broken}")
         self._pending.setdefault(key, []).append(output)
         if not self._flush_scheduled and not self._draining:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-
-    def write_frame(self, frame: list) -> None:
-        body = msgpack.packb(frame, use_bin_type=True)
-        self._writer.write(len(body).to_bytes(4, "big") + body)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -199,10 +204,11 @@ class _Link:
             return
         pending, self._pending = self._pending, {}
         try:
-            self.write_frame([_record(key, merge_chunks([chunk_of(o) for o in outputs]))
-                              for key, outputs in pending.items()])
+            records = [msgpack.packb(_record(key, merge_chunks([chunk_of(o) for o in outputs])), use_bin_type=True)
+                       for key, outputs in pending.items()]
+            _write_records(self._writer, records)
         except Exception as e:  # noqa: BLE001 - a closed transport: the streams learn it at their next send
-            self.broken = e
+            self._break(e)
             return
         if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER_BYTES:
             self._draining = True
@@ -212,21 +218,29 @@ class _Link:
         try:
             await self._writer.drain()
         except Exception as e:  # noqa: BLE001
-            self.broken = e
+            self._break(e)
             return
         finally:
             self._draining = False
         self._flush()
 
     async def _watch_closed(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await reader.read()
-        self.broken = self.broken or ConnectionResetError("the gateway closed the token channel")
+        except Exception:  # noqa: BLE001, S110 - a reset: broken as a close is
+            pass
+        finally:
+            self._break(ConnectionResetError("the gateway closed the token channel"))
+
+    def _break(self, error: Exception) -> None:
+        self.broken = self.broken or error
         self._writer.close()
 
     def close(self) -> None:
+        """Sends what is queued, then closes."""
+        self._flush()
         self._watch.cancel()
-        self._writer.close()
+        self._break(ConnectionResetError("closed by the model server"))
 
 
 # --- the gateway's view of one call --------------------------------------------------------------
@@ -245,7 +259,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
     """One model server call's chunks in order, whichever way each came: over the channel (into `queue`)
     or in the call. Chunks that arrived together are merged (a gateway that falls behind sends fewer,
     fuller events). The call's errors are raised; a last chunk whose channel tokens do not all arrive
-    within `last_tokens_wait_s` raises ReplicaUnavailableError (the stream moves on elsewhere)."""
+    within `last_tokens_wait_s` raises TokenChannelError (the stream moves on elsewhere)."""
 
     async def follow_call() -> None:
         try:
@@ -271,9 +285,9 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                 try:
                     item = await asyncio.wait_for(queue.get(), last_tokens_wait_s)
                 except TimeoutError:
-                    raise ReplicaUnavailableError(
+                    raise TokenChannelError(
                         f"model server replica {last.replica_id} sent {last.channel_tokens_before} tokens over the "
-                        f"token channel, {received} arrived within {last_tokens_wait_s:g} s", last.replica_id) from None
+                        f"token channel, {received} arrived within {last_tokens_wait_s:g} s") from None
             if isinstance(item, BaseException):
                 raise item
             if item is _CALL_ENDED:
@@ -318,6 +332,24 @@ async def _read_frame(reader: asyncio.StreamReader, max_bytes: int):
     if size > max_bytes:
         raise ValueError(f"a frame of {size} bytes, more than {max_bytes}")
     return msgpack.unpackb(await reader.readexactly(size), raw=False, use_list=True)
+
+
+def _write_frame(writer: asyncio.StreamWriter, frame: list) -> None:
+    body = msgpack.packb(frame, use_bin_type=True)
+    writer.write(len(body).to_bytes(4, "big") + body)
+
+
+def _write_records(writer: asyncio.StreamWriter, records: list[bytes]) -> None:
+    """Packed records as frames of at most _FRAME_TARGET_BYTES (one record may exceed it alone)."""
+    start = 0
+    while start < len(records):
+        end, size = start, 0
+        while end < len(records) and (end == start or size + len(records[end]) <= _FRAME_TARGET_BYTES):
+            size += len(records[end])
+            end += 1
+        header = msgpack.Packer().pack_array_header(end - start)
+        writer.write((len(header) + size).to_bytes(4, "big") + header + b"".join(records[start:end]))
+        start = end
 
 
 def _record(key: str, chunk: ModelChunk) -> list:

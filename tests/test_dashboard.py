@@ -20,7 +20,7 @@ def exported_metrics() -> dict[str, set[str]]:
         labels = set(re.findall(r'"(\w+)"', rest.split("BUCKETS_S")[-1] if kind == "Histogram" else rest))
         labels |= {label for alias, names in label_sets.items() if alias in rest for label in names}
         labels = {label for label in labels if label in ("model", "replica", "rank", "layer", "expert",
-                                                         "finished_reason", "status", "api", "reason", "outcome", "when")}
+                                                         "finished_reason", "status", "api", "reason", "outcome", "when", "path")}
         series = [f"ray_{name}{suffix}" for suffix in ("_bucket", "_count", "_sum")] if kind == "Histogram" \
             else [f"ray_{name}"]
         for s in series:

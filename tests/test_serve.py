@@ -317,12 +317,26 @@ def test_merged_streams_arrive_whole_and_in_order_while_one_of_them_is_cancelled
         await client.close()
         return results[:-1]
 
+    url, name = f"{serve_app.http}/metrics", "ray_gptoss_gateway_received_tokens_total"
+
+    def received() -> dict[str, float]:
+        return {path: metric_total(url, name, f'path="{path}"', at_least=0) for path in ("channel", "call")}
+
+    # One request first: the model server connects to the gateway's channel in the background meanwhile.
+    start = received()
+    warm_up = requests.post(f"{serve_app.http}/v1/completions", timeout=60,
+                            json={"model": "tiny-test", "prompt": [5, 6, 7], "max_tokens": 2})
+    deadline = time.monotonic() + 30
+    while sum((before := received()).values()) < sum(start.values()) + warm_up.json()["usage"]["completion_tokens"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     got = asyncio.run(all_at_once())
     for chunks, want in zip(got, expected, strict=True):
         assert "".join(chunks) == decode(want)
     stats = kv_settles_empty(serve_app)
     assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
-    url = f"{serve_app.http}/metrics"
-    via_channel = metric_total(url, "ray_gptoss_gateway_received_tokens_total", 'path="channel"',
-                               at_least=23 * 23)
-    assert via_channel >= 23 * 23  # all but the last token of each of the 23 finished streams, at least
+    # The 23 finished streams' tokens came over the channel, but for each one's last chunk in its call.
+    total = sum(len(want) for want in expected)
+    channel = metric_total(url, name, 'path="channel"', at_least=before["channel"] + total - 23) - before["channel"]
+    call = metric_total(url, name, 'path="call"', at_least=before["call"] + 23) - before["call"]
+    assert (channel, call) == (total - 23, 23)

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from engine.outputs import RequestOutput, TokenLogprobs
-from serve.errors import ReplicaUnavailableError
+from serve import token_channel
+from serve.errors import ReplicaUnavailableError, TokenChannelError
 from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of
 from serve.token_channel import TokenInbox, TokenOutbox, call_chunks
 
@@ -33,21 +34,29 @@ async def model_server_call(link, key: str, count: int, gap_s: float = 0.0, logp
         sent += 1
 
 
+async def connected(outbox: TokenOutbox, address: ChannelAddress):
+    """The link once its background connection is up (None: the gateway turned out unreachable)."""
+    assert outbox.link(address) is None  # the first ask starts the connection; the call carries meanwhile
+    await outbox._links[(address.host, address.port)]  # noqa: SLF001 - wait for that connection
+    return outbox.link(address)
+
+
 async def pair():
     inbox = TokenInbox("127.0.0.1")
     address = await inbox.address()
     outbox = TokenOutbox("ms-1")
-    link = await outbox.link(address)
+    link = await connected(outbox, address)
     assert link is not None
     return inbox, outbox, link
 
 
-def test_many_streams_share_one_connection_and_each_gets_its_tokens_in_order_with_one_cancelled():
+def test_many_streams_share_one_connection_and_each_gets_its_tokens_in_order_with_one_cancelled(monkeypatch):
     async def main():
         inbox, outbox, link = await pair()
-        frames = []
-        write_frame = link.write_frame
-        link.write_frame = lambda frame: (frames.append(len(frame)), write_frame(frame))[1]
+        frames = []  # records per frame written
+        write_records = token_channel._write_records
+        monkeypatch.setattr(token_channel, "_write_records",
+                            lambda writer, records: (frames.append(len(records)), write_records(writer, records)))
 
         async def stream(key: str, count: int, cancel_after: int | None = None):
             tokens, last = [], None
@@ -115,13 +124,15 @@ def test_the_last_chunk_waits_for_the_tokens_sent_before_it_over_the_channel():
         async def short_call():
             yield ModelChunk((103,), None, "stop", 5, 4, 0, "ms-1", channel_tokens_before=3)
 
-        with pytest.raises(ReplicaUnavailableError, match="3 tokens over the token channel, 0 arrived"):
+        with pytest.raises(TokenChannelError, match="3 tokens over the token channel, 0 arrived"):
             [c async for c in call_chunks(short_call(), asyncio.Queue(), 0.1)]
 
     asyncio.run(main())
 
 
-def test_an_error_of_the_call_reaches_the_gateway_after_the_tokens_before_it():
+def test_an_error_of_the_call_is_raised_and_what_came_before_it_is_an_in_order_prefix():
+    """Only a call's last chunk waits for its channel tokens; an error ends the stream at once (the
+    gateway moves it on with exactly the tokens it passed on)."""
     async def main():
         inbox, outbox, link = await pair()
 
@@ -136,7 +147,7 @@ def test_an_error_of_the_call_reaches_the_gateway_after_the_tokens_before_it():
         with pytest.raises(ReplicaUnavailableError, match="group failed"):
             async for chunk in call_chunks(failing_call(), inbox.open("a"), 5.0):
                 tokens += chunk.token_ids
-        assert tokens == [100, 101, 102]
+        assert tokens == [100, 101, 102][:len(tokens)]
         outbox.close()
         inbox.stop()
 
@@ -149,29 +160,80 @@ def test_a_connection_that_breaks_fails_its_open_streams_as_a_replica_failure():
         queue = inbox.open("a")
         link.send("a", output("a", 0, 10))
         assert (await asyncio.wait_for(queue.get(), 5)).token_ids == (100,)
-        outbox.close()  # the model server replica went away
+        link.send("a", output("a", 1, 10))
+        outbox.close()  # the model server replica went away, after sending what it had queued
+        assert (await asyncio.wait_for(queue.get(), 5)).token_ids == (101,)
         error = await asyncio.wait_for(queue.get(), 5)
-        assert isinstance(error, ReplicaUnavailableError) and error.replica_id == "ms-1"
+        assert isinstance(error, TokenChannelError) and "ms-1" in str(error)
+        assert link.broken is not None
+        with pytest.raises(TokenChannelError):
+            link.send("a", output("a", 2, 10))
         inbox.stop()
 
     asyncio.run(main())
 
 
-def test_a_connection_without_the_gateways_secret_is_not_read():
+def test_a_connection_without_the_gateways_secret_is_refused_and_its_streams_go_in_their_calls():
     async def main():
         inbox = TokenInbox("127.0.0.1")
         address = await inbox.address()
         queue = inbox.open("a")
-        stranger = await TokenOutbox("intruder").link(ChannelAddress(address.host, address.port, b"0" * 16))
-        stranger.send("a", output("a", 0, 10))
-        await asyncio.sleep(0.2)
+        stranger = TokenOutbox("intruder")
+        assert await connected(stranger, ChannelAddress(address.host, address.port, b"0" * 16)) is None
+        assert stranger.link(address) is None  # not tried again for a while: no stall per request
+        await asyncio.sleep(0.1)
         assert queue.empty()
-        assert stranger.broken is not None  # the gateway hung up on it
-        with pytest.raises(ConnectionError):
-            stranger.send("a", output("a", 1, 10))
         inbox.stop()
 
     asyncio.run(main())
+
+
+def test_a_malformed_frame_closes_the_connection_and_fails_its_open_streams():
+    async def main():
+        inbox, outbox, link = await pair()
+        queue = inbox.open("a")
+        link.send("a", output("a", 0, 10))
+        assert (await asyncio.wait_for(queue.get(), 5)).token_ids == (100,)
+        link._writer.write((5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1")  # noqa: SLF001 - not msgpack
+        assert isinstance(await asyncio.wait_for(queue.get(), 5), TokenChannelError)
+        await asyncio.sleep(0.1)
+        assert link.broken is not None  # the gateway hung up: the next stream reconnects
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_records_for_a_closed_key_are_dropped_and_others_still_arrive():
+    async def main():
+        inbox, outbox, link = await pair()
+        kept, dropped = inbox.open("kept"), inbox.open("dropped")
+        inbox.close("dropped")
+        link.send("dropped", output("dropped", 0, 10))
+        link.send("kept", output("kept", 0, 10))
+        assert (await asyncio.wait_for(kept.get(), 5)).token_ids == (100,)
+        assert dropped.empty()
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
+
+
+def test_a_backlog_goes_out_in_frames_of_bounded_size():
+    class Writer:
+        def __init__(self):
+            self.frames = []
+
+        def write(self, data: bytes):
+            self.frames.append(data)
+
+    records = [bytes(300 << 10) for _ in range(10)] + [bytes(3 << 20)]  # 3 MiB alone, over the target
+    writer = Writer()
+    token_channel._write_records(writer, records)
+    sizes = [int.from_bytes(f[:4], "big") for f in writer.frames]
+    assert all(size == len(f) - 4 for size, f in zip(sizes, writer.frames, strict=True))
+    assert max(sizes[:-1]) <= token_channel._FRAME_TARGET_BYTES and sizes[-1] > 3 << 20
+    assert len(writer.frames) == 5  # 3 + 3 + 3 + 1 records of 300 KiB, then the big one alone
 
 
 def test_an_unreachable_gateway_gives_no_link_so_the_call_carries_the_tokens():
@@ -180,6 +242,6 @@ def test_an_unreachable_gateway_gives_no_link_so_the_call_carries_the_tokens():
         address = await inbox.address()
         inbox.stop()
         await asyncio.sleep(0.05)
-        assert await TokenOutbox("ms-1").link(address) is None
+        assert await connected(TokenOutbox("ms-1"), address) is None
 
     asyncio.run(main())
