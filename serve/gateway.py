@@ -34,7 +34,7 @@ from serve.choices import ChoiceAssembler, ChoiceEvent, ChoiceUsage
 from serve.config import AppConfig
 from serve.errors import ReplicaUnavailableError, TokenChannelError, unwrap
 from serve.metrics import GatewayMetrics
-from serve.model_protocol import ChannelAddress, ModelInfo, ModelRequest
+from serve.model_protocol import ModelInfo, ModelRequest
 from serve.replica_sets import REPLICA_SETS, deployment_key
 from serve.responses_protocol import ResponseBuilder, ResponsesCall, admit_responses_turn, stored_record
 from serve.stream_merge import MergePolicy, merge_stream
@@ -177,12 +177,9 @@ class GatewayService:
         channel = config.gateway.token_channel and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true")
         self._inbox = TokenInbox(ray.util.get_node_ip_address()) if channel else None
         self._inbox_retry_at = 0.0
-        self._inbox_address: ChannelAddress | None = None
         self._channel_keys = itertools.count()
         self._num_channel_streams = 0  # open calls whose tokens come over the channel: what merging adapts to
-        ms = config.model_server
-        self._merge_policy = MergePolicy(ms.stream_interval_ms / 1000, ms.stream_merge_streams_per_token,
-                                         ms.stream_merge_max_wait_ms / 1000)
+        self._merge_policy = MergePolicy.of(config.model_server)
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -388,11 +385,9 @@ class GatewayService:
         outcome = "error"
         try:
             while True:
-                key, queue = await self._open_channel_key()
+                call_request, queue = await self._on_channel(model_request)
                 chunks = None
                 try:
-                    call_request = model_request if queue is None else dataclasses.replace(
-                        model_request, reply_to=self._inbox_address, channel_key=key)
                     choice.stream, choice.moving = self._streaming.generate.remote(call_request), False
                     request.streams.append(choice.stream)
                     # Over the channel, chunks first become Ray messages here (to the proxy): merged here.
@@ -440,7 +435,7 @@ class GatewayService:
                 finally:
                     self._untrack(choice)
                     if queue is not None:
-                        self._inbox.close(key)
+                        self._inbox.close(call_request.channel_key)
                         self._num_channel_streams -= 1
                         if chunks is not None:
                             await chunks.aclose()
@@ -474,22 +469,21 @@ class GatewayService:
             if num_moves:
                 self.metrics.migrated_outcome(outcome)
 
-    async def _open_channel_key(self) -> tuple[str, asyncio.Queue | None]:
-        """A new key on this replica's token channel and its queue (no queue: the channel is off, or
-        cannot listen now: the call carries the tokens)."""
+    async def _on_channel(self, model_request: ModelRequest) -> tuple[ModelRequest, asyncio.Queue | None]:
+        """The call's request with a new key on this replica's token channel, and that key's queue (no
+        queue: the channel is off, or cannot listen now, and the call carries the tokens)."""
         if self._inbox is None or time.monotonic() < self._inbox_retry_at:
-            return "", None
-        if self._inbox_address is None:
-            try:
-                self._inbox_address = await self._inbox.address()
-            except OSError as e:
-                logger.warning("token channel: cannot listen (%s); streams come in their Serve calls for the "
-                               "next %g s", e, _INBOX_RETRY_S)
-                self._inbox_retry_at = time.monotonic() + _INBOX_RETRY_S
-                return "", None
+            return model_request, None
+        try:
+            address = await self._inbox.address()
+        except OSError as e:
+            logger.warning("token channel: cannot listen (%s); streams come in their Serve calls for the next "
+                           "%g s", e, _INBOX_RETRY_S)
+            self._inbox_retry_at = time.monotonic() + _INBOX_RETRY_S
+            return model_request, None
         key = str(next(self._channel_keys))
         self._num_channel_streams += 1
-        return key, self._inbox.open(key)
+        return dataclasses.replace(model_request, reply_to=address, channel_key=key), self._inbox.open(key)
 
     def _moved(self, model_request: ModelRequest, generated: list[int], left_replica_id: str) -> ModelRequest:
         """The request for the group a choice moves to: the prompt and what was generated so far (the

@@ -49,9 +49,7 @@ class ModelServer:
         checkpoint = config.checkpoint_path()  # the embedded default model is written here on first use
         self.group = EPGroup(config.group_config(checkpoint, name=f"group-{self.replica_id}", device=device))
         self.metrics = ModelServerMetrics(config.served_model_name(), self.replica_id)
-        ms = config.model_server
-        self._merge_policy = MergePolicy(ms.stream_interval_ms / 1000, ms.stream_merge_streams_per_token,
-                                         ms.stream_merge_max_wait_ms / 1000)
+        self._merge_policy = MergePolicy.of(config.model_server)
         self._num_open_streams = 0
         self._outbox = TokenOutbox(self.replica_id)
         self._last_progress_log = 0.0

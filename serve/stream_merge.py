@@ -28,6 +28,12 @@ class MergePolicy:
     streams_per_token: int = 0
     max_wait_s: float = 0.0
 
+    @classmethod
+    def of(cls, model_server) -> MergePolicy:
+        """The policy `model_server.stream_*` (serve.config.ModelServerSection) ask for."""
+        return cls(model_server.stream_interval_ms / 1000, model_server.stream_merge_streams_per_token,
+                   model_server.stream_merge_max_wait_ms / 1000)
+
     def target_tokens(self, num_open_streams: int) -> int:
         if self.streams_per_token <= 0 or self.max_wait_s <= 0:
             return 1

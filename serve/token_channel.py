@@ -63,17 +63,24 @@ class TokenInbox:
         self._secret = secrets.token_bytes(16)
         self._server: asyncio.Server | None = None
         self._starting: asyncio.Future | None = None
+        self._address: ChannelAddress | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._sources: dict[str, object] = {}  # key -> the connection its records came on
         self._connections: set[asyncio.StreamWriter] = set()
 
     async def address(self) -> ChannelAddress:
-        """Starts listening on first use (an ephemeral port on `host`)."""
-        if self._server is None:
+        """Starts listening on first use (an ephemeral port on `host`). Raises OSError when it cannot;
+        the next call tries again."""
+        if self._address is None:
             if self._starting is None:
                 self._starting = asyncio.ensure_future(asyncio.start_server(self._serve, self._host, 0))
-            self._server = await asyncio.shield(self._starting)
-        return ChannelAddress(self._host, self._server.sockets[0].getsockname()[1], self._secret)
+            try:
+                self._server = await asyncio.shield(self._starting)
+            except OSError:
+                self._starting = None
+                raise
+            self._address = ChannelAddress(self._host, self._server.sockets[0].getsockname()[1], self._secret)
+        return self._address
 
     def open(self, key: str) -> asyncio.Queue:
         """The queue the records of `key` go to (ModelChunks; a TokenChannelError when their
@@ -257,8 +264,7 @@ class _InCall:
 async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, last_tokens_wait_s: float
                       ) -> AsyncIterator[ModelChunk]:
     """One model server call's chunks in order, whichever way each came: over the channel (into `queue`)
-    or in the call. Chunks that arrived together are merged (a gateway that falls behind sends fewer,
-    fuller events). The call's errors are raised; a last chunk whose channel tokens do not all arrive
+    or in the call (merge_stream merges what is ready). The call's errors are raised; a last chunk whose channel tokens do not all arrive
     within `last_tokens_wait_s` raises TokenChannelError (the stream moves on elsewhere)."""
 
     async def follow_call() -> None:
@@ -301,12 +307,8 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                     continue
                 yield item.chunk
                 continue
-            chunks = [item]
-            while not queue.empty() and isinstance(queue._queue[0], ModelChunk):  # noqa: SLF001 - peek
-                chunks.append(queue.get_nowait())
-            merged = merge_chunks(chunks)
-            received += len(merged.token_ids)
-            yield merged
+            received += len(item.token_ids)
+            yield item
             if last is not None and received >= last.channel_tokens_before:
                 yield last
                 last = None

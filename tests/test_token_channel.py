@@ -245,3 +245,26 @@ def test_an_unreachable_gateway_gives_no_link_so_the_call_carries_the_tokens():
         assert await connected(TokenOutbox("ms-1"), address) is None
 
     asyncio.run(main())
+
+
+def test_a_gateway_that_cannot_listen_once_listens_on_the_next_try(monkeypatch):
+    real_start = asyncio.start_server
+    tries = []
+
+    async def start_server(*args, **kwargs):
+        tries.append(1)
+        if len(tries) == 1:
+            raise OSError("address not available")
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "start_server", start_server)
+
+    async def main():
+        inbox = TokenInbox("127.0.0.1")
+        with pytest.raises(OSError, match="address not available"):
+            await inbox.address()
+        address = await inbox.address()
+        assert address.port > 0 and await inbox.address() == address and len(tries) == 2
+        inbox.stop()
+
+    asyncio.run(main())
