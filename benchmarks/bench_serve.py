@@ -14,9 +14,12 @@ the model server replica, the rank actor, Ray's own processes (raylet, GCS, Serv
 the clients (this process). The serving path is proxy + gateway + model server: what a GPU node's
 cores pay per token beside the engine. `--preset tiny` makes the engine cheap enough to show the path.
 
-`--direct-ingress`: the clients reach the gateway replica's own ports (gateway.direct_ingress, Ray
-Serve's direct ingress), no Serve proxy on the way. `--no-token-channel`: every chunk comes to the
-gateway in its Serve call (gateway.token_channel off), as before the channel.
+The clients reach the gateway replica's own ports (Serve's direct ingress, what `gptoss-serve serve`
+starts with one gateway replica); `--serve-proxy`: they go through Serve's proxies
+(gateway.direct_ingress false). `--no-token-channel`: every chunk comes to the gateway in its Serve call
+(gateway.token_channel off), as before the channel. Both APIs are warmed up before either is measured
+(a fresh gateway's first requests pay for connections and caches, which would otherwise land on the
+first API measured).
 """
 
 from __future__ import annotations
@@ -152,8 +155,9 @@ def main() -> int:
                         help="model_server.stream_merge_streams_per_token (default: the config's; 0: off)")
     parser.add_argument("--merge-max-wait-ms", type=float, default=None,
                         help="model_server.stream_merge_max_wait_ms (default: the config's)")
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="gateway.direct_ingress: clients reach the gateway replica's own ports, no Serve proxy")
+    parser.add_argument("--serve-proxy", action="store_true",
+                        help="gateway.direct_ingress false: clients go through Serve's proxies, not to the gateway "
+                             "replica's own ports")
     parser.add_argument("--no-token-channel", action="store_true",
                         help="gateway.token_channel off: every chunk is a Ray message in its Serve call")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
@@ -169,7 +173,8 @@ def main() -> int:
         "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms} | {
             key: value for key, value in (("stream_merge_streams_per_token", args.merge_streams_per_token),
                                           ("stream_merge_max_wait_ms", args.merge_max_wait_ms)) if value is not None},
-        "gateway": {"num_cpus": 0, "token_channel": not args.no_token_channel},
+        "gateway": {"num_cpus": 0, "token_channel": not args.no_token_channel,
+                    "direct_ingress": not args.serve_proxy},
     })
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())
     print(f"# bench_serve  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}  "
@@ -181,7 +186,7 @@ def main() -> int:
     # Logical CPUs for scheduling only: the rank takes every core, the replica and gateway bundles a sliver.
     ports = (free_port(), free_port())  # the clients': Serve's proxies, or the gateway replica itself
     proxy_ports = ports
-    if args.direct_ingress:  # read at import by every Serve process: set before the cluster starts
+    if not args.serve_proxy:  # read at import by every Serve process: set before the cluster starts
         proxy_ports = direct_ingress_environment(parse_config({"http": {"port": ports[0]}, "grpc": {"port": ports[1]}}))
     ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
     results: dict[tuple[str, int], dict] = {}
@@ -248,6 +253,9 @@ async def bench_endpoints(config, args, results: dict, ports: tuple[int, int], p
             async for reply in stub.Generate(request):
                 trace.tokens(len(reply.token_ids))
 
+        warm_up = make_questions(8, seed=7)
+        await drive(over_http, warm_up, 4)
+        await drive(over_grpc, warm_up, 4)
         for n in args.concurrency:  # the two APIs alternate at each level
             results[("http", n)] = await measure(over_http, n, args.requests_per_client, seed=n)
             results[("grpc", n)] = await measure(over_grpc, n, args.requests_per_client, seed=n)
@@ -268,7 +276,7 @@ def report(results: dict, args) -> int:
     print(f"# merging: a chunk waits for 1 + open streams // {ms[0]} tokens, at most {ms[1]:g} ms "
           f"(model_server.stream_merge_*)")
     print(f"# token channel {'off' if args.no_token_channel else 'on'}; clients reach "
-          f"{'the gateway replica itself (direct ingress)' if args.direct_ingress else 'Serve proxies'}")
+          f"{'Serve proxies' if args.serve_proxy else 'the gateway replica itself (direct ingress)'}")
     print(f"{'side':<7}{'clients':>8}{'tokens/s':>10}{'vs group':>10}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}"
           f"{'p99':>8}{'+TTFT p50':>11}{'tok/chunk':>10}{'chunk gap p99':>14}")
     rows = []
@@ -294,7 +302,7 @@ def report(results: dict, args) -> int:
         figures |= {f"serve_cpu_ms_per_token_{api}_at_{n}": results[(api, n)]["cpu_ms_per_token"]["serving_path"]
                     for n in args.concurrency for api in ("http", "grpc")}
         print(json.dumps({
-            "benchmark": "bench_serve", "git": git_revision(), "direct_ingress": args.direct_ingress,
+            "benchmark": "bench_serve", "git": git_revision(), "direct_ingress": not args.serve_proxy,
             "token_channel": not args.no_token_channel,
             "ttft_overhead_p50_ms": max(results[("http", low)]["ttft_overhead_p50_ms"],
                                         results[("grpc", low)]["ttft_overhead_p50_ms"]),

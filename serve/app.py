@@ -46,8 +46,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def build_app_from_config(config: AppConfig) -> Application:
     device = resolve_device(config.group.device)
-    if config.gateway.direct_ingress and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
-        logger.warning("gateway.direct_ingress is set, but this Ray was not started with "
+    if config.gateway.direct_ingress is True and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        logger.warning("gateway.direct_ingress is true, but this Ray was not started with "
                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1: requests come through Serve's proxies")
     ms = config.model_server
     model_server = serve.deployment(ModelServer).options(

@@ -90,11 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"note: the cluster's gRPC proxies take messages up to their own RAY_SERVE_GRPC_MAX_MESSAGE_SIZE; set "
               f"it to {grpc_limit} (gateway.max_request_bytes) on every node so that larger ones are refused "
               f"there, not only by the gateway", file=sys.stderr)
-    direct = config.gateway.direct_ingress
+    direct = address is None and config.gateway.uses_direct_ingress()
     proxy_ports = (config.http.port, config.grpc.port)
-    if direct and address is None:
+    if direct:
         proxy_ports = direct_ingress_environment(config)
-    elif direct:
+    elif address is not None and config.gateway.direct_ingress:
         print("note: with --address the cluster decides on direct ingress: set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
               "(and the RAY_SERVE_DIRECT_INGRESS_*_PORT ranges) on every node before Ray starts", file=sys.stderr)
     # Without --address (or RAY_ADDRESS) a Ray of its own: plain ray.init() would join any Ray already
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
         scheme = "https" if h.ssl_certfile else "http"
         ingress = ""
-        if direct and address is None:
+        if direct:
             n = config.gateway.num_replicas
             ingress = ("direct ingress: the gateway replica serves these ports itself" + (
                 "" if n == 1 else f" (replica i of a node: port + i, i < {n})") +
@@ -192,7 +192,7 @@ class _StopSignal:
 
 def _with_overrides(config, args: argparse.Namespace):
     """The config with the command line's --checkpoint / --host / --http-port / --grpc-port /
-    --direct-ingress applied."""
+    --direct-ingress / --serve-proxy applied."""
     from serve.config import parse_config
 
     raw = config.model_dump()
@@ -518,8 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="overrides http.host (0.0.0.0: every interface)")
     p.add_argument("--http-port", type=int, help="overrides http.port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="overrides grpc.port (default 9000)")
-    p.add_argument("--direct-ingress", action="store_true", default=None,
-                   help="sets gateway.direct_ingress: the gateway replica serves the ports itself, no Serve proxy")
+    ingress = p.add_mutually_exclusive_group()
+    ingress.add_argument("--direct-ingress", dest="direct_ingress", action="store_const", const=True, default=None,
+                         help="gateway.direct_ingress true: the gateway replicas serve the ports themselves, no Serve "
+                              "proxy (the default with one gateway replica)")
+    ingress.add_argument("--serve-proxy", dest="direct_ingress", action="store_const", const=False,
+                         help="gateway.direct_ingress false: clients reach the gateway through Serve's proxies")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("batch", help="run a file of chats or token-id prompts on Ray Data (resumable)")

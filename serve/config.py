@@ -212,12 +212,18 @@ class GatewaySection(_Section):
         30.0, description="A moving stream whose only groups left are ones this gateway saw fail waits up to this "
                           "long for Serve to replace them (a failed move there does not count against "
                           "max_migrations), then fails.")
-    direct_ingress: bool = Field(
-        False, description="`gptoss-serve serve` starts Ray with Serve's direct ingress: each gateway replica "
-                           "serves HTTP and gRPC on http.port / grpc.port itself (replica i of one node on port + i), "
-                           "with no Serve proxy on the way (about half of the CPU per streamed token). On a "
-                           "cluster of your own (--address, KubeRay) the cluster decides: set "
-                           "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on every node before Ray starts.")
+    direct_ingress: bool | None = Field(
+        None, description="Serve's direct ingress where `gptoss-serve serve` starts Ray: each gateway replica serves "
+                          "HTTP and gRPC on http.port / grpc.port itself (replica i of one node on port + i), with no "
+                          "Serve proxy on the way (a half to a third of the CPU per streamed token). Unset: on when "
+                          "one gateway replica serves, else Serve's proxies (they put several replicas behind one "
+                          "port). On a cluster of your own (--address, KubeRay) the cluster decides: set "
+                          "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on every node before Ray starts.")
+
+    def uses_direct_ingress(self) -> bool:
+        """Whether a Ray that `gptoss-serve serve` starts gets Serve's direct ingress."""
+        return self.direct_ingress if self.direct_ingress is not None else self.num_replicas == 1
+
     token_channel: bool = Field(
         True, description="Model servers send each gateway replica the tokens of all its streams as one message "
                           "per engine step over a TCP connection (an ephemeral port on the gateway's node IP, "

@@ -83,10 +83,13 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
                 ready.clear()
                 remaining = state["first_at"] + policy.max_wait_s - time.monotonic()
                 if remaining > 0:
+                    # A timer that sets the event: asyncio.wait_for would wrap the wait in a task and
+                    # cancel it on every chunk that does not fill, which under load is most of them.
+                    timer = asyncio.get_running_loop().call_later(remaining, ready.set)
                     try:
-                        await asyncio.wait_for(ready.wait(), remaining)
-                    except TimeoutError:
-                        pass
+                        await ready.wait()
+                    finally:
+                        timer.cancel()
             items = buffered[:]
             buffered.clear()
             state["tokens"] = 0

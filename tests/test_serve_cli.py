@@ -15,7 +15,7 @@ import grpc
 import pytest
 import requests
 
-from serve.cli import main
+from serve.cli import _with_overrides, build_parser, main
 from serve.config import AppConfig, ConfigError, parse_config
 from serve.proto.gptoss.v1 import gptoss_pb2 as pb
 from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
@@ -79,6 +79,17 @@ def test_the_config_converts_to_the_lower_layers_configs():
         parse_config({"engine": {"max_model_len": 1}}).engine_config()
 
 
+@pytest.mark.parametrize("gateway, direct", [({}, True), ({"num_replicas": 2}, False),
+                                             ({"num_replicas": 2, "direct_ingress": True}, True),
+                                             ({"direct_ingress": False}, False)])
+def test_direct_ingress_is_the_default_only_where_one_gateway_replica_serves_the_ports(gateway, direct):
+    """Several gateway replicas on one node would each take their own port: Serve's proxies put them behind
+    one, unless the config asks for direct ingress anyway."""
+    assert parse_config({"gateway": gateway}).gateway.uses_direct_ingress() is direct
+    args = build_parser().parse_args(["serve", "--serve-proxy"])
+    assert _with_overrides(parse_config({"gateway": gateway}), args).gateway.uses_direct_ingress() is False
+
+
 def start_server(*args: str) -> subprocess.Popen:
     """`gptoss-serve serve ARGS` as a subprocess with its own Ray instance (not the tests' cluster)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -126,7 +137,8 @@ def test_the_default_config_serves_the_embedded_model_and_stops_on_ctrl_c(tmp_pa
             assert time.monotonic() < deadline, metrics[:2000]
             time.sleep(1)
         assert "# TYPE ray_gptoss_generation_tokens_total counter" in metrics
-        # Serve's gRPC proxy refuses a message over gateway.max_request_bytes (8 MiB by default) itself.
+        # The gRPC server (the gateway replica's own) refuses a message over gateway.max_request_bytes
+        # (8 MiB by default) itself.
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]) \
                 as channel:
             with pytest.raises(grpc.RpcError) as info:
@@ -135,17 +147,19 @@ def test_the_default_config_serves_the_embedded_model_and_stops_on_ctrl_c(tmp_pa
         output = stop_server(process)
         assert f"http://127.0.0.1:{http_port}/v1" in output and "shutting down" in output
         assert f"metrics:    http://127.0.0.1:{http_port}/metrics" in output
+        # One gateway replica: it serves the ports itself (Serve's direct ingress), no proxy on the way.
+        assert "direct ingress: the gateway replica serves these ports itself" in output
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
-def test_direct_ingress_serves_http_and_grpc_from_the_gateway_replica_itself():
-    """gateway.direct_ingress: the gateway replica listens on http.port / grpc.port itself (Serve's proxy
-    moves to other ports), streams over both APIs, and refuses oversized gRPC messages there too."""
+def test_through_serve_proxies_both_apis_stream_refuse_oversized_messages_and_abort_on_disconnect():
+    """--serve-proxy (gateway.direct_ingress false): the clients reach the gateway through Serve's proxies,
+    which stream over both APIs, refuse oversized gRPC messages, and pass a client's leaving on as an abort."""
     http_port, grpc_port = free_port(), free_port()
-    process = start_server("--http-port", str(http_port), "--grpc-port", str(grpc_port), "--direct-ingress")
+    process = start_server("--http-port", str(http_port), "--grpc-port", str(grpc_port), "--serve-proxy")
     try:
         [model] = wait_until_serving(process, f"http://127.0.0.1:{http_port}/v1/models").json()["data"]
         with requests.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", timeout=60, stream=True, json={
@@ -176,7 +190,7 @@ def test_direct_ingress_serves_http_and_grpc_from_the_gateway_replica_itself():
                                'finished_reason="abort"', at_least=2, timeout_s=60)
         assert aborted == 2
         output = stop_server(process)
-        assert "direct ingress: the gateway replica serves these ports itself" in output
+        assert "direct ingress" not in output
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
