@@ -219,11 +219,6 @@ class GatewaySection(_Section):
                           "one gateway replica serves, else Serve's proxies (they put several replicas behind one "
                           "port). On a cluster of your own (--address, KubeRay) the cluster decides: set "
                           "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on every node before Ray starts.")
-
-    def uses_direct_ingress(self) -> bool:
-        """Whether a Ray that `gptoss-serve serve` starts gets Serve's direct ingress."""
-        return self.direct_ingress if self.direct_ingress is not None else self.num_replicas == 1
-
     token_channel: bool = Field(
         True, description="Model servers send each gateway replica the tokens of all its streams as one message "
                           "per engine step over a TCP connection (an ephemeral port on the gateway's node IP, "
@@ -246,6 +241,10 @@ class GatewaySection(_Section):
     response_store_bytes: PositiveInt = Field(
         256 << 20, description="Bytes of stored responses (their items as JSON) kept in all, in the store "
                                "deployment's process.")
+
+    def uses_direct_ingress(self) -> bool:
+        """Whether a Ray that `gptoss-serve serve` starts gets Serve's direct ingress."""
+        return self.direct_ingress if self.direct_ingress is not None else self.num_replicas == 1
 
 
 class BatchSection(_Section):

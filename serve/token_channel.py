@@ -264,8 +264,9 @@ class _InCall:
 async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, last_tokens_wait_s: float
                       ) -> AsyncIterator[ModelChunk]:
     """One model server call's chunks in order, whichever way each came: over the channel (into `queue`)
-    or in the call (merge_stream merges what is ready). The call's errors are raised; a last chunk whose channel tokens do not all arrive
-    within `last_tokens_wait_s` raises TokenChannelError (the stream moves on elsewhere)."""
+    or in the call (merge_stream merges what is ready). The call's errors are raised; a last chunk whose
+    channel tokens do not all arrive within `last_tokens_wait_s` raises TokenChannelError (the stream
+    moves on elsewhere)."""
 
     async def follow_call() -> None:
         try:
