@@ -6,7 +6,12 @@ the same run, on the same checkpoint and prompts (greedy, fixed output length).
 
 Per side and concurrency: output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (a chunk of k
 tokens after a gap g counts as k gaps of g/k), and the serving overhead against the group. The clients
-run in this process (aiohttp for HTTP/SSE, grpc.aio for gRPC) and share the cores with the server.
+run in this process (aiohttp for HTTP/SSE, grpc.aio for gRPC).
+
+Cores: the rank runs on half the cores, pinned, and everything else (the serving path, Ray, the clients)
+on the other half, on both sides (group and serving): on a GPU node the engine does not run on the
+serving path's cores, and a rank sharing them made what serving costs look like what the rank lost to
+it. `--engine-cores N` gives the rank N cores; `--engine-cores 0` lets everything share every core.
 
 Where the CPU goes: for each measurement, the CPU time (user + system, from /proc) each kind of
 process spent, per streamed token: the Serve proxy, the gateway replica (with its admission workers),
@@ -105,6 +110,37 @@ def cpu_seconds_by_kind() -> dict[str, float]:
     return totals
 
 
+def split_cores(engine_cores: int) -> tuple[set[int], set[int]]:
+    """(the rank's cores, everyone else's): the first `engine_cores` of this process's cores for the rank
+    and the rest for the serving path, Ray and the clients; 0 (or as many as there are): all share all."""
+    cores = sorted(os.sched_getaffinity(0))
+    if engine_cores <= 0 or engine_cores >= len(cores):
+        return set(cores), set(cores)
+    return set(cores[:engine_cores]), set(cores[engine_cores:])
+
+
+def pin_threads(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` onto `cores` (threads it starts later inherit the mask)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except (ProcessLookupError, FileNotFoundError):  # the thread ended meanwhile
+            pass
+
+
+def pin_ranks(cores: set[int]) -> None:
+    """The rank actors onto the engine's cores. They start on the others: Ray forks its workers from the
+    raylet, which inherited this process's mask."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if process_kind(int(entry.name), command.strip()) == "rank":
+                pin_threads(int(entry.name), cores)
+
+
 def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
     """Milliseconds of CPU per streamed token, per kind and for the serving path."""
     per = {kind: max(0.0, after.get(kind, 0.0) - before.get(kind, 0.0)) * 1000 / max(tokens, 1)
@@ -163,14 +199,18 @@ def main() -> int:
                              "replica's own ports")
     parser.add_argument("--no-token-channel", action="store_true",
                         help="gateway.token_channel off: every chunk is a Ray message in its Serve call")
+    parser.add_argument("--engine-cores", type=int, default=None,
+                        help="cores of the rank's own, the rest for the serving path, Ray and the clients "
+                             "(default: half; 0: all share all cores)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
 
     checkpoint = checkpoint_or_default(args.checkpoint, args.preset)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
+    engine_cores, other_cores = split_cores(cores // 2 if args.engine_cores is None else args.engine_cores)
     config = parse_config({
         "model": {"checkpoint": checkpoint, "dtype": "float32", "packed_experts": False, "name": "bench"},
-        "group": {"num_ranks": 1, "device": "cpu", "num_cpus_per_rank": cores},
+        "group": {"num_ranks": 1, "device": "cpu", "num_cpus_per_rank": len(engine_cores)},
         "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 1.0,
                    "enable_prefix_caching": False},
         "model_server": {"num_cpus": 0.01, "stream_interval_ms": args.stream_interval_ms} | {
@@ -184,9 +224,15 @@ def main() -> int:
           f"ray {ray.__version__}")
     print(f"# checkpoint {checkpoint} (float32), G=1, greedy, {args.max_tokens} tokens per request, chat prompts "
           f"of 8-120 words; {args.requests_per_client} requests per client (16 at least), each side after a "
-          f"warm-up round on the same questions; clients share the {cores} cores")
+          f"warm-up round on the same questions")
+    if engine_cores == other_cores:
+        print(f"# the rank, the serving path, Ray and the clients share all {cores} cores")
+    else:  # as on a GPU node, where the engine does not run on the serving path's cores
+        print(f"# the rank runs on cores {sorted(engine_cores)}; the serving path, Ray and the clients on "
+              f"{sorted(other_cores)}")
+        pin_threads(os.getpid(), other_cores)  # Ray's processes, started below, inherit the mask
 
-    # Logical CPUs for scheduling only: the rank takes every core, the replica and gateway bundles a sliver.
+    # Logical CPUs for scheduling only: the rank takes its cores, the replica and gateway bundles a sliver.
     ports = (free_port(), free_port())  # the clients': Serve's proxies, or the gateway replica itself
     proxy_ports = ports
     if not args.serve_proxy:  # read at import by every Serve process: set before the cluster starts
@@ -194,19 +240,20 @@ def main() -> int:
     ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
     results: dict[tuple[str, int], dict] = {}
     try:
-        asyncio.run(bench_group(config, sampling, args, results))
-        asyncio.run(bench_endpoints(config, args, results, ports, proxy_ports))
+        asyncio.run(bench_group(config, sampling, args, results, engine_cores))
+        asyncio.run(bench_endpoints(config, args, results, ports, proxy_ports, engine_cores))
     finally:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
-    return report(results, args)
+    return report(results, args, engine_cores if engine_cores != other_cores else set())
 
 
-async def bench_group(config, sampling: SamplingParams, args, results: dict) -> None:
+async def bench_group(config, sampling: SamplingParams, args, results: dict, engine_cores: set[int]) -> None:
     group = EPGroup(config.group_config(config.checkpoint_path(), name="bench-group"))
     await group.start()
+    pin_ranks(engine_cores)
     ids = iter(range(10**9))
 
     async def one(question: str, trace: Trace) -> None:
@@ -220,7 +267,8 @@ async def bench_group(config, sampling: SamplingParams, args, results: dict) -> 
         await group.shutdown()
 
 
-async def bench_endpoints(config, args, results: dict, ports: tuple[int, int], proxy_ports: tuple[int, int]) -> None:
+async def bench_endpoints(config, args, results: dict, ports: tuple[int, int], proxy_ports: tuple[int, int],
+                          engine_cores: set[int]) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
@@ -229,6 +277,7 @@ async def bench_endpoints(config, args, results: dict, ports: tuple[int, int], p
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=proxy_ports[0]),
                 grpc_options=gRPCOptions(port=proxy_ports[1], grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     serve.run(build_app_from_config(config), name="bench", route_prefix="/")
+    pin_ranks(engine_cores)
     http_port, grpc_port = ports
     url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
@@ -271,7 +320,8 @@ def config_defaults_or(args) -> tuple[int, float]:
             args.merge_max_wait_ms if args.merge_max_wait_ms is not None else defaults.stream_merge_max_wait_ms)
 
 
-def report(results: dict, args) -> int:
+def report(results: dict, args, engine_cores: set[int]) -> int:
+    """Prints the tables (and the JSON line); `engine_cores`: the rank's own cores, empty if shared."""
     ms = config_defaults_or(args)
     print(f"# merging: a chunk waits for 1 + open streams // {ms[0]} tokens, at most {ms[1]:g} ms "
           f"(model_server.stream_merge_*)")
@@ -303,7 +353,7 @@ def report(results: dict, args) -> int:
                     for n in args.concurrency for api in ("http", "grpc")}
         print(json.dumps({
             "benchmark": "bench_serve", "git": git_revision(), "direct_ingress": not args.serve_proxy,
-            "token_channel": not args.no_token_channel,
+            "token_channel": not args.no_token_channel, "engine_cores": sorted(engine_cores),
             "ttft_overhead_p50_ms": max(results[("http", low)]["ttft_overhead_p50_ms"],
                                         results[("grpc", low)]["ttft_overhead_p50_ms"]),
         } | figures | {"results": rows}))

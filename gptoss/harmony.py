@@ -26,7 +26,14 @@ from openai_harmony import (
 )
 from openai_harmony import ReasoningEffort as HarmonyReasoningEffort
 
-from gptoss.tokenizer import MESSAGE_END_IDS, MESSAGE_ID, START_ID, STOP_TOKEN_IDS, get_encoding
+from gptoss.tokenizer import (
+    MESSAGE_END_IDS,
+    MESSAGE_ID,
+    START_ID,
+    STARTOFTEXT_ID,
+    STOP_TOKEN_IDS,
+    get_encoding,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 CHANNELS = ("analysis", "commentary", "final")
@@ -294,6 +301,7 @@ class StreamingParser:
         self._num_skipped = 0
         self._last_token: int | None = None
         self._open: _OpenMessage | None = None
+        self._header: list[int] = []  # plain-text tokens of the header being read, not yet parsed
         self._channel_to_texts: dict[str, list[str]] = {c: [] for c in CHANNELS}
         self._tool_calls: list[tuple[str, list[str]]] = []  # (recipient, argument pieces)
         self._finished = False
@@ -315,6 +323,8 @@ class StreamingParser:
     def finish(self) -> list[StreamDelta]:
         """End of the completion: flushes a message cut off mid-content (e.g. by max_tokens)."""
         deltas: list[StreamDelta] = []
+        if self._header and self._parser is not None:  # counts the tokens of a cut-off header that broke it
+            self._feed_header()
         if not self._finished and self._open is not None and self._parser is not None:
             try:
                 self._parser.process_eos()
@@ -343,15 +353,18 @@ class StreamingParser:
         is_first = self._num_tokens == 0
         self._num_tokens += 1
         self._last_token = token
-        if self._parser is None:
-            if token == START_ID:
-                self._parser = StreamableParser(get_encoding(), None)
-            elif is_first:
-                # The prompt ended with <|start|>assistant, so the completion starts in the header.
-                self._parser = StreamableParser(get_encoding(), Role.ASSISTANT)
-            else:
-                self._num_skipped += 1
-                return
+        if self._parser is None and not self._start_parser(token, is_first):
+            self._num_skipped += 1
+            return
+        if self._open is None and token < STARTOFTEXT_ID:
+            # Plain text inside a header waits for the header's next special token: the harmony parser
+            # takes ~25 us per header token (~1 us per content token), and output that never ends its
+            # header (random weights, a model gone astray) would pay that on every token.
+            self._header.append(token)
+            return
+        if self._header and not self._feed_header() and not self._start_parser(token, False):
+            self._num_skipped += 1
+            return
         try:
             self._parser.process(token)
         except HarmonyError:
@@ -366,6 +379,31 @@ class StreamingParser:
             self._close(deltas)
         else:
             self._emit(self._parser.last_content_delta or "", deltas)
+
+    def _start_parser(self, token: int, is_first: bool) -> bool:
+        """A parser for the message `token` starts, if it starts one (False: skip to the next <|start|>)."""
+        if token == START_ID:
+            self._parser = StreamableParser(get_encoding(), None)
+        elif is_first:
+            # The prompt ended with <|start|>assistant, so the completion starts in the header.
+            self._parser = StreamableParser(get_encoding(), Role.ASSISTANT)
+        else:
+            return False
+        return True
+
+    def _feed_header(self) -> bool:
+        """Feeds the held header tokens to the parser; False if they broke the grammar (the message is
+        dropped, and they count as skipped from the one that broke it on, as if fed one by one)."""
+        assert self._parser is not None
+        header, self._header = self._header, []
+        for i, token in enumerate(header):
+            try:
+                self._parser.process(token)
+            except HarmonyError:
+                self._parser, self._open = None, None
+                self._num_skipped += len(header) - i
+                return False
+        return True
 
     def _open_message(self, deltas: list[StreamDelta]) -> None:
         assert self._parser is not None

@@ -318,6 +318,24 @@ def test_tokens_breaking_the_grammar_are_skipped_until_the_next_start() -> None:
     assert parser.num_skipped_tokens == len(_completion_ids(stray))
 
 
+def test_a_long_header_that_breaks_the_grammar_is_dropped_up_to_the_next_start() -> None:
+    # A header's plain text is held until its next special token (random weights never end a header);
+    # the message it broke is still dropped from the token that broke it, as when fed one by one.
+    broken = "<|message|>dropped<|end|>"
+    token_ids = _completion_ids(
+        "<|channel|>final<|message|>One.<|end|><|start|>assistant" + " header words" * 50 + broken
+        + "<|start|>assistant<|channel|>final<|message|> Two.<|return|>"
+    )
+
+    parser = StreamingParser()
+    for token in token_ids:
+        parser.feed(token)
+    parser.finish()
+
+    assert parser.result().final == "One. Two."
+    assert parser.num_skipped_tokens == len(_completion_ids(broken))
+
+
 def test_empty_completion_parses_as_truncated() -> None:
     assert parse_completion([]) == ParsedCompletion("", "", "", (), truncated=True)
 
