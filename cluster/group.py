@@ -33,12 +33,13 @@ from cluster.rank import (
     RankActor,
     RankBusyness,
     RankFailure,
+    RankHeartbeat,
     RankOutput,
     RankStats,
     RequestRejected,
 )
 from cluster.ray_calls import submit_outside_current_task
-from cluster.telemetry import Percentiles, RateWindow, token_delivery_s
+from cluster.telemetry import Percentiles, RateWindow, one_way_s, token_delivery_s
 from engine.outputs import RequestOutput
 from engine.routing import PrefixAffinity, prefix_routing_keys
 from engine.sampling_params import SamplingParams
@@ -119,6 +120,7 @@ class EPGroup:
         self._generation = 0
         self._token_rate = RateWindow()
         self._delivery_ms = Percentiles()
+        self._one_way_s: list[float] = []  # per rank: the transport to here, half a heartbeat's round trip
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class EPGroup:
         self._streams, self._open_ids = {}, {}
         self._num_open_per_rank = [0] * cfg.num_ranks
         self._busyness = [RankBusyness(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
+        self._one_way_s = [0.0] * cfg.num_ranks
         self._affinity = PrefixAffinity()
         self._tasks = [asyncio.create_task(self._pump(rank, r)) for rank, r in enumerate(self._ranks)]
         self._tasks.append(asyncio.create_task(self._watch_steps()))
@@ -416,13 +419,13 @@ class EPGroup:
 
     async def _pump(self, rank: int, handle) -> None:
         try:
-            while True:
-                asked = time.monotonic()
-                batch = await handle.take_outputs.remote()
+            await self._heartbeat(rank, handle)  # the first transport figure
+            async for batch_ref in handle.stream_outputs.remote():
+                batch = await batch_ref
                 now = time.monotonic()
                 for item in batch.items:
                     if isinstance(item, RankOutput):
-                        delivery_s = token_delivery_s(item.sampled_at_s, batch.sent_at_s, batch.waited_s, asked, now)
+                        delivery_s = token_delivery_s(item.sampled_at_s, batch.sent_at_s, self._one_way_s[rank])
                         self._deliver(item, delivery_s, now)
                     elif isinstance(item, RequestRejected):
                         stream = self._streams.get(item.request_id)
@@ -434,6 +437,7 @@ class EPGroup:
                     elif isinstance(item, RankFailure):
                         self._fail(f"rank {item.rank} failed: {item.message}", item.suspect_request_ids)
                         return
+            self._fail(f"rank {rank} ended its output stream")  # only a shutdown ends it
         except asyncio.CancelledError:
             raise
         except ray.exceptions.RayError as e:
@@ -460,7 +464,7 @@ class EPGroup:
             await asyncio.sleep(period_s)
             if not self._streams:
                 continue
-            beats = [asyncio.ensure_future(r.heartbeat.remote()) for r in self._ranks]
+            beats = [asyncio.ensure_future(self._heartbeat(rank, r)) for rank, r in enumerate(self._ranks)]
             _, pending = await asyncio.wait(beats, timeout=cfg.step_timeout_s)
             if pending:
                 for future in pending:
@@ -478,6 +482,13 @@ class EPGroup:
                 self._fail(f"rank {stuck[0].rank} has been in one step for {stuck[0].busy_s:.0f} s, "
                            f"past step_timeout_s={cfg.step_timeout_s:g} s (stuck)")
                 return
+
+    async def _heartbeat(self, rank: int, handle) -> RankHeartbeat:
+        """The rank's heartbeat; its round trip updates the rank's transport figure."""
+        asked = time.monotonic()
+        beat = await handle.heartbeat.remote()
+        self._one_way_s[rank] = one_way_s(asked, time.monotonic())
+        return beat
 
     def _fail(self, reason: str, suspect_request_ids: Sequence[str] = ()) -> None:
         """Fails the group: every open stream ends with GroupFailedError, except the requests of the step

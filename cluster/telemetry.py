@@ -44,19 +44,22 @@ class Percentiles:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def token_delivery_s(sampled_at_s: float, sent_at_s: float, waited_s: float, asked_at_s: float,
-                     received_at_s: float) -> float:
-    """How long a token took from its rank's step to the group: its age on the rank when the batch left
-    plus one way of the poll's transport, each a difference of one clock's readings (the two machines'
-    clocks may be seconds apart).
+def token_delivery_s(sampled_at_s: float, sent_at_s: float, one_way_s: float) -> float:
+    """How long a token took from its rank's step to the group: its age on the rank when its batch left
+    plus one way of the transport, each measured on one clock (the two machines' clocks may be seconds
+    apart, so a time read on one is never compared with a time read on the other).
 
     Args:
         sampled_at_s, sent_at_s: the rank's monotonic clock when its step sampled the token and when the
             batch holding it left.
-        waited_s: how long the poll waited on the rank for something to send (a duration, the rank's).
-        asked_at_s, received_at_s: the group's monotonic clock when it sent the poll and got the batch.
+        one_way_s: the transport from rank to group, `one_way_s` of a heartbeat (the group's clock).
     Returns:
-        seconds, >= 0; the transport is taken as half the round trip not spent waiting on the rank.
+        seconds, >= 0.
     """
-    transport_s = max(0.0, (received_at_s - asked_at_s) - waited_s) / 2
-    return max(0.0, sent_at_s - sampled_at_s) + transport_s
+    return max(0.0, sent_at_s - sampled_at_s) + one_way_s
+
+
+def one_way_s(asked_at_s: float, answered_at_s: float) -> float:
+    """Half the round trip of a call the rank answers at once (its heartbeat), on the caller's clock:
+    the transport taken as the same both ways."""
+    return max(0.0, answered_at_s - asked_at_s) / 2

@@ -221,8 +221,11 @@ def test_an_abort_that_overtakes_its_request_still_cancels_it(ray_cluster, check
         ray.get(rank.begin.remote())
         ray.get(rank.abort.remote("r#0"))
         ray.get(rank.add_request.remote("r#0", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0)))
-        outputs = [item.output for item in ray.get(rank.take_outputs.remote(), timeout=30).items
-                   if isinstance(item, RankOutput)]
+        output_stream = rank.stream_outputs.remote()
+        ready, _ = ray.wait([output_stream], timeout=30)
+        assert ready, "the rank sent no outputs within 30 s"
+        batch = ray.get(next(output_stream), timeout=30)
+        outputs = [item.output for item in batch.items if isinstance(item, RankOutput)]
         assert [(o.request_id, o.finish_reason, o.new_token_ids) for o in outputs] == [("r#0", "abort", ())]
         stats = ray.get(rank.stats.remote())
         assert stats.engine.num_running == stats.engine.num_waiting == stats.num_output_tokens == 0
