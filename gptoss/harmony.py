@@ -323,8 +323,6 @@ class StreamingParser:
     def finish(self) -> list[StreamDelta]:
         """End of the completion: flushes a message cut off mid-content (e.g. by max_tokens)."""
         deltas: list[StreamDelta] = []
-        if self._header and self._parser is not None:  # counts the tokens of a cut-off header that broke it
-            self._feed_header()
         if not self._finished and self._open is not None and self._parser is not None:
             try:
                 self._parser.process_eos()
@@ -332,7 +330,8 @@ class StreamingParser:
             except HarmonyError:  # malformed to the end: what was emitted stands, the rest is dropped
                 self._num_skipped += 1
             self._open = None
-        # A message cut off inside its header has no content yet, so there is nothing to flush.
+        # A message cut off inside its header has no content yet, so there is nothing to flush (nor is
+        # the header's held text parsed: harmony's parser raises on a header only at its special tokens).
         self._finished = True
         return merge_deltas(deltas)
 
@@ -377,6 +376,9 @@ class StreamingParser:
                 self._open_message(deltas)
         elif token in MESSAGE_END_IDS:
             self._close(deltas)
+            # Only a <|start|> may follow, and it starts a parser of its own: text held here as if in a
+            # header would otherwise be parsed (and found to break the grammar) only when the next one came.
+            self._parser = None
         else:
             self._emit(self._parser.last_content_delta or "", deltas)
 
