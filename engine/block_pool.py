@@ -46,6 +46,9 @@ class BlockPool:
         # (least recently used is evicted first); one that holds nothing reusable goes to the front.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self._cached: dict[BlockKey, KVBlock] = {}
+        # Free blocks that hold a cached prefix, kept as they move: counting them walked every free
+        # block, and stats ask for it ten times a second (~70% of an idle rank's CPU on the default model).
+        self._num_cached_free = 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -57,7 +60,8 @@ class BlockPool:
         return len(self._free)
 
     def get_num_cached_free_blocks(self) -> int:
-        return sum(1 for b in self._free.values() if b.cache_key is not None)
+        """Free blocks that still hold a reusable prefix."""
+        return self._num_cached_free
 
     def get_cached_block(self, key: BlockKey) -> KVBlock | None:
         return self._cached.get(key)
@@ -69,6 +73,7 @@ class BlockPool:
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
             if block.cache_key is not None:
+                self._num_cached_free -= 1
                 if self._cached.get(block.cache_key) is block:
                     del self._cached[block.cache_key]
                 block.cache_key = None
@@ -81,6 +86,7 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
+                self._num_cached_free -= block.cache_key is not None
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
@@ -95,9 +101,12 @@ class BlockPool:
                 self._free[block.block_id] = block
                 if block.cache_key is None:
                     self._free.move_to_end(block.block_id, last=False)
+                else:
+                    self._num_cached_free += 1
 
     def cache_block(self, block: KVBlock, key: BlockKey) -> None:
         """Registers a full, computed block under `key` (a first registration wins)."""
         if self.enable_caching and block.cache_key is None and key not in self._cached:
             block.cache_key = key
             self._cached[key] = block
+            self._num_cached_free += block.ref_cnt == 0  # (the engine registers blocks it holds)

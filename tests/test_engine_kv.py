@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, KVBlock
 from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheGroup, KVCacheManager, kv_cache_groups
 from engine.request import Request, RequestStatus
@@ -61,6 +63,28 @@ def test_block_pool_touching_a_cached_free_block_takes_it_off_the_free_list():
     pool.free([a])
     assert a.ref_cnt == 1 and pool.num_free_blocks == 2
     assert pool.null_block not in pool.allocate(2)
+
+
+def test_block_pool_counts_its_cached_free_blocks_through_any_sequence_of_moves():
+    rng = random.Random(0)
+    pool = BlockPool(12, enable_caching=True)
+    held: list[KVBlock] = []
+    for step in range(3000):
+        move = rng.randrange(4)
+        if move == 0 and pool.num_free_blocks:
+            held += pool.allocate(rng.randint(1, min(3, pool.num_free_blocks)))
+        elif move == 1 and held:
+            pool.free([held.pop(rng.randrange(len(held)))])
+        elif move == 2 and held:
+            pool.cache_block(rng.choice(held), (0, bytes([rng.randrange(6)])))
+        elif move == 3:
+            free_cached = [b for b in pool.blocks[1:] if b.ref_cnt == 0 and b.cache_key is not None]
+            if free_cached:
+                block = rng.choice(free_cached)
+                pool.touch([block])  # a prefix-cache hit on a free block
+                held.append(block)
+        expected = sum(1 for b in pool.blocks[1:] if b.ref_cnt == 0 and b.cache_key is not None)
+        assert pool.get_num_cached_free_blocks() == expected, step
 
 
 # --- KV cache manager ----------------------------------------------------------------------------
