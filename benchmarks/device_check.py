@@ -164,32 +164,30 @@ def check_serve(args, folder: Path) -> dict:
     from serve.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
     path = checkpoint(args.preset, folder)
-    http_port, grpc_port = free_port(), free_port()
     config = folder / "serve.yaml"
     config.write_text(f"model:\n  checkpoint: {path}\n  name: device-check\n"
                       f"group:\n  num_ranks: 1\n  device: {args.device}\n"
                       f"engine:\n  max_num_seqs: 16\n  kv_cache_gib: 0.25\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", str(config), "--host", "127.0.0.1",
-                                "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    failed_starts: list[str] = []
+    while True:
+        started = time.perf_counter()
+        process, http_port, grpc_port = start_server(config)
+        try:
+            failure = wait_until_up(process, f"http://127.0.0.1:{http_port}", args.serve_timeout_s)
+        except BaseException:
+            stop_server(process)
+            raise
+        if failure is None:
+            break
+        stop_server(process)
+        failed_starts.append(failure)
+        if len(failed_starts) == 2:
+            raise RuntimeError(" / then: ".join(failed_starts))
+        # Once seen in a full test run (not reproduced): the server exited while starting. Tried once more
+        # on fresh ports, and the failure is kept in the figures.
+        print(f"# serve: {failure}; starting once more", file=sys.stderr)
     base = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + args.serve_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"gptoss-serve serve exited with {process.returncode}: "
-                                   f"{process.stdout.read()[-2000:]}")
-            try:
-                if requests.get(f"{base}/v1/models", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not answer /v1/models within {args.serve_timeout_s} s")
-            time.sleep(1)
         up_s = time.perf_counter() - started
         started = time.perf_counter()
         reply = requests.post(f"{base}/v1/chat/completions", timeout=120, json={
@@ -207,15 +205,51 @@ def check_serve(args, folder: Path) -> dict:
         return {"device": args.device, "up_s": round(up_s, 1),
                 "http_chat_tokens": reply.json()["usage"]["completion_tokens"], "http_chat_s": round(http_s, 3),
                 "grpc_chat_tokens": messages[-1].usage.completion_tokens, "grpc_chat_s": round(grpc_s, 3),
-                "served_device": info.device, "served_dtype": info.dtype}
+                "served_device": info.device, "served_dtype": info.dtype} | (
+                    {"failed_starts": failed_starts} if failed_starts else {})
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_server(process)
+
+
+def start_server(config: Path) -> tuple[subprocess.Popen, int, int]:
+    """`gptoss-serve serve` on `config` in its own process group, on two free ports."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", str(config), "--host", "127.0.0.1",
+                                "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    return process, http_port, grpc_port
+
+
+def wait_until_up(process: subprocess.Popen, base: str, timeout_s: float) -> str | None:
+    """None once the server answers /v1/models; if it exits first, what it said last (its error first)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            lines = process.stdout.read().strip().splitlines()
+            return (f"gptoss-serve serve exited with {process.returncode}: {lines[-1] if lines else ''} "
+                    f"(its output's end: {' | '.join(lines[-25:])[-1500:]})")
+        try:
+            if requests.get(f"{base}/v1/models", timeout=10).status_code == 200:
+                return None
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not answer /v1/models within {timeout_s} s")
+        time.sleep(1)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 PARTS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {
@@ -245,7 +279,7 @@ def main() -> int:
             figures = PARTS[part](args, folder)
         except Exception as e:  # noqa: BLE001 - reported, and the other parts still run
             traceback.print_exc()
-            figures = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            figures = {"error": f"{type(e).__name__}: {str(e)[:4000]}"}
         figures["seconds"] = round(time.perf_counter() - started, 1)
         result[part] = figures
         print(f"# {part}: {json.dumps(figures)}", flush=True)

@@ -21,7 +21,7 @@ def test_the_device_check_runs_every_part_on_cpu_and_reports_them(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     errors = {part: result[part]["error"] for part in ("parity", "engine", "nccl", "serve") if "error" in result[part]}
-    assert not errors, errors
+    assert not errors, (errors, run.stderr[-4000:])  # stderr: each failed part's traceback
     parity = result["parity"]
     assert parity["identical_greedy_tokens"] and parity["max_abs_logit_diff"] == 0.0  # CPU against itself
     assert all(result["engine"][f"tokens_per_s_at_{n}"] > 0 for n in (1, 8, 32))
