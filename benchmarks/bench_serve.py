@@ -93,20 +93,29 @@ def process_kind(pid: int, command: str) -> str | None:
     return None
 
 
-def cpu_seconds_by_kind() -> dict[str, float]:
-    """CPU seconds (user + system) every live process has used so far, summed per kind."""
-    totals: dict[str, float] = {}
+def our_processes():
+    """(pid, kind, /proc entry) of every live process that is ours or Ray's."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # it exited meanwhile
             continue
         kind = process_kind(int(entry.name), command)
         if kind is not None:
-            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            yield int(entry.name), kind, entry
+
+
+def cpu_seconds_by_kind() -> dict[str, float]:
+    """CPU seconds (user + system) every live process has used so far, summed per kind."""
+    totals: dict[str, float] = {}
+    for _, kind, entry in our_processes():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return totals
 
 
@@ -114,7 +123,7 @@ def split_cores(engine_cores: int) -> tuple[set[int], set[int]]:
     """(the rank's cores, everyone else's): the first `engine_cores` of this process's cores for the rank
     and the rest for the serving path, Ray and the clients; 0 (or as many as there are): all share all."""
     cores = sorted(os.sched_getaffinity(0))
-    if engine_cores <= 0 or engine_cores >= len(cores):
+    if engine_cores == 0 or engine_cores >= len(cores):  # (one core: nothing to split)
         return set(cores), set(cores)
     return set(cores[:engine_cores]), set(cores[engine_cores:])
 
@@ -131,14 +140,9 @@ def pin_threads(pid: int, cores: set[int]) -> None:
 def pin_ranks(cores: set[int]) -> None:
     """The rank actors onto the engine's cores. They start on the others: Ray forks its workers from the
     raylet, which inherited this process's mask."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if process_kind(int(entry.name), command.strip()) == "rank":
-                pin_threads(int(entry.name), cores)
+    for pid, kind, _ in our_processes():
+        if kind == "rank":
+            pin_threads(pid, cores)
 
 
 def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
@@ -204,9 +208,12 @@ def main() -> int:
                              "(default: half; 0: all share all cores)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    if args.engine_cores is not None and not 0 <= args.engine_cores < cores:
+        parser.error(f"--engine-cores {args.engine_cores}: give 0 (all share) or 1 to {cores - 1} of the {cores} "
+                     f"cores this process may use")
 
     checkpoint = checkpoint_or_default(args.checkpoint, args.preset)
-    cores = len(os.sched_getaffinity(0))
     engine_cores, other_cores = split_cores(cores // 2 if args.engine_cores is None else args.engine_cores)
     config = parse_config({
         "model": {"checkpoint": checkpoint, "dtype": "float32", "packed_experts": False, "name": "bench"},
