@@ -369,7 +369,7 @@ class EPGroup:
                     raise item
                 if item.finished:
                     stream.finished = True
-                yield dataclasses.replace(item, request_id=request_id)
+                yield item.renamed(request_id)
                 if stream.finished:
                     return
         finally:

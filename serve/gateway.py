@@ -37,7 +37,7 @@ from serve.metrics import GatewayMetrics
 from serve.model_protocol import ModelInfo, ModelRequest
 from serve.replica_sets import REPLICA_SETS, deployment_key
 from serve.responses_protocol import ResponseBuilder, ResponsesCall, admit_responses_turn, stored_record
-from serve.stream_merge import MergePolicy, merge_stream
+from serve.stream_merge import MergePolicy
 from serve.token_channel import TokenInbox, call_chunks
 
 logger = logging.getLogger("ray.serve")
@@ -390,10 +390,10 @@ class GatewayService:
                 try:
                     choice.stream, choice.moving = self._streaming.generate.remote(call_request), False
                     request.streams.append(choice.stream)
-                    # Over the channel, chunks first become Ray messages here (to the proxy): merged here.
-                    chunks = choice.stream if queue is None else merge_stream(
-                        call_chunks(choice.stream, queue, _LAST_TOKENS_WAIT_S), self._merge_policy,
-                        lambda: self._num_channel_streams)
+                    # Over the channel, chunks first become messages here (to the client or the proxy):
+                    # merged here.
+                    chunks = choice.stream if queue is None else call_chunks(
+                        choice.stream, queue, _LAST_TOKENS_WAIT_S, self._merge_policy, lambda: self._num_channel_streams)
                     async for chunk in chunks:
                         self._track(choice, chunk.replica_id)
                         if broke_at is not None:
@@ -404,7 +404,9 @@ class GatewayService:
                         if chunk.finish_reason is not None:
                             in_call = len(generated) - len(model_request.resumed_token_ids)
                             self.metrics.received(chunk.channel_tokens_before, in_call - chunk.channel_tokens_before)
-                        event = assembler.add(dataclasses.replace(chunk, num_cached_tokens=cached))
+                        if chunk.num_cached_tokens != cached:  # moved: the first group's count stands
+                            chunk = dataclasses.replace(chunk, num_cached_tokens=cached)
+                        event = assembler.add(chunk)
                         if event.finish_reason is not None:
                             outcome = "finished"
                             choice.stream.cancel()  # ended by a stop string here: the engine stops at once

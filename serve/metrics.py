@@ -84,6 +84,9 @@ class ModelServerMetrics:
         self._last: dict[str, float] = {}  # cumulative figures at the previous poll
         self._last_rank: dict[int, tuple[int, float]] = {}  # rank -> (steps, step time)
         self._last_experts: list[list[int]] = []
+        # Generated tokens are counted here and added to the counter per request end and per stats poll:
+        # a Ray metric record per chunk was ~4% of the model server's CPU at 128 streams.
+        self._unreported_tokens = 0
         self.group_starts.inc()
 
     # --- per request -------------------------------------------------------------------------------
@@ -92,17 +95,18 @@ class ModelServerMetrics:
         self.finished.inc(tags={"finished_reason": finish_reason})
         self.prompt_tokens.inc(num_prompt_tokens)
         self.e2e.observe(e2e_s)
+        self._report_tokens()
 
     def first_tokens(self, count: int, ttft_s: float) -> None:
         """A request's first chunk: `count` tokens, `ttft_s` after its arrival."""
         self.ttft.observe(ttft_s)
-        self.generation_tokens.inc(count)
+        self._unreported_tokens += count
 
     def more_tokens(self, count: int, gap_s: float) -> None:
         """A later chunk of `count` tokens, `gap_s` after the previous chunk."""
         if count <= 0:
             return
-        self.generation_tokens.inc(count)
+        self._unreported_tokens += count
         for _ in range(count):
             self.itl.observe(gap_s / count)
 
@@ -114,7 +118,13 @@ class ModelServerMetrics:
         if was_healthy and state == "failed":
             self.group_failures.inc()
 
+    def _report_tokens(self) -> None:
+        if self._unreported_tokens:
+            self.generation_tokens.inc(self._unreported_tokens)
+            self._unreported_tokens = 0
+
     def group_stats(self, stats: GroupStats) -> None:
+        self._report_tokens()
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         total = stats.num_kv_blocks_used + stats.num_kv_blocks_free

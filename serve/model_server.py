@@ -119,14 +119,14 @@ class ModelServer:
         ended_as = "abort"  # unless a finish reason or an error comes: the caller went away
         num_prompt = len(request.prompt_token_ids)
 
-        def measure(chunk: ModelChunk) -> None:
+        def measure(num_tokens: int) -> None:
             nonlocal last_chunk_at
-            now = time.monotonic()
-            if chunk.token_ids:
+            if num_tokens:
+                now = time.monotonic()
                 if last_chunk_at is None:
-                    self.metrics.first_tokens(len(chunk.token_ids), now - arrival)
+                    self.metrics.first_tokens(num_tokens, now - arrival)
                 else:
-                    self.metrics.more_tokens(len(chunk.token_ids), now - last_chunk_at)
+                    self.metrics.more_tokens(num_tokens, now - last_chunk_at)
                 last_chunk_at = now
 
         try:
@@ -139,11 +139,11 @@ class ModelServer:
                 sent = 0
                 async with contextlib.aclosing(outputs) as outputs:
                     async for output in outputs:
-                        chunk = chunk_of(output)
-                        measure(chunk)
+                        measure(len(output.new_token_ids))
                         if output.finish_reason is not None:
                             ended_as = output.finish_reason
-                            yield dataclasses.replace(chunk, replica_id=self.replica_id, channel_tokens_before=sent)
+                            yield dataclasses.replace(chunk_of(output), replica_id=self.replica_id,
+                                                      channel_tokens_before=sent)
                             return
                         link.send(request.channel_key, output)  # TokenChannelError once the link broke
                         sent += len(output.new_token_ids)
@@ -154,7 +154,7 @@ class ModelServer:
                                    lambda: self._num_open_streams)
             async with contextlib.aclosing(chunks) as chunks:
                 async for chunk in chunks:
-                    measure(chunk)
+                    measure(len(chunk.token_ids))
                     if chunk.finish_reason is not None:
                         ended_as = chunk.finish_reason
                     yield dataclasses.replace(chunk, replica_id=self.replica_id)

@@ -12,10 +12,11 @@ from serve.model_protocol import ModelChunk, merge_chunks
 
 @dataclass(frozen=True)
 class MergePolicy:
-    """How a stream's tokens are merged into chunks where chunks become Ray messages: in the gateway
-    (gateway -> proxy) when the token channel brings the tokens, else in the model server (model
-    server -> gateway -> proxy). A Ray message costs the same CPU whatever it carries, so under load
-    a chunk waits for a few tokens; the first token of a stream always goes at once.
+    """How a stream's tokens are merged into chunks where chunks become messages: in the gateway (to the
+    client, or the proxy) when the token channel brings the tokens (serve.token_channel.call_chunks),
+    else in the model server (model server -> gateway; merge_stream). A message costs about the same
+    CPU whatever it carries, so under load a chunk waits for a few tokens; the first token of a stream
+    always goes at once.
 
     Attributes:
         min_interval_s: every chunk after the first waits at least this long after the previous one.
@@ -38,6 +39,15 @@ class MergePolicy:
         if self.streams_per_token <= 0 or self.max_wait_s <= 0:
             return 1
         return 1 + num_open_streams // self.streams_per_token
+
+    def due(self, sent_at: float, num_tokens: int, held_since: float, num_open_streams: int, now: float) -> float:
+        """When `num_tokens` tokens, held since `held_since`, may go as one chunk: at once for a stream's
+        first chunk (`sent_at` 0), else not before `min_interval_s` after the previous chunk and, below
+        the target, not before they have waited `max_wait_s`."""
+        if not sent_at:
+            return now
+        filled = now if num_tokens >= self.target_tokens(num_open_streams) else held_since + self.max_wait_s
+        return max(sent_at + self.min_interval_s, filled)
 
 
 async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,

@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -36,7 +37,8 @@ from ray.serve.exceptions import RequestCancelledError
 
 from engine.outputs import RequestOutput, TokenLogprobs
 from serve.errors import TokenChannelError
-from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of, merge_chunks
+from serve.model_protocol import ChannelAddress, ModelChunk, merge_chunks
+from serve.stream_merge import MergePolicy
 
 logger = logging.getLogger("ray.serve")
 
@@ -211,8 +213,7 @@ class _Link:
             return
         pending, self._pending = self._pending, {}
         try:
-            records = [msgpack.packb(_record(key, merge_chunks([chunk_of(o) for o in outputs])), use_bin_type=True)
-                       for key, outputs in pending.items()]
+            records = [msgpack.packb(_record(key, outputs), use_bin_type=True) for key, outputs in pending.items()]
             _write_records(self._writer, records)
         except Exception as e:  # noqa: BLE001 - a closed transport: the streams learn it at their next send
             self._break(e)
@@ -254,6 +255,7 @@ class _Link:
 
 
 _CALL_ENDED = object()
+_AS_READY = MergePolicy()  # each chunk as soon as nothing more is ready
 
 
 @dataclass(frozen=True)
@@ -261,12 +263,22 @@ class _InCall:
     chunk: ModelChunk
 
 
-async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, last_tokens_wait_s: float
+class _Wake:
+    """Put in a call's queue by a timer: the wait it was set for is over (a later one ignores it)."""
+
+
+async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, last_tokens_wait_s: float,
+                      merge: MergePolicy = _AS_READY, num_open_streams: Callable[[], int] = lambda: 1
                       ) -> AsyncIterator[ModelChunk]:
     """One model server call's chunks in order, whichever way each came: over the channel (into `queue`)
-    or in the call (merge_stream merges what is ready). The call's errors are raised; a last chunk whose
-    channel tokens do not all arrive within `last_tokens_wait_s` raises TokenChannelError (the stream
-    moves on elsewhere)."""
+    or in the call. The call's errors are raised (after the tokens that came before them); a last chunk
+    whose channel tokens do not all arrive within `last_tokens_wait_s` raises TokenChannelError (the
+    stream moves on elsewhere).
+
+    Chunks are merged as `merge` says for the streams open now (serve/stream_merge.py's rules: the first
+    at once, then what is ready, a chunk waiting for more tokens at most `merge.max_wait_s`). Merging
+    reads the queue itself, with timers that put a wake-up in it: merge_stream's reader task and event
+    would cost one more task step per chunk."""
 
     async def follow_call() -> None:
         try:
@@ -280,41 +292,81 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
         except Exception as e:  # noqa: BLE001 - raised by the reader below
             queue.put_nowait(e)
 
+    loop = asyncio.get_running_loop()
     follower = asyncio.create_task(follow_call())
     received = 0  # tokens that came over the channel
     last: ModelChunk | None = None  # the call's last chunk, held until the channel's tokens are all in
+    last_since = 0.0  # when it came
     ended = False  # the call has ended (its last chunk may still be held)
+    pending: list[ModelChunk] = []  # ready to go, in order, waiting to be merged
+    pending_tokens = 0
+    pending_since = 0.0  # when the first of them came
+    sent_at = 0.0  # when the previous chunk went (0: none yet)
+    error: BaseException | None = None
+    wake: _Wake | None = None
     try:
         while True:
-            if last is None:
-                item = await queue.get()
-            else:
+            item = queue.get_nowait() if not queue.empty() else None
+            if item is None:
+                # Nothing ready: send what is pending if it may go now, else wait for more or a deadline.
+                now = time.monotonic()
+                due = None  # when pending may go without more tokens
+                if pending:
+                    due = merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now)
+                    if due <= now:
+                        chunk = merge_chunks(pending)
+                        pending, pending_tokens = [], 0
+                        yield chunk
+                        sent_at = time.monotonic()
+                        continue
+                deadline = due
+                if last is not None:
+                    deadline = min(deadline or math.inf, last_since + last_tokens_wait_s)
+                wake = None
+                timer = None
+                if deadline is not None:
+                    wake = _Wake()
+                    timer = loop.call_at(loop.time() + max(0.0, deadline - now), queue.put_nowait, wake)
                 try:
-                    item = await asyncio.wait_for(queue.get(), last_tokens_wait_s)
-                except TimeoutError:
+                    item = await queue.get()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+            if isinstance(item, _Wake):
+                if item is wake and last is not None and time.monotonic() >= last_since + last_tokens_wait_s:
                     raise TokenChannelError(
                         f"model server replica {last.replica_id} sent {last.channel_tokens_before} tokens over the "
-                        f"token channel, {received} arrived within {last_tokens_wait_s:g} s") from None
+                        f"token channel, {received} arrived within {last_tokens_wait_s:g} s")
+                continue  # a merge deadline (the loop sends), or a timer already done with
             if isinstance(item, BaseException):
-                raise item
+                error = item
+                break
             if item is _CALL_ENDED:
                 if last is None:
-                    return
+                    break
                 ended = True
                 continue
             if isinstance(item, _InCall):
                 if item.chunk.channel_tokens_before > received:
-                    last = item.chunk
+                    last, last_since = item.chunk, time.monotonic()
                     continue
-                yield item.chunk
-                continue
-            received += len(item.token_ids)
-            yield item
+                chunk = item.chunk
+            else:
+                chunk = item
+                received += len(chunk.token_ids)
+            if not pending:
+                pending_since = time.monotonic()
+            pending.append(chunk)
+            pending_tokens += len(chunk.token_ids)
             if last is not None and received >= last.channel_tokens_before:
-                yield last
+                pending.append(last)
                 last = None
                 if ended:
-                    return
+                    break
+        if pending:
+            yield merge_chunks(pending)
+        if error is not None:
+            raise error
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
@@ -355,11 +407,15 @@ def _write_records(writer: asyncio.StreamWriter, records: list[bytes]) -> None:
         start = end
 
 
-def _record(key: str, chunk: ModelChunk) -> list:
-    logprobs = None if chunk.logprobs is None else [
-        [lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)] for lp in chunk.logprobs]
-    return [key, list(chunk.token_ids), logprobs, chunk.num_prompt_tokens, chunk.num_output_tokens,
-            chunk.num_cached_tokens]
+def _record(key: str, outputs: list[RequestOutput]) -> list:
+    """One stream's record of one or more consecutive outputs (their tokens in order, the last one's counts)."""
+    last = outputs[-1]
+    token_ids = list(last.new_token_ids) if len(outputs) == 1 else [t for o in outputs for t in o.new_token_ids]
+    logprobs = None
+    if any(o.new_logprobs is not None for o in outputs):
+        logprobs = [[lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)]
+                    for o in outputs for lp in (o.new_logprobs or ())]
+    return [key, token_ids, logprobs, last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens]
 
 
 def _chunk_from_record(record: list, replica_id: str) -> ModelChunk:

@@ -268,3 +268,21 @@ def test_a_gateway_that_cannot_listen_once_listens_on_the_next_try(monkeypatch):
         inbox.stop()
 
     asyncio.run(main())
+
+
+def test_outputs_of_one_stream_sent_in_one_loop_turn_arrive_as_one_record_with_the_last_counts():
+    async def main():
+        inbox, outbox, link = await pair()
+        queue = inbox.open("a")
+        for i in range(3):  # one loop turn: one record
+            link.send("a", output("a", i, 10, logprobs=True))
+        chunk = await asyncio.wait_for(queue.get(), 5.0)
+        assert chunk.token_ids == (100, 101, 102)
+        assert chunk.logprobs == tuple(output("a", i, 10, True).new_logprobs[0] for i in range(3))
+        assert (chunk.num_prompt_tokens, chunk.num_output_tokens, chunk.num_cached_tokens) == (5, 3, 2)
+        assert chunk.finish_reason is None and chunk.replica_id == "ms-1"
+        assert queue.empty()
+        outbox.close()
+        inbox.stop()
+
+    asyncio.run(main())
