@@ -311,8 +311,9 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                 # Nothing ready: send what is pending if it may go now, else wait for more or a deadline.
                 now = time.monotonic()
                 due = None  # when pending may go without more tokens
-                if pending:
-                    due = merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now)
+                if pending:  # a finish goes at once, whatever the call's end still takes
+                    due = (now if pending[-1].finish_reason is not None
+                           else merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now))
                     if due <= now:
                         chunk = merge_chunks(pending)
                         pending, pending_tokens = [], 0
