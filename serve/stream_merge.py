@@ -40,11 +40,12 @@ class MergePolicy:
             return 1
         return 1 + num_open_streams // self.streams_per_token
 
-    def due(self, sent_at: float, num_tokens: int, held_since: float, num_open_streams: int, now: float) -> float:
+    def due(self, sent_at: float, num_tokens: int, held_since: float, num_open_streams: int, now: float,
+            finishes: bool = False) -> float:
         """When `num_tokens` tokens, held since `held_since`, may go as one chunk: at once for a stream's
-        first chunk (`sent_at` 0), else not before `min_interval_s` after the previous chunk and, below
-        the target, not before they have waited `max_wait_s`."""
-        if not sent_at:
+        first chunk (`sent_at` 0) or its finish, else not before `min_interval_s` after the previous
+        chunk and, below the target, not before they have waited `max_wait_s`."""
+        if not sent_at or finishes:
             return now
         filled = now if num_tokens >= self.target_tokens(num_open_streams) else held_since + self.max_wait_s
         return max(sent_at + self.min_interval_s, filled)
@@ -85,21 +86,22 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
             while not buffered:
                 ready.clear()
                 await ready.wait()
-            if last_sent and policy.min_interval_s > 0:
-                await asyncio.sleep(max(0.0, last_sent + policy.min_interval_s - time.monotonic()))
-            target = policy.target_tokens(num_open_streams()) if last_sent else 1
-            if state["tokens"] < target and not ended():
-                state["want"] = target
+            while not ended():
+                now = time.monotonic()
+                last = buffered[-1]
+                due = policy.due(last_sent, state["tokens"], state["first_at"], num_open_streams(), now,
+                                 finishes=isinstance(last, ModelChunk) and last.finish_reason is not None)
+                if due <= now:
+                    break
+                state["want"] = policy.target_tokens(num_open_streams())  # the reader wakes us when filled
                 ready.clear()
-                remaining = state["first_at"] + policy.max_wait_s - time.monotonic()
-                if remaining > 0:
-                    # A timer that sets the event: asyncio.wait_for would wrap the wait in a task and
-                    # cancel it on every chunk that does not fill, which under load is most of them.
-                    timer = asyncio.get_running_loop().call_later(remaining, ready.set)
-                    try:
-                        await ready.wait()
-                    finally:
-                        timer.cancel()
+                # A timer that sets the event: asyncio.wait_for would wrap the wait in a task and cancel it
+                # on every chunk that does not fill, which under load is most of them.
+                timer = asyncio.get_running_loop().call_later(due - now, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    timer.cancel()
             items = buffered[:]
             buffered.clear()
             state["tokens"] = 0

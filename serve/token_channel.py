@@ -37,7 +37,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from engine.outputs import RequestOutput, TokenLogprobs
 from serve.errors import TokenChannelError
-from serve.model_protocol import ChannelAddress, ModelChunk, merge_chunks
+from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of, merge_chunks
 from serve.stream_merge import MergePolicy
 
 logger = logging.getLogger("ray.serve")
@@ -213,7 +213,8 @@ class _Link:
             return
         pending, self._pending = self._pending, {}
         try:
-            records = [msgpack.packb(_record(key, outputs), use_bin_type=True) for key, outputs in pending.items()]
+            records = [msgpack.packb(_record(key, merge_chunks([chunk_of(o) for o in outputs])), use_bin_type=True)
+                       for key, outputs in pending.items()]
             _write_records(self._writer, records)
         except Exception as e:  # noqa: BLE001 - a closed transport: the streams learn it at their next send
             self._break(e)
@@ -311,9 +312,9 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                 # Nothing ready: send what is pending if it may go now, else wait for more or a deadline.
                 now = time.monotonic()
                 due = None  # when pending may go without more tokens
-                if pending:  # a finish goes at once, whatever the call's end still takes
-                    due = (now if pending[-1].finish_reason is not None
-                           else merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now))
+                if pending:
+                    due = merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now,
+                                    finishes=pending[-1].finish_reason is not None)
                     if due <= now:
                         chunk = merge_chunks(pending)
                         pending, pending_tokens = [], 0
@@ -408,15 +409,11 @@ def _write_records(writer: asyncio.StreamWriter, records: list[bytes]) -> None:
         start = end
 
 
-def _record(key: str, outputs: list[RequestOutput]) -> list:
-    """One stream's record of one or more consecutive outputs (their tokens in order, the last one's counts)."""
-    last = outputs[-1]
-    token_ids = list(last.new_token_ids) if len(outputs) == 1 else [t for o in outputs for t in o.new_token_ids]
-    logprobs = None
-    if any(o.new_logprobs is not None for o in outputs):
-        logprobs = [[lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)]
-                    for o in outputs for lp in (o.new_logprobs or ())]
-    return [key, token_ids, logprobs, last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens]
+def _record(key: str, chunk: ModelChunk) -> list:
+    logprobs = None if chunk.logprobs is None else [
+        [lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)] for lp in chunk.logprobs]
+    return [key, list(chunk.token_ids), logprobs, chunk.num_prompt_tokens, chunk.num_output_tokens,
+            chunk.num_cached_tokens]
 
 
 def _chunk_from_record(record: list, replica_id: str) -> ModelChunk:

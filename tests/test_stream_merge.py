@@ -34,14 +34,14 @@ def over_channel(chunks, policy: MergePolicy, open_streams):
     queue, the last in the Serve call with the number of tokens sent before it."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def call():
+    async def call():  # ends when `chunks` does, however long after its last chunk that is
         sent = 0
         async for chunk in chunks:
             if chunk.finish_reason is not None:
                 yield dataclasses.replace(chunk, channel_tokens_before=sent)
-                return
-            queue.put_nowait(chunk)
-            sent += len(chunk.token_ids)
+            else:
+                queue.put_nowait(chunk)
+                sent += len(chunk.token_ids)
 
     return call_chunks(call(), queue, 5.0, policy, open_streams)
 
@@ -129,3 +129,27 @@ def test_leaving_early_closes_the_engine_stream_while_a_chunk_is_held(merger):
 
     first, seen = asyncio.run(run())
     assert first.token_ids == (100,) and seen == ["closed"]
+
+
+def test_under_load_a_finished_stream_gets_its_last_tokens_at_once_not_at_the_merge_deadline(merger):
+    async def source():  # its end comes well after its last chunk
+        for i in range(3):
+            yield chunk_of(RequestOutput("r", (100 + i,), None, None, 5, i + 1, 0))
+            await asyncio.sleep(0.01)
+        yield chunk_of(RequestOutput("r", (103,), None, "stop", 5, 4, 0))
+        await asyncio.sleep(5.0)
+
+    async def run():
+        chunks = []
+        started = time.monotonic()
+        merged = merger(source(), MergePolicy(streams_per_token=1, max_wait_s=5.0), lambda: 64)  # 65 tokens, 5 s
+        async for chunk in merged:
+            chunks.append(chunk)
+            if chunk.finish_reason is not None:
+                break
+        await merged.aclose()
+        return chunks, time.monotonic() - started
+
+    chunks, took_s = asyncio.run(run())
+    assert took_s < 1.0
+    assert [c.token_ids for c in chunks] == [(100,), (101, 102, 103)] and chunks[-1].finish_reason == "stop"

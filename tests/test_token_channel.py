@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 
 import pytest
 
@@ -13,7 +12,6 @@ from engine.outputs import RequestOutput, TokenLogprobs
 from serve import token_channel
 from serve.errors import ReplicaUnavailableError, TokenChannelError
 from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of
-from serve.stream_merge import MergePolicy
 from serve.token_channel import TokenInbox, TokenOutbox, call_chunks
 
 
@@ -289,26 +287,3 @@ def test_outputs_of_one_stream_sent_in_one_loop_turn_arrive_as_one_record_with_t
 
     asyncio.run(main())
 
-
-def test_under_load_a_finished_stream_gets_its_last_tokens_at_once_not_at_the_merge_deadline():
-    async def main():
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def call():  # the call's end comes well after its last chunk
-            for i in range(3):
-                queue.put_nowait(ModelChunk((100 + i,), None, None, 5, i + 1, 0, "ms-1"))
-                await asyncio.sleep(0.01)
-            yield ModelChunk((103,), None, "stop", 5, 4, 0, "ms-1", channel_tokens_before=3)
-            await asyncio.sleep(5.0)
-
-        policy = MergePolicy(streams_per_token=1, max_wait_s=5.0)  # 64 streams: waits for 65 tokens, 5 s
-        started = time.monotonic()
-        chunks = []
-        async for chunk in call_chunks(call(), queue, 5.0, policy, lambda: 64):
-            chunks.append(chunk)
-            if chunk.finish_reason is not None:
-                break
-        assert time.monotonic() - started < 1.0
-        assert [c.token_ids for c in chunks] == [(100,), (101, 102, 103)] and chunks[-1].finish_reason == "stop"
-
-    asyncio.run(main())
