@@ -35,6 +35,7 @@ from cluster.rank import (
     RankFailure,
     RankHeartbeat,
     RankOutput,
+    RankRequest,
     RankStats,
     RequestRejected,
 )
@@ -95,6 +96,53 @@ class _Stream:
     finished: bool = False
 
 
+class _RankRequests:
+    """Hands one rank its new requests: one `add_requests` call at a time, carrying every request that came
+    while the previous call was under way, so a wave of arrivals costs a few actor calls, not one each
+    (~0.5 ms of CPU per call in the caller and as much in the rank, whose GIL its engine thread needs).
+    The first request of a quiet spell goes at once. After each call the other ranks are woken, so idle
+    peers join the next step at once."""
+
+    def __init__(self, handle, peers: list):
+        self._handle, self._peers = handle, peers
+        self._waiting: list[tuple[RankRequest, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
+
+    async def add(self, request: RankRequest) -> None:
+        """Returns once the rank has queued the request. Raises the call's error (a RayError). A caller
+        that leaves before its request was sent takes it out of the call."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+        await future
+
+    async def _send(self) -> None:
+        batch: list[tuple[RankRequest, asyncio.Future]] = []
+        try:
+            while self._waiting:
+                batch = [(request, future) for request, future in self._waiting if not future.done()]
+                self._waiting = []
+                if not batch:
+                    continue
+                try:
+                    await self._handle.add_requests.remote([request for request, _ in batch])
+                except Exception as e:  # noqa: BLE001 - each caller raises it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+                for peer in self._peers:
+                    peer.wake.remote()
+        finally:
+            self._sender = None
+            for _, future in [*batch, *self._waiting]:  # cancelled itself (the loop is closing)
+                future.cancel()
+
+
 class EPGroup:
     """One serving unit: `await start()`, then `generate` concurrently; `stats`, `health`, `abort`,
     `drain`, `restart`, `shutdown`. Must be used from one asyncio event loop."""
@@ -115,6 +163,7 @@ class EPGroup:
         self._call_ids = itertools.count()
         self._rebalance_asks = itertools.count(1)  # numbers each rebalance_experts call for the ranks
         self._num_open_per_rank: list[int] = []
+        self._rank_requests: list[_RankRequests] = []
         self._busyness: list[RankBusyness] = []
         self._affinity = PrefixAffinity()  # prompt prefix -> the rank that holds it (reset by each start)
         self._generation = 0
@@ -187,6 +236,8 @@ class EPGroup:
         self._generation += 1
         self._streams, self._open_ids = {}, {}
         self._num_open_per_rank = [0] * cfg.num_ranks
+        self._rank_requests = [_RankRequests(handle, [peer for peer in self._ranks if peer is not handle])
+                               for handle in self._ranks]
         self._busyness = [RankBusyness(rank, 0, 0, 0) for rank in range(cfg.num_ranks)]
         self._one_way_s = [0.0] * cfg.num_ranks
         self._affinity = PrefixAffinity()
@@ -355,14 +406,11 @@ class EPGroup:
         self._num_open_per_rank[rank] += 1
         try:
             try:
-                await self._ranks[rank].add_request.remote(engine_id, list(prompt_token_ids),
-                                                           sampling or SamplingParams(), cache_salt,
-                                                           list(resumed_token_ids))
+                await self._rank_requests[rank].add(RankRequest(
+                    engine_id, list(prompt_token_ids), sampling or SamplingParams(), cache_salt,
+                    list(resumed_token_ids)))
             except ray.exceptions.RayError as e:
                 self._fail(f"rank {rank} unreachable: {e}")
-            for other, handle in enumerate(self._ranks):
-                if other != rank:
-                    handle.wake.remote()  # so idle peers join the next step at once
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):

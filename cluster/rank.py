@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -143,12 +143,15 @@ class EplbStats:
 
 
 @dataclass(frozen=True)
-class _Add:
+class RankRequest:
+    """A request for a rank's engine (`add_requests`); `resumed_token_ids`: outputs generated elsewhere
+    before the request moved here (Engine.add_request)."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    cache_salt: str
-    resumed_token_ids: list[int]
+    cache_salt: str = ""
+    resumed_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class RankActor:
         self.expert_ids: tuple[int, ...] = ()
         self.kernels: tuple[tuple[str, str], ...] = ()
         self._progress = LoadProgress(rank, "waiting", 0, 0)
-        self._commands: deque[_Add | _Abort] = deque()
+        self._commands: deque[RankRequest | _Abort | _Rebalance] = deque()
         self.rebalancer = None  # parallel.rebalance.ExpertRebalancer when eplb is on
         self._window_counts = None  # parallel.rebalance.WindowCounts
         self._rebalance_waiters: list[_Rebalance] = []  # engine thread only
@@ -334,18 +337,17 @@ class RankActor:
 
     # --- requests ----------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    cache_salt: str = "", resumed_token_ids: list[int] | None = None) -> None:
-        """Queues a request for the engine thread; a rejection comes back through `stream_outputs`.
-        `resumed_token_ids`: outputs generated elsewhere before the request moved here (Engine.add_request)."""
+    def add_requests(self, requests: list[RankRequest]) -> None:
+        """Queues requests for the engine thread; a rejection comes back through `stream_outputs`. One
+        call carries every request its group had for this rank while the previous call was under way."""
         if self._failed:
             raise GroupFailedError(f"rank {self.rank} has failed: {self._failed}")
-        self._commands.append(_Add(request_id, prompt_token_ids, sampling, cache_salt, resumed_token_ids or []))
+        self._commands.extend(requests)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Ends the request (its last output has finish_reason "abort"), also when this call overtakes
-        its `add_request`."""
+        its `add_requests`."""
         self._commands.append(_Abort(request_id))
         self._wake.set()
 

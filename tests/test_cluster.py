@@ -213,14 +213,14 @@ def test_abort_ends_a_stream_another_task_reads(group4, event_loop_thread):
 
 def test_an_abort_that_overtakes_its_request_still_cancels_it(ray_cluster, checkpoint):
     # Ray does not order the calls of an async actor: the abort may reach the rank first.
-    from cluster.rank import RankActor, RankOutput
+    from cluster.rank import RankActor, RankOutput, RankRequest
 
     rank = ray.remote(RankActor).options(num_cpus=0).remote(0, group_config(checkpoint, 1, name="early"))
     try:
         ray.get(rank.load.remote(None, None), timeout=60)
         ray.get(rank.begin.remote())
         ray.get(rank.abort.remote("r#0"))
-        ray.get(rank.add_request.remote("r#0", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0)))
+        ray.get(rank.add_requests.remote([RankRequest("r#0", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0))]))
         output_stream = rank.stream_outputs.remote()
         ready, _ = ray.wait([output_stream], timeout=30)
         assert ready, "the rank sent no outputs within 30 s"
@@ -460,3 +460,61 @@ def test_ranks_that_do_not_start_in_time_are_named(ray_cluster, event_loop_threa
     with pytest.raises(GroupFailedError, match=r"ranks \[[0-9, ]+\] did not start within start_timeout_s"):
         event_loop_thread(group.start(), timeout_s=60)
     assert set(placement_groups_named("slow-start").values()) == {"REMOVED"}
+
+
+class _FakeRank:
+    """A rank handle whose `add_requests` calls are held until the test answers them."""
+
+    def __init__(self):
+        self.calls: list[tuple[list, asyncio.Future]] = []
+        self.wakes = 0
+        self.add_requests = self.wake = self
+
+    def remote(self, requests=None):
+        if requests is None:
+            self.wakes += 1
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append(([r.request_id for r in requests], future))
+        return future
+
+
+def test_a_rank_gets_the_requests_that_arrive_during_a_call_in_one_next_call():
+    from cluster.group import _RankRequests
+    from cluster.rank import RankRequest
+
+    async def scenario():
+        rank, peer = _FakeRank(), _FakeRank()
+        requests = _RankRequests(rank, [peer])
+        added = {}
+
+        def add(request_id: str) -> asyncio.Task:
+            added[request_id] = asyncio.create_task(requests.add(RankRequest(request_id, [1, 2], GREEDY)))
+            return added[request_id]
+
+        add("a")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [ids for ids, _ in rank.calls] == [["a"]]  # the first goes at once
+        for request_id in "bcd":
+            add(request_id)
+        await asyncio.sleep(0)
+        added["c"].cancel()  # its caller left before it was sent: left out of the call
+        rank.calls[0][1].set_result(None)
+        await added["a"]
+        await asyncio.sleep(0)
+        assert [ids for ids, _ in rank.calls] == [["a"], ["b", "d"]]
+        assert peer.wakes == 1 and rank.wakes == 0  # the other ranks, once per call
+        rank.calls[1][1].set_exception(ray.exceptions.RayActorError())
+        for request_id in "bd":
+            with pytest.raises(ray.exceptions.RayActorError):
+                await added[request_id]
+        assert added["c"].cancelled()
+        add("e")  # a failed call does not stop the next one
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        rank.calls[2][1].set_result(None)
+        await added["e"]
+        assert [ids for ids, _ in rank.calls][2:] == [["e"]] and peer.wakes == 2
+
+    asyncio.run(scenario())
