@@ -94,6 +94,7 @@ class _Stream:
     request_id: str  # the caller's id (the ranks see a per-call id)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    forward: Callable[[RequestOutput], None] | None = None  # takes every output but the last (generate)
 
 
 class _RankRequests:
@@ -379,8 +380,12 @@ class EPGroup:
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling: SamplingParams | None = None, cache_salt: str = "",
-                       resumed_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                       resumed_token_ids: Sequence[int] = (),
+                       forward: Callable[[RequestOutput], None] | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs as they are sampled; the last one has the finish reason.
+        With `forward`, every output but the last is handed to it instead, on this event loop as soon as
+        it arrives, and only the last is yielded: a caller that passes outputs on (the model server onto
+        its token channel) saves a task step per output. An exception `forward` raises is raised here.
 
         Leaving the loop early (or the caller going away) aborts the request. `cache_salt` (the
         tenant) keeps its prefix-cache blocks and its rank affinity apart from other salts'.
@@ -401,7 +406,7 @@ class EPGroup:
         tokens = [*prompt_token_ids, *resumed_token_ids]
         rank = self._pick_rank(prefix_routing_keys(tokens, self.config.engine.block_size, cache_salt))
         generation = self._generation
-        stream = self._streams[engine_id] = _Stream(rank, generation, request_id)
+        stream = self._streams[engine_id] = _Stream(rank, generation, request_id, forward=forward)
         self._open_ids[request_id] = engine_id
         self._num_open_per_rank[rank] += 1
         try:
@@ -499,8 +504,16 @@ class EPGroup:
         self._delivery_ms.add(delivery_s * 1000)
         self._token_rate.add(now, len(output.new_token_ids))
         stream = self._streams.get(output.request_id)
-        if stream is not None:
+        if stream is None:
+            return
+        if stream.forward is None or output.finished:
             stream.queue.put_nowait(output)
+            return
+        try:
+            stream.forward(output.renamed(stream.request_id))
+        except Exception as e:  # noqa: BLE001 - generate raises it; nothing more is forwarded
+            stream.forward = None
+            stream.queue.put_nowait(e)
 
     async def _watch_steps(self) -> None:
         """Fails the group when a rank is stuck while requests are open: inside one step for longer

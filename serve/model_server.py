@@ -131,23 +131,29 @@ class ModelServer:
 
         try:
             link = self._outbox.link(request.reply_to) if request.reply_to is not None else None
+            if link is not None:
+                # Every output but the last over the gateway's token channel, handed on by the group as it
+                # arrives; the last in this call. Closed when left: a cancel thrown in by Serve aborts the
+                # request in its engine at once.
+                sent = 0
+
+                def forward(output) -> None:
+                    nonlocal sent
+                    measure(len(output.new_token_ids))
+                    link.send(request.channel_key, output)  # TokenChannelError once the link broke
+                    sent += len(output.new_token_ids)
+
+                last = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
+                                           request.cache_salt, request.resumed_token_ids, forward)
+                async with contextlib.aclosing(last) as last:
+                    async for output in last:
+                        measure(len(output.new_token_ids))
+                        ended_as = output.finish_reason
+                        yield dataclasses.replace(chunk_of(output), replica_id=self.replica_id,
+                                                  channel_tokens_before=sent)
+                return
             outputs = self.group.generate(request.request_id, request.prompt_token_ids, request.sampling,
                                           request.cache_salt, request.resumed_token_ids)
-            if link is not None:
-                # Every output but the last over the gateway's token channel, the last in this call.
-                # Closed when left: a cancel thrown in by Serve aborts the request in its engine at once.
-                sent = 0
-                async with contextlib.aclosing(outputs) as outputs:
-                    async for output in outputs:
-                        measure(len(output.new_token_ids))
-                        if output.finish_reason is not None:
-                            ended_as = output.finish_reason
-                            yield dataclasses.replace(chunk_of(output), replica_id=self.replica_id,
-                                                      channel_tokens_before=sent)
-                            return
-                        link.send(request.channel_key, output)  # TokenChannelError once the link broke
-                        sent += len(output.new_token_ids)
-                return
             # Closed when left: Serve throws a cancel in at our `yield` when the caller goes away, and
             # only closing merge_stream aborts the request in its engine at once.
             chunks = merge_stream((chunk_of(o) async for o in outputs), self._merge_policy,

@@ -195,6 +195,45 @@ def test_leaving_a_stream_early_aborts_the_request(group4, event_loop_thread, re
     assert generated < 100, f"the request went on after its caller left: {generated} tokens"
 
 
+def test_forwarded_outputs_come_in_order_and_a_forward_that_raises_ends_the_request(
+        group4, event_loop_thread, reference):
+    prompts = make_prompts(4, seed=3)
+    long = SamplingParams(max_tokens=400, temperature=0.0)
+
+    async def forwarded(request_id, prompt):
+        outputs = []
+        lasts = [out async for out in group4.generate(request_id, prompt, GREEDY, forward=outputs.append)]
+        return outputs, lasts
+
+    async def forward_fails():
+        before = sum(r.num_output_tokens for r in (await group4.stats()).ranks)
+
+        def forward(output):
+            raise ConnectionResetError("the channel broke")
+
+        with pytest.raises(ConnectionResetError):
+            async for _ in group4.generate("fails", [5, 6, 7], long, forward=forward):
+                pass
+        for _ in range(200):
+            stats = await group4.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        return stats, sum(r.num_output_tokens for r in stats.ranks) - before
+
+    async def all_forwarded():
+        return await asyncio.gather(*(forwarded(f"fwd{i}", p) for i, p in enumerate(prompts)))
+
+    results = event_loop_thread(all_forwarded())
+    for (outputs, lasts), expected in zip(results, reference(prompts), strict=True):
+        assert len(lasts) == 1 and lasts[0].finish_reason == "length"  # only the last is yielded
+        assert all(not o.finished for o in outputs) and {o.request_id for o in outputs} <= {lasts[0].request_id}
+        assert [t for o in [*outputs, *lasts] for t in o.new_token_ids] == expected
+    stats, generated = event_loop_thread(forward_fails())
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    assert generated < 100, f"the request went on after its forward raised: {generated} tokens"
+
+
 async def read_until_aborted(group, request_id, prompt):
     """Streams a long request, aborting it once its first token is out; returns (tokens, last output)."""
     tokens, last = [], None
