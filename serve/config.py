@@ -151,7 +151,9 @@ class ModelServerSection(_Section):
                         "add one token to what it waits for (1 token below 16 streams, 9 at 128); 0: every "
                         "chunk carries what is ready, as sampled.")
     stream_merge_max_wait_ms: Annotated[float, Field(ge=0)] = Field(
-        50.0, description="The most a token waits for its chunk to fill: the added inter-token latency.")
+        50.0, description="The most a token waits for its chunk to fill: the added inter-token latency. A stream "
+                          "whose latest two tokens came further apart than this does not wait (it would merge "
+                          "nothing).")
     health_check_period_s: PositiveFloat = 5.0
     health_check_timeout_s: PositiveFloat = 30.0
     graceful_shutdown_timeout_s: PositiveFloat = Field(

@@ -22,7 +22,9 @@ class MergePolicy:
         min_interval_s: every chunk after the first waits at least this long after the previous one.
         streams_per_token: each this many streams open in the replica that merges add one token to what
             a chunk waits for (16: 1 token up to 15 streams, 9 at 128); 0: a chunk carries what is ready.
-        max_wait_s: the most a token waits for its chunk to fill (the added inter-token latency).
+        max_wait_s: the most a token waits for its chunk to fill (the added inter-token latency). A stream
+            whose tokens come further apart than this does not wait: it would only add the latency (and a
+            wake-up per token) and merge nothing, as with many streams on a slow engine.
     """
 
     min_interval_s: float = 0.0
@@ -41,13 +43,15 @@ class MergePolicy:
         return 1 + num_open_streams // self.streams_per_token
 
     def due(self, sent_at: float, num_tokens: int, held_since: float, num_open_streams: int, now: float,
-            finishes: bool = False) -> float:
+            finishes: bool = False, gap_s: float = 0.0) -> float:
         """When `num_tokens` tokens, held since `held_since`, may go as one chunk: at once for a stream's
         first chunk (`sent_at` 0) or its finish, else not before `min_interval_s` after the previous
-        chunk and, below the target, not before they have waited `max_wait_s`."""
+        chunk and, below the target, not before they have waited `max_wait_s`, unless the stream's latest
+        gap between two arrivals (`gap_s`) was longer than that."""
         if not sent_at or finishes:
             return now
-        filled = now if num_tokens >= self.target_tokens(num_open_streams) else held_since + self.max_wait_s
+        filled = (now if num_tokens >= self.target_tokens(num_open_streams) or gap_s > self.max_wait_s
+                  else held_since + self.max_wait_s)
         return max(sent_at + self.min_interval_s, filled)
 
 
@@ -58,14 +62,18 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
     `policy` says for the number of streams open now. Leaving early closes `chunks`."""
     buffered: list = []  # ModelChunks, then the end marker or the error
     end = object()
-    state = {"tokens": 0, "want": 1, "first_at": 0.0}
+    state = {"tokens": 0, "want": 1, "first_at": 0.0, "arrived_at": 0.0, "gap": 0.0}
     ready = asyncio.Event()  # set when the buffer holds what the merger waits for
 
     async def read() -> None:
         try:
             async for chunk in chunks:
+                now = time.monotonic()
                 if not buffered:
-                    state["first_at"] = time.monotonic()
+                    state["first_at"] = now
+                if state["arrived_at"]:
+                    state["gap"] = now - state["arrived_at"]
+                state["arrived_at"] = now
                 buffered.append(chunk)
                 state["tokens"] += len(chunk.token_ids)
                 if state["want"] <= 1 or state["tokens"] >= state["want"] or chunk.finish_reason is not None:
@@ -90,7 +98,8 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
                 now = time.monotonic()
                 last = buffered[-1]
                 due = policy.due(last_sent, state["tokens"], state["first_at"], num_open_streams(), now,
-                                 finishes=isinstance(last, ModelChunk) and last.finish_reason is not None)
+                                 finishes=isinstance(last, ModelChunk) and last.finish_reason is not None,
+                                 gap_s=state["gap"])
                 if due <= now:
                     break
                 state["want"] = policy.target_tokens(num_open_streams())  # the reader wakes us when filled

@@ -302,6 +302,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
     pending: list[ModelChunk] = []  # ready to go, in order, waiting to be merged
     pending_tokens = 0
     pending_since = 0.0  # when the first of them came
+    arrived_at = gap = 0.0  # when the latest chunk came, and how long after the one before it
     sent_at = 0.0  # when the previous chunk went (0: none yet)
     error: BaseException | None = None
     wake: _Wake | None = None
@@ -314,7 +315,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                 due = None  # when pending may go without more tokens
                 if pending:
                     due = merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now,
-                                    finishes=pending[-1].finish_reason is not None)
+                                    finishes=pending[-1].finish_reason is not None, gap_s=gap)
                     if due <= now:
                         chunk = merge_chunks(pending)
                         pending, pending_tokens = [], 0
@@ -356,8 +357,12 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
             else:
                 chunk = item
                 received += len(chunk.token_ids)
+            now = time.monotonic()
             if not pending:
-                pending_since = time.monotonic()
+                pending_since = now
+            if arrived_at:
+                gap = now - arrived_at
+            arrived_at = now
             pending.append(chunk)
             pending_tokens += len(chunk.token_ids)
             if last is not None and received >= last.channel_tokens_before:

@@ -76,6 +76,8 @@ def test_a_chunk_is_due_at_once_first_then_at_its_target_or_after_max_wait_and_n
     assert policy.due(9.0, 9, 10.0, 128, now=10.01) == 10.01  # filled
     assert policy.due(9.0, 3, 10.0, 128, now=10.01) == 10.05  # waits for more, at most max_wait
     assert policy.due(10.0, 9, 10.0, 128, now=10.01) == 10.02  # filled, but within the interval
+    assert policy.due(9.0, 1, 10.0, 128, now=10.0, gap_s=0.08) == 10.0  # tokens come further apart than max_wait
+    assert policy.due(9.0, 1, 10.0, 128, now=10.0, gap_s=0.03) == 10.05
 
 
 def test_under_load_chunks_carry_the_target_and_the_first_token_goes_at_once(merger):
@@ -94,6 +96,27 @@ def test_a_token_waits_at_most_max_wait_for_its_chunk(merger):
     assert all(len(c.token_ids) <= 3 for c in chunks) and len(chunks) >= 4
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert max(gaps) < 0.05 + 0.03 + 0.05  # max_wait after its first token, plus that token's own gap, plus slack
+
+
+def test_a_stream_whose_tokens_come_further_apart_than_max_wait_gets_them_without_the_wait(merger):
+    yielded_at = []
+
+    async def slow():  # a token every 0.15 s: waiting 0.1 s for a second one would merge nothing
+        for i in range(6):
+            await asyncio.sleep(0.15)
+            yielded_at.append(time.monotonic())
+            yield chunk_of(RequestOutput("r", (100 + i,), None, "length" if i == 5 else None, 5, i + 1, 0))
+
+    async def run():
+        delays = []
+        async for chunk in merger(slow(), MergePolicy(streams_per_token=1, max_wait_s=0.1), lambda: 64):
+            delays += [time.monotonic() - yielded_at[t - 100] for t in chunk.token_ids]
+        return delays
+
+    delays = asyncio.run(run())
+    assert len(delays) == 6
+    # From the second on (the first gap is seen as it comes), each goes as it comes, not max_wait later.
+    assert max(delays) < 0.05, delays
 
 
 def test_with_few_streams_or_merging_off_every_token_goes_as_sampled(merger):
