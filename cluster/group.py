@@ -100,7 +100,8 @@ class _Stream:
 class _RankRequests:
     """Hands one rank its new requests: one `add_requests` call at a time, carrying every request that came
     while the previous call was under way, so a wave of arrivals costs a few actor calls, not one each
-    (~0.5 ms of CPU per call in the caller and as much in the rank, whose GIL its engine thread needs).
+    (~1 ms of CPU per call in the caller and more in the rank, whose GIL its engine thread needs, on 2
+    cores).
     The first request of a quiet spell goes at once. After each call the other ranks are woken, so idle
     peers join the next step at once."""
 
