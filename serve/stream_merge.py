@@ -55,6 +55,20 @@ class MergePolicy:
         return max(sent_at + self.min_interval_s, filled)
 
 
+class Arrivals:
+    """When a stream's chunks reach a merger: `gap_s`, the latest gap between two (MergePolicy.due's
+    `gap_s`; 0 until two have come)."""
+
+    def __init__(self) -> None:
+        self._last_at = 0.0
+        self.gap_s = 0.0
+
+    def arrived(self, now: float) -> None:
+        if self._last_at:
+            self.gap_s = now - self._last_at
+        self._last_at = now
+
+
 async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
                         num_open_streams: Callable[[], int] = lambda: 1) -> AsyncIterator[ModelChunk]:
     """The stream's chunks, merging the ones that are ready together (when the caller reads slower than
@@ -62,7 +76,8 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
     `policy` says for the number of streams open now. Leaving early closes `chunks`."""
     buffered: list = []  # ModelChunks, then the end marker or the error
     end = object()
-    state = {"tokens": 0, "want": 1, "first_at": 0.0, "arrived_at": 0.0, "gap": 0.0}
+    state = {"tokens": 0, "want": 1, "first_at": 0.0}
+    arrivals = Arrivals()
     ready = asyncio.Event()  # set when the buffer holds what the merger waits for
 
     async def read() -> None:
@@ -71,9 +86,7 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
                 now = time.monotonic()
                 if not buffered:
                     state["first_at"] = now
-                if state["arrived_at"]:
-                    state["gap"] = now - state["arrived_at"]
-                state["arrived_at"] = now
+                arrivals.arrived(now)
                 buffered.append(chunk)
                 state["tokens"] += len(chunk.token_ids)
                 if state["want"] <= 1 or state["tokens"] >= state["want"] or chunk.finish_reason is not None:
@@ -99,7 +112,7 @@ async def merge_stream(chunks: AsyncIterator[ModelChunk], policy: MergePolicy,
                 last = buffered[-1]
                 due = policy.due(last_sent, state["tokens"], state["first_at"], num_open_streams(), now,
                                  finishes=isinstance(last, ModelChunk) and last.finish_reason is not None,
-                                 gap_s=state["gap"])
+                                 gap_s=arrivals.gap_s)
                 if due <= now:
                     break
                 state["want"] = policy.target_tokens(num_open_streams())  # the reader wakes us when filled

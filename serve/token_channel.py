@@ -38,7 +38,7 @@ from ray.serve.exceptions import RequestCancelledError
 from engine.outputs import RequestOutput, TokenLogprobs
 from serve.errors import TokenChannelError
 from serve.model_protocol import ChannelAddress, ModelChunk, chunk_of, merge_chunks
-from serve.stream_merge import MergePolicy
+from serve.stream_merge import Arrivals, MergePolicy
 
 logger = logging.getLogger("ray.serve")
 
@@ -302,7 +302,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
     pending: list[ModelChunk] = []  # ready to go, in order, waiting to be merged
     pending_tokens = 0
     pending_since = 0.0  # when the first of them came
-    arrived_at = gap = 0.0  # when the latest chunk came, and how long after the one before it
+    arrivals = Arrivals()
     sent_at = 0.0  # when the previous chunk went (0: none yet)
     error: BaseException | None = None
     wake: _Wake | None = None
@@ -315,7 +315,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
                 due = None  # when pending may go without more tokens
                 if pending:
                     due = merge.due(sent_at, pending_tokens, pending_since, num_open_streams(), now,
-                                    finishes=pending[-1].finish_reason is not None, gap_s=gap)
+                                    finishes=pending[-1].finish_reason is not None, gap_s=arrivals.gap_s)
                     if due <= now:
                         chunk = merge_chunks(pending)
                         pending, pending_tokens = [], 0
@@ -360,9 +360,7 @@ async def call_chunks(call: AsyncIterator[ModelChunk], queue: asyncio.Queue, las
             now = time.monotonic()
             if not pending:
                 pending_since = now
-            if arrived_at:
-                gap = now - arrived_at
-            arrived_at = now
+            arrivals.arrived(now)
             pending.append(chunk)
             pending_tokens += len(chunk.token_ids)
             if last is not None and received >= last.channel_tokens_before:
