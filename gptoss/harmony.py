@@ -302,6 +302,7 @@ class StreamingParser:
         self._last_token: int | None = None
         self._open: _OpenMessage | None = None
         self._header: list[int] = []  # plain-text tokens of the header being read, not yet parsed
+        self._after_end = False  # a message ended: only a <|start|> may follow
         self._channel_to_texts: dict[str, list[str]] = {c: [] for c in CHANNELS}
         self._tool_calls: list[tuple[str, list[str]]] = []  # (recipient, argument pieces)
         self._finished = False
@@ -352,6 +353,11 @@ class StreamingParser:
         is_first = self._num_tokens == 0
         self._num_tokens += 1
         self._last_token = token
+        if self._after_end:
+            if token != START_ID:
+                self._num_skipped += 1
+                return
+            self._after_end = False  # the parser reads on into the next message (a new one costs ~150 us)
         if self._parser is None and not self._start_parser(token, is_first):
             self._num_skipped += 1
             return
@@ -376,9 +382,9 @@ class StreamingParser:
                 self._open_message(deltas)
         elif token in MESSAGE_END_IDS:
             self._close(deltas)
-            # Only a <|start|> may follow, and it starts a parser of its own: text held here as if in a
-            # header would otherwise be parsed (and found to break the grammar) only when the next one came.
-            self._parser = None
+            # Only a <|start|> may follow: what comes before it is skipped here, not held as if in a header
+            # (it would be parsed, and found to break the grammar, only when the next one came).
+            self._after_end = True
         else:
             self._emit(self._parser.last_content_delta or "", deltas)
 
