@@ -317,7 +317,7 @@ class GatewayService:
                 if self._registry is not None:
                     submit_outside_current_task(self._registry.unregister.remote, *key, self._replica_id)
             for stream in request.streams:
-                stream.cancel()  # no-op for streams that ended; aborts the rest in their engines
+                stream.cancel()  # those still open (an ended one was taken out): aborted in their engines
 
     async def abort(self, request_id: str, tenant: str) -> bool:
         """Ends the tenant's running abortable generation, whichever gateway replica runs it: each open
@@ -387,6 +387,7 @@ class GatewayService:
             while True:
                 call_request, queue = await self._on_channel(model_request)
                 chunks = None
+                call_finished = False  # the model server sent its last chunk: the call ends on its own
                 try:
                     choice.stream, choice.moving = self._streaming.generate.remote(call_request), False
                     request.streams.append(choice.stream)
@@ -406,10 +407,12 @@ class GatewayService:
                             self.metrics.received(chunk.channel_tokens_before, in_call - chunk.channel_tokens_before)
                         if chunk.num_cached_tokens != cached:  # moved: the first group's count stands
                             chunk = dataclasses.replace(chunk, num_cached_tokens=cached)
+                        call_finished = chunk.finish_reason is not None
                         event = assembler.add(chunk)
                         if event.finish_reason is not None:
                             outcome = "finished"
-                            choice.stream.cancel()  # ended by a stop string here: the engine stops at once
+                            if not call_finished:
+                                choice.stream.cancel()  # ended by a stop string here: the engine stops at once
                         yield event
                         if event.finish_reason is not None:
                             return
@@ -436,12 +439,14 @@ class GatewayService:
                         error = None
                 finally:
                     self._untrack(choice)
+                    if call_finished:
+                        request.streams.remove(choice.stream)  # ended: nothing to cancel (a Ray call each)
                     if queue is not None:
                         self._inbox.close(call_request.channel_key)
                         self._num_channel_streams -= 1
                         if chunks is not None:
                             await chunks.aclose()
-                        if choice.stream is not None:
+                        if choice.stream is not None and not call_finished:
                             choice.stream.cancel()  # left for a channel fault: the call must not run on
                 if error is None:
                     await asyncio.sleep(_WAIT_FOR_REPLICA_POLL_S)
