@@ -295,8 +295,8 @@ class EPGroup:
             for future in done:
                 future.result()  # a rank's load error surfaces here
             try:  # a rank stuck in a long call may not answer at once: do not wait on it
-                progress = await asyncio.wait_for(
-                    asyncio.gather(*(r.progress.remote() for r in self._ranks)), timeout=_PROGRESS_PERIOD_S)
+                async with asyncio.timeout(_PROGRESS_PERIOD_S):  # not wait_for: see placement.wait_placed
+                    progress = await asyncio.gather(*(r.progress.remote() for r in self._ranks))
             except TimeoutError:
                 progress = None
             if not pending:  # the last report says every rank is ready

@@ -68,7 +68,10 @@ async def wait_placed(reservation: Reservation, bundle: dict[str, float], timeou
         PlacementError: not placed within `timeout_s`, naming the resources that are missing.
     """
     try:
-        await asyncio.wait_for(reservation.placement_group.ready(), timeout=timeout_s)
+        # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes as the bundles are placed,
+        # and a start cancelled then would go on to bring the group up.
+        async with asyncio.timeout(timeout_s):
+            await reservation.placement_group.ready()
     except TimeoutError:
         num_ranks = len(reservation.bundle_indices)
         raise PlacementError(f"could not place {num_ranks} ranks of {bundle} within {timeout_s:.0f} s: "

@@ -449,10 +449,12 @@ def test_a_cancelled_start_leaves_nothing_reserved_and_the_next_start_works(
         states = set(placement_groups_named("cancelled-start").values())
         await group.start()
         tokens, _ = await collect(group, "after-cancel", [1, 2, 3])
-        await group.shutdown()
         return states, tokens
 
-    states, tokens = event_loop_thread(cancel_then_start(), timeout_s=120)
+    try:
+        states, tokens = event_loop_thread(cancel_then_start(), timeout_s=120)
+    finally:  # a group left up would hold its bundles (fake GPUs) from the modules after this one
+        event_loop_thread(group.shutdown())
     assert states == {"REMOVED"}
     assert tokens == reference([[1, 2, 3]])[0]
 
@@ -557,3 +559,23 @@ def test_a_rank_gets_the_requests_that_arrive_during_a_call_in_one_next_call():
         assert [ids for ids, _ in rank.calls][2:] == [["e"]] and peer.wakes == 2
 
     asyncio.run(scenario())
+
+
+def test_a_start_cancelled_as_its_bundles_are_placed_is_cancelled():
+    """Python 3.11's asyncio.wait_for returns a result that comes in the same turn as a cancel, dropping
+    the cancel: a start cancelled then would go on and bring its group up."""
+    from types import SimpleNamespace
+
+    from cluster.placement import wait_placed
+
+    async def cancel_as_placed():
+        placed = asyncio.get_running_loop().create_future()
+        reservation = SimpleNamespace(placement_group=SimpleNamespace(ready=lambda: placed), bundle_indices=[0])
+        waiting = asyncio.create_task(wait_placed(reservation, {"CPU": 1.0}, timeout_s=30))
+        await asyncio.sleep(0)  # now waiting on the placement
+        placed.set_result(None)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(cancel_as_placed())
