@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 from bench_common import checkpoint_or_default, git_revision  # noqa: E402
+from bench_engine import make_prompts  # noqa: E402
 from bench_serve import cpu_seconds_by_kind  # noqa: E402
 
 from cluster import EPGroup, GroupConfig  # noqa: E402
@@ -40,12 +41,6 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 WAVE = 64
-
-
-def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 199998, (int(torch.randint(20, 120, (1,), generator=gen)),), generator=gen).tolist()
-            for _ in range(n)]
 
 
 async def waves(group: EPGroup, prompts, num_waves: int) -> dict:
@@ -106,7 +101,7 @@ def main() -> int:
     print(f"# bench_group_calls  rev {git_revision()}  {platform.machine()} {cores} cores  torch {torch.__version__}"
           f"  ray {ray.__version__}")
     print(f"# checkpoint {checkpoint} (float32), one rank, {WAVE} requests at once")
-    prompts = make_prompts(WAVE)
+    prompts = make_prompts(WAVE, 20, 119, seed=0)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     figures: dict = {"benchmark": "bench_group_calls", "git": git_revision()}
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
